@@ -1,0 +1,55 @@
+"""The files a finished run leaves: summary.json, samples.npz, PNGs, history (see README)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cdd_ray.config import Config
+from cdd_ray.data import Split
+from cdd_ray.evaluate import Evaluation
+from cdd_ray.model import n_params
+from cdd_ray.plots import save_grid, save_histogram, save_lambda_plot
+from cdd_ray.train_loop import LoopResult
+
+
+def build_summary(cfg: Config, result: LoopResult, ev: Evaluation, split: Split, wall_s: float,
+                  workers: int = 1) -> dict[str, Any]:
+    s = dict(ev.summary)
+    s.update({
+        "name": cfg.name,
+        "constrained": not cfg.unconstrained,
+        "preset": cfg.model.preset,
+        "data_source": split.source,
+        "lambda": result.dual.by_name() if not cfg.unconstrained else {},
+        "dual_kind": cfg.dual.kind,
+        "steps": result.step,
+        "resumed_from_step": result.start_step,
+        "dual_steps": result.dual.step,
+        "workers": workers,
+        "unet_params": n_params(result.ema_unet),
+        "train_s": result.train_s,
+        "wall_s": wall_s,
+    })
+    if cfg.unconstrained:
+        s["predicted_shares"] = None
+    return s
+
+
+def write_outputs(out: str | Path, cfg: Config, result: LoopResult, ev: Evaluation, summary: dict[str, Any]) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "samples.npz", images=ev.images, labels=ev.labels)
+    save_grid(ev.images, out / "samples.png")
+    save_histogram(summary["class_ids"], summary["class_shares"], out / "class_histogram.png",
+                   summary["predicted_shares"], summary["objective_shares"],
+                   title=f"{cfg.name}: tv to uniform {summary['tv_to_uniform']:.3f}")
+    if result.dual.names:
+        save_lambda_plot(result.dual.names, result.dual.lam_history, out / "lambda.png")
+    (out / "history.json").write_text(json.dumps(result.history))
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return out

@@ -1,0 +1,247 @@
+"""Driver side of one training run: in this process (``run_local``) or on Ray Train (``run_ray``).
+
+Both end with the same files in ``out`` (see README): summary.json, samples.npz, PNGs, history and
+the final checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdd_ray import checkpoint, tracking
+from cdd_ray.config import Config, ConfigError
+from cdd_ray.data import prepare_split
+from cdd_ray.evaluate import evaluate
+from cdd_ray.model import build_noise_scheduler
+from cdd_ray.outputs import build_summary, write_outputs
+from cdd_ray.train_loop import train, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+def run_local(cfg: Config, out: str | Path, progress: bool = True, track: bool = True) -> dict[str, Any]:
+    """Train and evaluate in this process (one worker, no Ray); return the summary."""
+    uri = tracking.tracking_uri()
+    run_id = tracking.start_run(cfg, uri) if track else None
+    with tracked(uri, run_id):
+        summary = _run_local(cfg, out, progress, uri, run_id)
+        if run_id:
+            log_final(uri, run_id, Path(out).resolve(), summary)
+    return summary
+
+
+def _run_local(cfg: Config, out: str | Path, progress: bool, uri: str, run_id: str | None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    if cfg.optim.threads > 0:
+        torch.set_num_threads(cfg.optim.threads)
+    out = Path(out).resolve()
+    split = prepare_split(cfg)
+    log.info("data source %s: objective %d images, constraints %s", split.source, split.objective.shape[0],
+             {k: v.shape[0] for k, v in split.constraints.items()})
+    final: dict[str, checkpoint.Snapshot] = {}
+
+    buffer = tracking.MetricBuffer(uri, run_id) if run_id else None
+
+    def keep_last(metrics: dict[str, float], snapshot) -> None:
+        if buffer is not None:
+            buffer.add(*next(iter(tracking.dual_step_metrics([metrics]))))
+        if metrics["step"] >= cfg.optim.steps:
+            final["snap"] = snapshot()
+
+    result = train(cfg, split, on_block=keep_last, progress=progress)
+    if buffer is not None:
+        buffer.flush()
+    ev = evaluate(result.ema_unet, build_noise_scheduler(cfg.model), split, cfg, result.dual.by_name())
+    summary = build_summary(cfg, result, ev, split, time.perf_counter() - t0)
+    write_outputs(out, cfg, result, ev, summary)
+    checkpoint.save(out / "checkpoint", final["snap"])
+    return summary
+
+
+# ---------------------------------------------------------------- MLflow
+
+
+@contextlib.contextmanager
+def tracked(uri: str, run_id: str | None):
+    """Mark the MLflow run FINISHED on success, KILLED on Ctrl-C, FAILED on any error; never RUNNING."""
+    if run_id is None:
+        yield
+        return
+    try:
+        yield
+    except KeyboardInterrupt:
+        tracking.end_run(uri, run_id, "KILLED")
+        raise
+    except BaseException:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    tracking.end_run(uri, run_id, "FINISHED")
+
+
+def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    m = {k: float(summary[k]) for k in ("fid", "tv_to_uniform", "minority_share", "classifier_accuracy", "wall_s",
+                                        "train_s") if summary.get(k) is not None}
+    m.update({f"share_{c}": v for c, v in zip(summary["class_ids"], summary["class_shares"])})
+    if summary.get("predicted_shares"):
+        m.update({f"predicted_share_{c}": v for c, v in zip(summary["class_ids"], summary["predicted_shares"])})
+    return m
+
+
+def log_final(uri: str, run_id: str, out: Path, summary: dict[str, Any]) -> None:
+    """Evaluation metrics, tags and artifacts: outputs at the root, the final checkpoint under ``model/``."""
+    step = int(summary.get("dual_steps") or summary.get("steps") or 0)
+    tracking.log_metrics(uri, run_id, eval_metrics(summary), step)
+    tracking.set_tags(uri, run_id, {"data_source": summary["data_source"], "fid_features": summary["fid_features"]})
+    files = [f for f in out.iterdir() if f.is_file()]
+    with contextlib.ExitStack() as stack:
+        import tempfile
+
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        for f in files:
+            shutil.copy2(f, tmp / f.name)
+        tracking.log_artifacts(uri, run_id, tmp)
+    tracking.log_artifacts(uri, run_id, out / "checkpoint", "model")
+
+
+# ---------------------------------------------------------------- Ray
+
+
+def resolve_storage(storage: str) -> str:
+    """A URI (s3://, gs://, ...) is kept; a local path is made absolute (Ray requires it)."""
+    if "://" in storage:
+        return storage
+    return str(Path(storage).expanduser().resolve())
+
+
+def init_ray(address: str = "", dashboard_host: str = "127.0.0.1") -> None:
+    """Connect to ``address`` / RAY_ADDRESS, or start a local Ray with the dashboard on localhost."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        log.info("connected to Ray cluster at %s", address)
+        return
+    ctx = ray.init(dashboard_host=dashboard_host, include_dashboard=None, log_to_driver=True)
+    url = getattr(ctx, "dashboard_url", None)
+    if url:
+        print(f"Ray dashboard: http://{url}", flush=True)
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """CPUs (and GPU) per worker; fails with a clear error when the cluster cannot hold the workers."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+    r = cfg.ray
+    if r.gpu and gpus < r.workers:
+        raise ConfigError(f"ray.workers={r.workers} with ray.gpu=true needs {r.workers} GPUs; the cluster has "
+                          f"{gpus:g}")
+    per = r.cpus_per_worker or max(cpus / r.workers, 0.0)
+    if per <= 0 or per * r.workers > cpus + 1e-9 or (not r.gpu and per < 0.5):
+        raise ConfigError(f"ray.workers={r.workers} x ray.cpus_per_worker={per:g} CPUs does not fit the cluster's "
+                          f"{cpus:g} CPUs")
+    return {"CPU": per, **({"GPU": 1.0} if r.gpu else {})}
+
+
+def make_trainer(cfg: Config, storage: str, name: str, resources: dict[str, float], callbacks: list | None = None,
+                 mlflow: dict[str, str] | None = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    # Ray Train's controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and each
+    # ray.train.report() waits for that poll; 0.5 s keeps a checkpoint report cheap.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    marker = None
+    if "://" not in storage:
+        marker = os.path.join(storage, name, ".fault_fired")
+    if cfg.optim.threads == 0 and not cfg.ray.gpu:  # Ray sets OMP threads from the CPU share
+        cfg.optim.threads = max(1, int(resources["CPU"]))
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "fault_marker": marker, "mlflow": mlflow},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def check_run_name(storage: str, name: str, resume: bool) -> None:
+    """Ray resumes a run whose name exists; make that explicit so nothing is overwritten by accident."""
+    if "://" in storage:
+        return
+    exists = (Path(storage) / name).exists()
+    if exists and not resume:
+        raise ConfigError(f"name: a run {name!r} already exists under ray.storage={storage!r}; pass --resume to "
+                          "continue it, or choose another --name")
+    if resume and not exists:
+        raise ConfigError(f"--resume: no run {name!r} under ray.storage={storage!r} to resume")
+
+
+def run_ray(cfg: Config, out: str | Path, resume: bool = False, track: bool = True) -> dict[str, Any]:
+    """Train on Ray Train workers (``cfg.ray``), then copy the final outputs and checkpoint to ``out``."""
+    storage = resolve_storage(cfg.ray.storage)
+    check_run_name(storage, cfg.name, resume)
+    uri = tracking.tracking_uri()
+    run_id = mlflow_run_for(cfg, storage, uri, resume) if track else None
+    with tracked(uri, run_id):
+        init_ray(cfg.ray.address)
+        trainer = make_trainer(cfg, storage, cfg.name, worker_resources(cfg),
+                               mlflow={"uri": uri, "run_id": run_id} if run_id else None)
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        out = Path(out).resolve()
+        summary = collect_outputs(result.checkpoint, out)
+        if run_id:
+            log_final(uri, run_id, out, summary)
+    return summary
+
+
+def mlflow_run_for(cfg: Config, storage: str, uri: str, resume: bool) -> str:
+    """A new MLflow run, or on --resume the run's own (its id is kept beside the Ray run)."""
+    id_file = Path(storage) / cfg.name / "mlflow_run_id" if "://" not in storage else None
+    if resume and id_file is not None and id_file.exists():
+        run_id = id_file.read_text().strip()
+        tracking.client(uri).update_run(run_id, status="RUNNING")
+        return run_id
+    run_id = tracking.start_run(cfg, uri)
+    if id_file is not None:
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id)
+    return run_id
+
+
+def collect_outputs(ckpt, out: Path) -> dict[str, Any]:
+    """Copy the final checkpoint's outputs/ and the checkpoint itself into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    with ckpt.as_directory() as d:
+        for f in Path(d, "outputs").iterdir():
+            shutil.copy2(f, out / f.name)
+        tmp = out / ".checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(d, tmp, ignore=shutil.ignore_patterns("outputs"))
+        if (out / "checkpoint").exists():
+            shutil.rmtree(out / "checkpoint")
+        os.replace(tmp, out / "checkpoint")
+    summary = json.loads((out / "summary.json").read_text())
+    summary["ray_checkpoint"] = ckpt.path
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

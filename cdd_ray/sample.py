@@ -1,0 +1,76 @@
+"""Sample from a trained model logged to MLflow (or from a checkpoint folder).
+
+    python -m cdd_ray.sample --run-id 3f2a... --n 64 --out grid.png
+    python -m cdd_ray.sample --checkpoint runs/constrained/checkpoint --n 64 --out grid.png --npz samples.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cdd_ray import checkpoint
+from cdd_ray.config import config_from_dict
+from cdd_ray.data import to_uint8
+from cdd_ray.evaluate import sample
+from cdd_ray.model import build_noise_scheduler
+from cdd_ray.plots import save_grid
+
+MODEL_ARTIFACT = "model"  # the final checkpoint's artifact path in every training run
+
+
+def download_model(run_id: str, uri: str | None, dst: str) -> Path:
+    """Fetch the run's ``model/`` artifact; an unknown run id raises a clear error."""
+    from cdd_ray import tracking
+
+    uri = uri or tracking.tracking_uri()
+    c = tracking.client(uri)
+    try:
+        c.get_run(run_id)
+    except Exception as e:  # noqa: BLE001
+        raise SystemExit(f"error: MLflow run {run_id!r} not found in {uri!r}: {e}") from None
+    return Path(c.download_artifacts(run_id, MODEL_ARTIFACT, dst))
+
+
+def generate(ckpt_dir: str | Path, n: int, steps: int | None, seed: int, device: str) -> np.ndarray:
+    unet, _, cfg_dict = checkpoint.load_model(ckpt_dir)
+    cfg = config_from_dict(cfg_dict)
+    x = sample(unet.to(device), build_noise_scheduler(cfg.model), n, steps or cfg.eval.sampler_steps,
+               cfg.eval.batch_size, seed, device)
+    return to_uint8(x)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-id", help="MLflow run id of a training run")
+    src.add_argument("--checkpoint", help="a checkpoint folder (unet_ema/, config.json, ...)")
+    p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's eval.sampler_steps)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="samples.png", help="grid PNG")
+    p.add_argument("--npz", default=None, help="also save the images as uint8 in this .npz")
+    args = p.parse_args(argv)
+    if args.n <= 0:
+        p.error(f"--n: {args.n} must be > 0")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = download_model(args.run_id, args.tracking_uri, tmp) if args.run_id else Path(args.checkpoint)
+        try:
+            images = generate(ckpt, args.n, args.steps, args.seed, args.device)
+        except checkpoint.CheckpointError as e:
+            raise SystemExit(f"error: {e}") from None
+    save_grid(images, args.out)
+    if args.npz:
+        np.savez_compressed(args.npz, images=images)
+    print(f"wrote {args.n} samples ({images.shape[1]}x{images.shape[2]}) to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""MLflow tracking: one run per training run, written by few writers with retries.
+
+Design (safe for many concurrent Ray trials on one SQLite file or a team server):
+- the driver creates the run, logs params and tags, and at the end logs the evaluation metrics, the
+  artifacts and the final status (FINISHED, FAILED or KILLED: never left RUNNING);
+- rank 0 of the Ray Train worker group logs the per-dual-step metrics, buffered and sent in
+  batches (``MetricBuffer``); other ranks never write;
+- every write goes through ``with_retries``: "database is locked" and connection errors are retried
+  with backoff, and a store that stays away raises ``TrackingError`` naming the URI.
+
+Tracking URI: ``MLFLOW_TRACKING_URI`` when set; otherwise ``sqlite:///<cwd>/mlflow.db`` with
+artifacts in ``<cwd>/mlartifacts``. Open the UI with
+``mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+from cdd_ray.config import Config, flatten
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_EXPERIMENT = "cdd-ray"
+SECRET_HINTS = ("token", "secret", "password", "key", "credential", "auth")
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be reached or written; the message names the URI."""
+
+
+def tracking_uri(cwd: str | Path | None = None) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        return uri
+    return f"sqlite:///{Path(cwd or os.getcwd()).resolve() / 'mlflow.db'}"
+
+
+def artifact_root(uri: str, cwd: str | Path | None = None) -> str | None:
+    """Local artifact folder beside a local SQLite store; None lets a server choose."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def with_retries(fn: Callable[[], T], what: str, uri: str, attempts: int = 8, base_s: float = 0.2) -> T:
+    """Call ``fn``; retry transient store errors (SQLite locks, dropped connections) with jittered backoff."""
+    from mlflow.exceptions import MlflowException
+
+    last: Exception | None = None
+    for i in range(attempts):
+        try:
+            return fn()
+        except MlflowException as e:
+            if "RESOURCE_DOES_NOT_EXIST" in str(getattr(e, "error_code", "")) or "INVALID_PARAMETER" in str(
+                    getattr(e, "error_code", "")):
+                raise
+            last = e
+        except (OSError, ConnectionError) as e:
+            last = e
+        except Exception as e:  # noqa: BLE001 - sqlalchemy OperationalError ("database is locked") and kin
+            if "locked" not in str(e) and "connect" not in str(e).lower():
+                raise
+            last = e
+        time.sleep(base_s * (2 ** i) * (0.5 + random.random()))
+    raise TrackingError(f"MLflow store {uri!r}: {what} failed after {attempts} attempts: {last}") from last
+
+
+def client(uri: str | None = None):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast (before any training) when a remote tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except (urllib.error.URLError, OSError) as e:
+        raise TrackingError(f"MLflow tracking server {uri!r} is unreachable: {e}") from None
+
+
+def get_or_create_experiment(uri: str, name: str = DEFAULT_EXPERIMENT) -> str:
+    c = client(uri)
+
+    def go() -> str:
+        exp = c.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return c.create_experiment(name, artifact_location=artifact_root(uri))
+        except Exception:  # noqa: BLE001 - another process created it first
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    return with_retries(go, f"get or create experiment {name!r}", uri)
+
+
+def safe_params(cfg: Config) -> dict[str, str]:
+    """The resolved config, flattened; never environment variables or anything that looks like a secret."""
+    out = {}
+    for k, v in flatten(cfg.to_dict()).items():
+        if any(h in k.lower() for h in SECRET_HINTS):
+            continue
+        out[k] = str(v)[:6000]
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def start_run(cfg: Config, uri: str, experiment: str = DEFAULT_EXPERIMENT, parent_run_id: str | None = None,
+              extra_tags: dict[str, str] | None = None) -> str:
+    """Create the MLflow run of a training run with params and tags; returns its id."""
+    from mlflow.entities import Param, RunTag
+
+    check_reachable(uri)
+    exp_id = get_or_create_experiment(uri, experiment)
+    tags = {
+        "preset": cfg.model.preset, "constrained": str(not cfg.unconstrained).lower(), "job_name": cfg.name,
+        "dual_kind": cfg.dual.kind if not cfg.unconstrained else "none",
+        "mlflow.runName": cfg.name,
+    }
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    tags.update(extra_tags or {})
+    c = client(uri)
+    run = with_retries(lambda: c.create_run(exp_id, tags=tags, run_name=cfg.name), "create run", uri)
+    run_id = run.info.run_id
+    params = [Param(k, v) for k, v in safe_params(cfg).items()]
+    for i in range(0, len(params), 100):
+        chunk = params[i:i + 100]
+        with_retries(lambda: c.log_batch(run_id, params=chunk), "log params", uri)
+    with_retries(lambda: c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()]), "log tags", uri)
+    return run_id
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    c = client(uri)
+    with_retries(lambda: c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]), "set tags", uri)
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    c = client(uri)
+    for i in range(0, len(batch), 500):
+        chunk = batch[i:i + 500]
+        with_retries(lambda: c.log_batch(run_id, metrics=chunk), "log metrics", uri)
+
+
+def log_artifacts(uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+    c = client(uri)
+    with_retries(lambda: c.log_artifacts(run_id, str(local_dir), artifact_path), f"log artifacts {local_dir}", uri)
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    """Mark the run FINISHED, FAILED or KILLED."""
+    c = client(uri)
+    with_retries(lambda: c.set_terminated(run_id, status), f"set status {status}", uri)
+
+
+class MetricBuffer:
+    """Per-dual-step metrics of rank 0, sent in batches when a checkpoint is written and at the end.
+
+    Flushing only at checkpoints keeps MLflow consistent with what a restarted run continues from:
+    points after the last checkpoint die with a crashed worker and are logged once, after the restart.
+    A store that is briefly away is retried; if it stays away the metrics stay buffered (bounded) and
+    training goes on: tracking never stops or corrupts training.
+    """
+
+    def __init__(self, uri: str, run_id: str, max_buffer: int = 200_000):
+        self.uri, self.run_id, self.max_buffer = uri, run_id, max_buffer
+        self.pending: list[Any] = []
+        self.dropped = 0
+
+    def add(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending.extend(Metric(k, float(v), now, int(step)) for k, v in metrics.items())
+        if len(self.pending) > self.max_buffer:
+            self.dropped += len(self.pending) - self.max_buffer
+            self.pending = self.pending[-self.max_buffer:]
+
+    def flush(self, raise_errors: bool = True) -> None:
+        c = client(self.uri)
+        while self.pending:
+            chunk = self.pending[:500]
+            try:
+                with_retries(lambda: c.log_batch(self.run_id, metrics=chunk), "log metrics", self.uri,
+                             attempts=8 if raise_errors else 2)
+            except TrackingError:
+                if raise_errors:
+                    raise
+                log.warning("MLflow store %s unavailable; %d metric points kept in memory", self.uri, len(self.pending))
+                break
+            del self.pending[:len(chunk)]
+
+
+def dual_step_metrics(history: Iterable[dict[str, float]]) -> Iterable[tuple[dict[str, float], int]]:
+    """(metrics, step) pairs for MLflow from the loop's per-block history; step = dual-step index."""
+    for m in history:
+        step = int(m["dual_step"]) if m.get("dual_step") else int(m["step"])
+        yield {k: v for k, v in m.items() if k not in ("step", "dual_step")} | {"primal_step": m["step"]}, step

