@@ -72,6 +72,7 @@ class OptimConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    init_from: str = ""  # warm start: a checkpoint folder whose UNet weights start this run (not its optimiser)
 
 
 @dataclass
@@ -400,6 +401,8 @@ def validate(cfg: Config) -> None:
     _require(o.weight_decay >= 0, f"optim.weight_decay: {o.weight_decay} must be >= 0")
     _require(o.grad_clip > 0, f"optim.grad_clip: {o.grad_clip} must be > 0")
     _require(o.threads >= 0, f"optim.threads: {o.threads} must be >= 0")
+    _require(not o.init_from or "://" in o.init_from or (Path(o.init_from).expanduser() / "unet").is_dir(),
+             f"optim.init_from: {o.init_from!r} is not a checkpoint folder (no unet/ inside)")
 
     _require(e.n_samples > 0, f"eval.n_samples: {e.n_samples} must be > 0")
     _require(e.sampler_steps >= 1, f"eval.sampler_steps: {e.sampler_steps} must be >= 1")

@@ -54,6 +54,27 @@ def sample(unet: nn.Module, noise_scheduler, n: int, steps: int, batch_size: int
     return torch.cat(out)
 
 
+@torch.no_grad()
+def denoising_loss(unet: nn.Module, noise_scheduler, x0: torch.Tensor, seed: int, repeats: int = 4,
+                   batch_size: int = 512) -> float:
+    """Mean denoising loss of ``unet`` on images ``x0`` (fixed noise and timesteps for a seed)."""
+    from cdd_ray.model import add_noise
+
+    unet.eval()
+    dev = next(unet.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    total, n = 0.0, 0
+    for _ in range(repeats):
+        for i in range(0, x0.shape[0], batch_size):
+            x = x0[i:i + batch_size]
+            noise = torch.randn(x.shape, generator=g)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x.shape[0],), generator=g)
+            pred = unet(add_noise(noise_scheduler, x, noise, t).to(dev), t.to(dev)).sample.float().cpu()
+            total += (pred - noise).pow(2).mean(dim=(1, 2, 3)).sum().item()
+            n += x.shape[0]
+    return total / n
+
+
 # ---------------------------------------------------------------- classifier
 
 
@@ -239,6 +260,10 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
         fid = frechet_distance(classifier_features(clf, x), classifier_features(clf, split.reference))
         fid_features = "classifier"
     lam_by_pos = {split.classes.index(split.constraint_classes[n]): v for n, v in lam.items()}
+    obj = split.objective
+    class_losses = {f"class_{c}": denoising_loss(ema_unet, noise_scheduler, obj[split.objective_labels == i],
+                                                   cfg.optim.seed + 2)
+                    for i, c in enumerate(split.classes) if c in cfg.data.minority_classes}
     summary = {
         "class_ids": split.classes,
         "class_shares": shares,
@@ -253,6 +278,7 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
         "n_samples": int(e.n_samples),
         "sampler": f"ddim-{e.sampler_steps}",
         "classifier_accuracy": acc,
+        "minority_losses": class_losses,  # EMA model's denoising loss on each minority class's training images
         "classifier_test_size": int(split.clf_test.shape[0]),
         "eval_s": {"classifier": t_clf, "sampling": t_sample, "total": time.perf_counter() - t0},
     }
