@@ -134,6 +134,8 @@ def train(
     unet = build_unet(cfg.model, cfg.data.image_size)
     if resume is not None:
         unet.load_state_dict(resume.unet.state_dict())
+    elif o.init_from:
+        unet.load_state_dict(_warm_start_weights(o.init_from, cfg))
     unet.to(dev)
     ema = build_ema(unet, cfg.model.ema_decay)
     noise_scheduler = build_noise_scheduler(cfg.model)
@@ -216,7 +218,7 @@ def train(
         block_n = 0
         if bar is not None:
             bar.update(step - bar.n)
-            bar.set_postfix(_postfix(metrics, names))
+            bar.set_postfix(_postfix(metrics, names), refresh=False)
         if on_block is not None:
             on_block(metrics, snapshot)
     if bar is not None:
@@ -225,6 +227,22 @@ def train(
     ema.copy_to(ema_unet.parameters())
     return LoopResult(unet=unet, ema_unet=ema_unet, dual=dual, history=history, step=step,
                       train_s=time.perf_counter() - t0, start_step=start_step)
+
+
+def _warm_start_weights(directory: str, cfg: Config) -> dict[str, torch.Tensor]:
+    """UNet weights of another run's checkpoint; the architecture must match this run's preset."""
+    from cdd_ray.checkpoint import CheckpointError, load_model
+
+    unet, _, other = load_model(directory, ema=False)
+    mine = build_unet(cfg.model, cfg.data.image_size).config
+    def norm(v: Any) -> Any:
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    if any(norm(unet.config.get(k)) != norm(v) for k, v in mine.items() if not k.startswith("_")):
+        raise CheckpointError(f"optim.init_from: {directory!r} holds a UNet of another shape "
+                              f"(block_out_channels {unet.config.block_out_channels}, sample_size "
+                              f"{unet.config.sample_size}) than model.preset={cfg.model.preset!r}")
+    return unet.state_dict()
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
@@ -236,7 +254,8 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
 
 
 def _block_metrics(step: int, dual: DualState, names: list[str], means: list[float], lr: float) -> dict[str, float]:
-    m: dict[str, float] = {"step": step, "dual_step": dual.step, "loss_objective": means[0], "lr": lr}
+    m: dict[str, float] = {"step": step, "dual_step": dual.step, "loss_objective": means[0], "lr": lr,
+                           "loss_mean": sum(means) / len(means)}  # every dataset weighted alike: ASHA's signal
     for i, n in enumerate(names):
         m[f"loss_{n}"] = means[1 + i]
         m[f"slack_{n}"] = means[1 + i] - dual.b[i]
@@ -256,7 +275,11 @@ def _progress_bar(enabled: bool, start: int, total: int):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    import sys
+
+    tty = sys.stderr.isatty()  # in a Ray worker every refresh becomes a log line: refresh rarely
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=0.5 if tty else 30.0)
 
 
 def _snapshot(cfg, unet, ema, optimizer, lr_sched, scaler, sampler, noise_gen, dual, step, worker,
@@ -390,7 +413,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     fault = make_fault(cfg.fault, worker.rank, config.get("fault_marker"))
     result = train(cfg, split, worker, on_block=on_block, resume=resume,
-                   prepare_model=ray.train.torch.prepare_model, fault=fault)
+                   prepare_model=ray.train.torch.prepare_model, fault=fault, progress=config.get("progress", True))
     metrics = dict(result.history[-1]) if result.history else {"step": result.step}
     snap = final.get("snap")
     if mlflow_buffer is not None:
