@@ -1,0 +1,59 @@
+"""The README's `mlflow ui` command on the default store answers on 127.0.0.1 and lists the runs."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from cdd_ray import tracking
+from cdd_ray.config import build_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_ui_lists_runs_of_the_default_store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    uri = tracking.tracking_uri()  # the default: sqlite:///<cwd>/mlflow.db
+    run_ids = {tracking.start_run(build_config("smoke", overrides={"name": f"ui-{i}"}), uri) for i in range(2)}
+    exp_id = tracking.get_or_create_experiment(uri)
+    port = free_port()
+    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    proc = subprocess.Popen([mlflow_bin, "ui", "--backend-store-uri", "sqlite:///mlflow.db", "--host", "127.0.0.1",
+                             "--port", str(port)], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, "mlflow ui exited"
+                assert time.time() < deadline, "mlflow ui did not answer within 90 s"
+                time.sleep(0.5)
+        req = urllib.request.Request(base + "/api/2.0/mlflow/runs/search",
+                                     data=json.dumps({"experiment_ids": [exp_id]}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        runs = json.loads(urllib.request.urlopen(req, timeout=10).read())["runs"]
+        assert {r["info"]["run_id"] for r in runs} == run_ids
+        with socket.socket() as s:  # bound to loopback only
+            assert s.connect_ex((socket.gethostbyname(socket.gethostname()), port)) != 0 or \
+                socket.gethostbyname(socket.gethostname()).startswith("127.")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert proc.returncode is not None
