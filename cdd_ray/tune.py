@@ -1,0 +1,372 @@
+"""Ray Tune + Optuna sweeps: each trial fits a TorchTrainer; the front is (fid, tv_to_uniform).
+
+Flow of one sweep (``run_sweep``):
+1. an MLflow parent run for the sweep;
+2. the unconstrained baseline under the same budget (a child run; its per-class losses anchor the
+   relative thresholds ``dual.b_rel`` of plain-constraint trials);
+3. the Tuner: a function trainable per trial that builds and fits a TorchTrainer (Ray Train V2) and
+   reports through ``TuneReportCallback``; OptunaSearch minimises fid and tv_to_uniform together,
+   ASHA stops trials whose ``loss_objective`` lags (see README);
+4. the Pareto front (pareto.csv, trade-off PNG, best config per objective) logged to the parent run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cdd_ray import tracking
+from cdd_ray.config import Config, ConfigError, allowed_keys, apply_overrides, config_from_dict, flatten, validate
+
+OBJECTIVES = ("fid", "tv_to_uniform")  # both minimised
+# ASHA compares trials on the mean denoising loss over the objective and every constraint dataset, each
+# weighted alike: it prunes trials that learn slowly or diverge (too large lr or eta) without favouring
+# trials that give the constraints less weight, as the objective loss alone would.
+ASHA_METRIC = "loss_mean"
+DERIVED_KEYS = ("dual.b_rel", "optim.batch_ratio")
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+
+
+@dataclass
+class SearchSpace:
+    params: dict[str, dict[str, Any]]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and check a search-space file; every error names the file and the entry."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--space: search-space file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--space {str(p)!r}: not valid YAML: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("params"), dict) or not data["params"]:
+        raise ConfigError(f"--space {str(p)!r}: expected a mapping with a non-empty 'params' section")
+    unknown = set(data) - {"params", "fixed"}
+    if unknown:
+        raise ConfigError(f"--space {str(p)!r}: unknown sections {sorted(unknown)}; allowed: params, fixed")
+    keys = set(allowed_keys()) | set(DERIVED_KEYS)
+    for key, dist in data["params"].items():
+        where = f"--space {str(p)!r}: params.{key}"
+        if key not in keys:
+            raise ConfigError(f"{where}: unknown key; allowed: config keys or {', '.join(DERIVED_KEYS)}")
+        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+            raise ConfigError(f"{where}: expected one of {{{', '.join(d + ': ...' for d in DISTRIBUTIONS)}}}, got {dist!r}")
+        kind, args = next(iter(dist.items()))
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{where}: {kind} needs a list, got {args!r}")
+        if kind != "choice":
+            if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+                raise ConfigError(f"{where}: {kind} needs [low, high] numbers, got {args!r}")
+            if args[0] >= args[1]:
+                raise ConfigError(f"{where}: {kind} needs low < high, got {args!r}")
+            if kind == "loguniform" and args[0] <= 0:
+                raise ConfigError(f"{where}: loguniform needs low > 0, got {args!r}")
+    fixed = flatten(data.get("fixed") or {})
+    bad = [k for k in fixed if k not in allowed_keys()]
+    if bad:
+        raise ConfigError(f"--space {str(p)!r}: fixed has unknown keys {bad}")
+    return SearchSpace(params=dict(data["params"]), fixed=fixed, path=str(p))
+
+
+def to_tune(space: SearchSpace) -> dict[str, Any]:
+    """Search space -> Ray Tune distributions (OptunaSearch converts them)."""
+    from ray import tune
+
+    make = {"choice": lambda a: tune.choice(a), "uniform": lambda a: tune.uniform(*a),
+            "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a)}
+    return {k: make[kind](args) for k, d in space.params.items() for kind, args in d.items()}
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], baseline_losses: dict[str, float] | None) -> Config:
+    """The base config with a trial's sampled params applied (derived keys resolved), validated."""
+    cfg = config_from_dict(base)
+    plain = {k: v for k, v in params.items() if k not in DERIVED_KEYS}
+    apply_overrides(cfg, plain)
+    if "optim.batch_ratio" in params:
+        cfg.optim.constraint_batch_size = max(1, cfg.optim.batch_size // int(params["optim.batch_ratio"]))
+    if "dual.b_rel" in params and cfg.dual.kind == "plain":
+        if not baseline_losses:
+            raise ConfigError("dual.b_rel needs the unconstrained baseline's per-class losses")
+        cfg.dual.b = [float(params["dual.b_rel"]) * baseline_losses[n] for n in cfg.constraint_names()]
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- Pareto front
+
+
+def pareto_front(rows: list[dict[str, Any]], objectives: tuple[str, ...] = OBJECTIVES) -> list[dict[str, Any]]:
+    """Rows not dominated in ``objectives`` (all minimised); rows with a missing/NaN objective are skipped."""
+    ok = [r for r in rows if all(isinstance(r.get(o), (int, float)) and math.isfinite(r[o]) for o in objectives)]
+
+    def dominates(a: dict, b: dict) -> bool:
+        return all(a[o] <= b[o] for o in objectives) and any(a[o] < b[o] for o in objectives)
+
+    front = [r for r in ok if not any(dominates(o, r) for o in ok if o is not r)]
+    return sorted(front, key=lambda r: r[objectives[0]])
+
+
+def write_front(out: Path, rows: list[dict[str, Any]], front: list[dict[str, Any]], baseline: dict[str, Any]) -> dict[str, Path]:
+    """pareto.csv, trials.csv, tradeoff.png and best_configs.json in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    cols = ["trial_id", *OBJECTIVES, "minority_share", "run_id", "status"] + sorted(
+        {k for r in rows for k in r.get("params", {})})
+    for name, data in (("pareto.csv", front), ("trials.csv", rows)):
+        with open(out / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(cols)
+            for r in data:
+                w.writerow([r.get(c, r.get("params", {}).get(c, "")) for c in cols])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ok = [r for r in rows if all(isinstance(r.get(o), (int, float)) for o in OBJECTIVES)]
+    ax.scatter([r["fid"] for r in ok], [r["tv_to_uniform"] for r in ok], c="0.6", label="trials")
+    ax.plot([r["fid"] for r in front], [r["tv_to_uniform"] for r in front], "o-", c="C0", label="Pareto front")
+    if baseline:
+        ax.scatter([baseline["fid"]], [baseline["tv_to_uniform"]], marker="*", s=200, c="C3",
+                   label="unconstrained baseline")
+    ax.set_xlabel(f"FID ({baseline.get('fid_features', '')} features; lower is better)")
+    ax.set_ylabel("TV distance to uniform classes (lower is fairer)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "tradeoff.png", dpi=100)
+    plt.close(fig)
+    best = {o: min(ok, key=lambda r: r[o]) for o in OBJECTIVES} if ok else {}
+    (out / "best_configs.json").write_text(json.dumps(
+        {o: {"trial_id": r["trial_id"], o: r[o], "params": r.get("params", {}), "run_id": r.get("run_id")}
+         for o, r in best.items()}, indent=2, default=str))
+    return {n: out / n for n in ("pareto.csv", "trials.csv", "tradeoff.png", "best_configs.json")}
+
+
+def format_front(front: list[dict[str, Any]], baseline: dict[str, Any]) -> str:
+    lines = ["| trial | fid | tv_to_uniform | minority_share | params |", "| --- | --- | --- | --- | --- |"]
+    if baseline:
+        lines.append(f"| baseline (unconstrained) | {baseline['fid']:.2f} | {baseline['tv_to_uniform']:.3f} | "
+                     f"{baseline['minority_share']:.3f} | |")
+    for r in front:
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(r.get("params", {}).items()))
+        lines.append(f"| {r['trial_id']} | {r['fid']:.2f} | {r['tv_to_uniform']:.3f} | {r.get('minority_share', float('nan')):.3f} "
+                     f"| {params} |")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+# ---------------------------------------------------------------- the trial
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Tune function trainable: one Ray Train fit with the trial's params, its own MLflow child run."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cdd_ray.runner import collect_outputs, log_final, make_trainer, tracked
+
+    sweep = config["sweep"]
+    params = {k: config[k] for k in sweep["param_keys"]}
+    cfg = trial_config(sweep["base"], params, sweep.get("baseline_losses"))
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg.name = f"{sweep['name']}-{trial_id}"
+    uri = sweep["mlflow_uri"]
+    out = Path(sweep["outputs"]) / trial_id
+    if (out / "trial.json").exists():  # finished before the sweep was interrupted: report, do not train again
+        summary = json.loads((out / "summary.json").read_text())
+        ray.tune.report({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        return
+    id_file = out / "mlflow_run_id"
+    if id_file.exists():  # a trial restarted by a resumed sweep continues its own run
+        run_id = id_file.read_text().strip()
+        tracking.client(uri).update_run(run_id, status="RUNNING")
+    else:
+        run_id = tracking.start_run(cfg, uri, parent_run_id=sweep["parent_run_id"],
+                                    extra_tags={"ray_trial_id": trial_id, "sweep": sweep["name"], "role": "trial"})
+        out.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id)
+    with tracked(uri, run_id):
+        trainer = make_trainer(cfg, sweep["storage"], cfg.name, sweep["resources"], callbacks=[TuneReportCallback()],
+                               mlflow={"uri": uri, "run_id": run_id})
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        summary = collect_outputs(result.checkpoint, out)
+        log_final(uri, run_id, out, summary)
+        (out / "trial.json").write_text(json.dumps({"trial_id": trial_id, "run_id": run_id, "params": params}))
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    rows: list[dict[str, Any]]
+    front: list[dict[str, Any]]
+    baseline: dict[str, Any]
+    out: Path
+
+
+def plan_resources(cfg: Config) -> tuple[int, dict[str, float]]:
+    """Concurrent trials and per-worker resources from the cluster: every trial's workers must fit at once."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+    w = cfg.ray.workers
+    if cfg.ray.gpu:
+        if gpus < w:
+            raise ConfigError(f"ray.workers={w} with ray.gpu=true needs {w} GPUs; the cluster has {gpus:g}")
+        conc = int(gpus // w)
+        per_cpu = cfg.ray.cpus_per_worker or max(1.0, (cpus - 0.1 * conc) / (conc * w))
+        return conc, {"CPU": per_cpu, "GPU": 1.0}
+    conc = max(1, int(cpus // w))
+    per_cpu = cfg.ray.cpus_per_worker or (cpus - 0.1 * conc) / (conc * w)
+    if per_cpu < 0.5:
+        raise ConfigError(f"ray.workers={w} does not fit the cluster's {cpus:g} CPUs")
+    return conc, {"CPU": per_cpu}
+
+
+def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_run_id: str, role: str,
+                      steps: int, init_from: str = "") -> dict[str, Any]:
+    """An unconstrained reference run (a child of the sweep); reused when the sweep is resumed."""
+    from cdd_ray.runner import collect_outputs, log_final, make_trainer, tracked, worker_resources
+
+    if (out / "summary.json").exists():
+        return json.loads((out / "summary.json").read_text())
+    cfg = config_from_dict(base.to_dict())
+    cfg.unconstrained = True
+    cfg.name = f"{base.name}-{role}"
+    cfg.optim.steps = steps
+    cfg.optim.init_from = init_from
+    if init_from:
+        cfg.optim.warmup = min(cfg.optim.warmup, steps // 10)
+    run_id = tracking.start_run(cfg, uri, parent_run_id=parent_run_id, extra_tags={"sweep": base.name, "role": role})
+    with tracked(uri, run_id):
+        result = make_trainer(cfg, storage, cfg.name, worker_resources(cfg),
+                              mlflow={"uri": uri, "run_id": run_id}).fit()
+        if result.error is not None:
+            raise result.error
+        summary = collect_outputs(result.checkpoint, out)
+        log_final(uri, run_id, out, summary)
+    summary["run_id"] = run_id
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def close_stopped_children(uri: str, parent_run_id: str) -> None:
+    """Trials stopped by ASHA are ended from outside their process: mark their runs KILLED, not RUNNING."""
+    c = tracking.client(uri)
+    exp = c.get_run(parent_run_id).info.experiment_id
+    for r in c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                                "attributes.status = 'RUNNING'"):
+        tracking.end_run(uri, r.info.run_id, "KILLED")
+
+
+def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool = False, seed: int = 0,
+              warm_start_steps: int = 0) -> SweepResult:
+    """Baseline, then ``num_samples`` Optuna trials on Ray Tune; returns the front.
+
+    ``warm_start_steps`` > 0: the baseline trains ``optim.steps`` unconstrained steps once; every trial
+    starts from its weights and trains ``warm_start_steps`` more (with its constraints). The reference
+    point is then the baseline continued unconstrained for the same ``warm_start_steps`` from the same
+    weights, so it has had exactly the training budget of every trial.
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from cdd_ray.runner import init_ray, resolve_storage
+
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # fid/tv arrive with the final report only
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # so Tuner.restore does not re-run finished trials
+    storage = resolve_storage(base.ray.storage)
+    sweep_dir = Path(storage) / base.name if "://" not in storage else Path("runs") / base.name
+    exists = (sweep_dir / "mlflow_parent_run_id").exists()
+    if exists and not resume:
+        raise ConfigError(f"name: a sweep {base.name!r} already exists under {storage!r}; pass --resume or another --name")
+    if resume and not exists:
+        raise ConfigError(f"--resume: no sweep {base.name!r} under {storage!r}")
+    apply_overrides(base, space.fixed)
+    validate(base)
+    uri = tracking.tracking_uri()
+    init_ray(base.ray.address)
+    conc, resources = plan_resources(base)
+    parent_file = sweep_dir / "mlflow_parent_run_id"
+    if resume and parent_file.exists():
+        parent = parent_file.read_text().strip()
+        tracking.client(uri).update_run(parent, status="RUNNING")
+    else:
+        parent = tracking.start_run(base, uri, extra_tags={"role": "sweep", "sweep": base.name,
+                                                           "search_space": space.path})
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        parent_file.write_text(parent)
+    from cdd_ray.runner import tracked
+
+    with tracked(uri, parent):
+        pre = run_unconstrained(base, storage, sweep_dir / "baseline", uri, parent, "baseline", base.optim.steps)
+        trial_base = config_from_dict(base.to_dict())
+        baseline = pre
+        if warm_start_steps > 0:
+            trial_base.optim.init_from = str(sweep_dir / "baseline" / "checkpoint")
+            trial_base.optim.steps = warm_start_steps
+            trial_base.optim.warmup = min(base.optim.warmup, warm_start_steps // 10)
+            baseline = run_unconstrained(base, storage, sweep_dir / "baseline-continued", uri, parent,
+                                         "baseline-continued", warm_start_steps, trial_base.optim.init_from)
+        losses = pre.get("minority_losses") or {}
+        sweep_cfg = {
+            "name": base.name, "base": trial_base.to_dict(), "param_keys": list(space.params), "storage": storage,
+            "outputs": str(sweep_dir / "trials"), "mlflow_uri": uri, "parent_run_id": parent,
+            "baseline_losses": losses, "resources": resources,
+        }
+        trainable = tune.with_resources(run_trial, {"CPU": 0.1})
+        if resume and tune.Tuner.can_restore(str(sweep_dir / "tuner")):
+            tuner = tune.Tuner.restore(str(sweep_dir / "tuner"), trainable, resume_errored=True)
+        else:
+            # Above any trial's number of reports (at most steps / checkpoint_every + the final one): ASHA must
+            # never stop a trial at its final report, which would cut off its output collection.
+            max_t = trial_base.optim.steps // base.ray.checkpoint_every + 2
+            tuner = tune.Tuner(
+                trainable,
+                param_space={**to_tune(space), "sweep": sweep_cfg},
+                tune_config=tune.TuneConfig(
+                    search_alg=OptunaSearch(metric=list(OBJECTIVES), mode=["min", "min"], seed=seed),
+                    scheduler=ASHAScheduler(metric=ASHA_METRIC, mode="min", max_t=max_t,
+                                            grace_period=max(1, max_t // 2), reduction_factor=3),
+                    num_samples=num_samples, max_concurrent_trials=conc,
+                ),
+                run_config=tune.RunConfig(name="tuner", storage_path=str(sweep_dir)),
+            )
+        results = tuner.fit()
+        close_stopped_children(uri, parent)
+        rows = []
+        for r in results:
+            m = r.metrics or {}
+            trial_json = Path(sweep_cfg["outputs"]) / str(m.get("trial_id", "")) / "trial.json"
+            info = json.loads(trial_json.read_text()) if trial_json.exists() else {}
+            rows.append({"trial_id": m.get("trial_id"), "fid": m.get("fid"), "tv_to_uniform": m.get("tv_to_uniform"),
+                         "minority_share": m.get("minority_share"), "run_id": info.get("run_id"),
+                         "status": "error" if r.error else ("stopped early" if "fid" not in m else "done"),
+                         "params": {k: (r.config or {}).get(k) for k in space.params}})
+        front = pareto_front(rows)
+        write_front(sweep_dir / "front", rows, front, baseline)
+        tracking.log_artifacts(uri, parent, sweep_dir / "front")
+        tracking.log_metrics(uri, parent, {"trials": len(rows), "front_size": len(front),
+                                           "baseline_fid": baseline["fid"],
+                                           "baseline_tv_to_uniform": baseline["tv_to_uniform"]}, 0)
+    return SweepResult(parent_run_id=parent, rows=rows, front=front, baseline=baseline, out=sweep_dir)
