@@ -416,6 +416,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    prepare_model=ray.train.torch.prepare_model, fault=fault, progress=config.get("progress", True))
     metrics = dict(result.history[-1]) if result.history else {"step": result.step}
     snap = final.get("snap")
+    if snap is None and resume is not None and result.start_step >= cfg.optim.steps:
+        snap = resume  # restarted after the last step: the final state is the checkpoint itself
     if mlflow_buffer is not None:
         mlflow_buffer.flush()
     if worker.rank == 0:
