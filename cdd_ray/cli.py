@@ -11,14 +11,15 @@ from typing import NoReturn
 from cdd_ray.config import PRESETS, Config, ConfigError, build_config, parse_set
 
 
-def add_config_flags(p: argparse.ArgumentParser) -> None:
+def add_config_flags(p: argparse.ArgumentParser, unconstrained: bool = True) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="model/budget preset (default: cpu; paper = the authors' 32x32 UNet)")
     p.add_argument("--config", default=None, help="YAML file with config sections (data, model, dual, optim, eval, ray)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field, e.g. --set dual.eta=0.05 (repeatable)")
-    p.add_argument("--unconstrained", action="store_true", default=None,
-                   help="train the unconstrained baseline (no constraints, no dual steps)")
+    if unconstrained:
+        p.add_argument("--unconstrained", action="store_true", default=None,
+                       help="train the unconstrained baseline (no constraints, no dual steps)")
     p.add_argument("--name", default=None, help="run name (Ray run folder under --storage)")
 
 
@@ -37,19 +38,29 @@ _FLAG_KEYS = {"name": "name", "workers": "ray.workers", "gpu": "ray.gpu", "stora
 def config_from_args(args: argparse.Namespace) -> Config:
     """Build and validate the config, or exit with the error message (status 2)."""
     try:
-        if getattr(args, "resume", False) and not args.name:
-            raise ConfigError("--resume needs --name: the run to continue")
-        overrides = parse_set(args.overrides)
-        for flag, key in _FLAG_KEYS.items():
-            if getattr(args, flag, None) is not None:
-                overrides[key] = getattr(args, flag)
-        cfg = build_config(args.preset, args.config, overrides, args.unconstrained)
-        if args.name is None and cfg.name == Config.name:
-            kind = "baseline" if cfg.unconstrained else "constrained"
-            cfg.name = f"{cfg.model.preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-        return cfg
+        check_resume(args)
+        cfg = build_config(args.preset, args.config, parse_set(args.overrides) | flag_overrides(args),
+                           args.unconstrained)
+        return name_run(cfg, args, "baseline" if cfg.unconstrained else "constrained")
     except ConfigError as e:
         fail(e)
+
+
+def check_resume(args: argparse.Namespace) -> None:
+    if getattr(args, "resume", False) and not args.name:
+        raise ConfigError("--resume needs --name: the run to continue")
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """Config overrides from the Ray / name flags that were given."""
+    return {key: getattr(args, flag) for flag, key in _FLAG_KEYS.items() if getattr(args, flag, None) is not None}
+
+
+def name_run(cfg: Config, args: argparse.Namespace, kind: str) -> Config:
+    """Without --name (and no name in the config): <preset>-<kind>-<time>."""
+    if args.name is None and cfg.name == Config.name:
+        cfg.name = f"{cfg.model.preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg
 
 
 def fail(e: Exception) -> NoReturn:

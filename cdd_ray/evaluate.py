@@ -192,9 +192,17 @@ def tv_to_uniform(shares: list[float]) -> float:
     return 0.5 * float(sum(abs(s - 1.0 / k) for s in shares))
 
 
-def minority_share(shares: list[float], minority_positions: list[int]) -> float:
-    """Mean share of the minority classes."""
-    return float(np.mean([shares[i] for i in minority_positions]))
+def minority_share(shares: list[float], minority_positions: list[int]) -> float | None:
+    """Mean share of the minority classes (None without minority classes)."""
+    return float(np.mean([shares[i] for i in minority_positions])) if minority_positions else None
+
+
+def tv_between(p: list[float], q: list[float]) -> float:
+    """Total variation between two distributions given as (unnormalised) shares over the same classes."""
+    a, b = np.asarray(p, float), np.asarray(q, float)
+    if a.sum() == 0 or b.sum() == 0:
+        return 1.0
+    return 0.5 * float(np.abs(a / a.sum() - b / b.sum()).sum())
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -215,7 +223,7 @@ def data_mix_indices(reference_labels: torch.Tensor | np.ndarray, priors: list[f
     y = np.asarray(reference_labels)
     n = int(np.bincount(y, minlength=len(priors)).min())
     top = max(priors)
-    keep = [np.flatnonzero(y == c)[:max(1, round(n * p / top))] for c, p in enumerate(priors)]
+    keep = [np.flatnonzero(y == c)[:max(1, round(n * p / top)) if p > 0 else 0] for c, p in enumerate(priors)]
     return np.concatenate(keep)
 
 
@@ -278,7 +286,8 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
     fid = frechet_distance(gen_f, ref_f)
     data_idx = data_mix_indices(split.reference_labels, split.priors)
     fid_data = frechet_distance(gen_f, ref_f[data_idx])
-    lam_by_pos = {split.classes.index(split.constraint_classes[n]): v for n, v in lam.items()}
+    lam_by_pos = {split.classes.index(split.constraint_classes[n]): v for n, v in lam.items()
+                  if n in split.constraint_classes}
     obj = split.objective
     class_losses = {f"class_{c}": denoising_loss(ema_unet, noise_scheduler, obj[split.objective_labels == i],
                                                    cfg.optim.seed + 2)
@@ -286,7 +295,7 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
     summary = {
         "class_ids": split.classes,
         "class_shares": shares,
-        "predicted_shares": predicted_shares(split.priors, lam_by_pos) if lam else None,
+        "predicted_shares": predicted_shares(split.priors, lam_by_pos) if lam_by_pos else None,
         "objective_shares": split.priors,
         "minority_classes": list(cfg.data.minority_classes),
         "minority_share": minority_share(shares, minority_pos),
@@ -303,5 +312,62 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
         "classifier_test_size": int(split.clf_test.shape[0]),
         "eval_s": {"classifier": t_clf, "sampling": t_sample, "total": time.perf_counter() - t0},
     }
+    if cfg.is_finetune:
+        summary.update(finetune_metrics(ema_unet, noise_scheduler, split, cfg, clf, shares, device))
     labels = np.array([split.classes[i] for i in pos.tolist()], dtype=np.int64)
     return Evaluation(summary=summary, images=images, labels=labels)
+
+
+def finetune_metrics(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, clf: DigitClassifier,
+                     shares: list[float], device: torch.device | str = "cpu") -> dict:
+    """Learning the new classes vs keeping the old ones, against the pre-trained model.
+
+    new_share / old_share: generated shares of the new and old classes; forgetting = 1 - old_share / the
+    pre-trained model's old_share (0: old digits as often as before; 1: none left); old_tv_to_pretrained:
+    tv between the old-class mixes of this and the pre-trained model; train/held-out denoising loss on
+    the new classes (their gap is the over-fitting signal); distance_to_pretrained: the constraint's value
+    on fixed Gaussian inputs.
+    """
+    from cdd_ray.checkpoint import load_model
+
+    e, f = cfg.eval, cfg.finetune
+    new_pos = [split.classes.index(c) for c in f.new_classes]
+    old_pos = [i for i in range(len(split.classes)) if i not in new_pos]
+    pre, _, _ = load_model(f.pretrained, ema=True)
+    pre.to(device).eval()
+    x_pre = sample(pre, noise_scheduler, e.n_samples, e.sampler_steps, e.batch_size, cfg.optim.seed + 1, device)
+    pre_shares = class_shares(predict(clf, x_pre), len(split.classes))
+    old, pre_old = sum(shares[i] for i in old_pos), sum(pre_shares[i] for i in old_pos)
+    new_ref = split.reference[torch.isin(split.reference_labels, torch.tensor(new_pos))]
+    seed = cfg.optim.seed + 2
+    return {
+        "new_share": sum(shares[i] for i in new_pos),
+        "old_share": old,
+        "pretrained_shares": pre_shares,
+        "pretrained_old_share": pre_old,
+        "forgetting": max(0.0, 1.0 - old / pre_old) if pre_old > 0 else 1.0,
+        "old_tv_to_pretrained": tv_between([shares[i] for i in old_pos], [pre_shares[i] for i in old_pos]),
+        "train_loss_new": denoising_loss(ema_unet, noise_scheduler, split.objective, seed),
+        "heldout_loss_new": denoising_loss(ema_unet, noise_scheduler, new_ref, seed),
+        "heldout_new_size": int(new_ref.shape[0]),
+        "distance_to_pretrained": distance_to(ema_unet, pre, noise_scheduler, split.objective.shape[1:], seed),
+    }
+
+
+@torch.no_grad()
+def distance_to(unet: nn.Module, other: nn.Module, noise_scheduler, shape, seed: int, n: int = 512,
+                batch_size: int = 256) -> float:
+    """E ||eps_unet(x_t, t) - eps_other(x_t, t)||^2 over Gaussian x_t and uniform t (fixed by ``seed``)."""
+    unet.eval()
+    other.eval()
+    dev = next(unet.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for i in range(0, n, batch_size):
+        m = min(batch_size, n - i)
+        x = torch.randn((m, *shape), generator=g)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (m,), generator=g)
+        a = unet(x.to(dev), t.to(dev)).sample.float()
+        b = other(x.to(dev), t.to(dev)).sample.float()
+        total += (a - b).pow(2).mean(dim=(1, 2, 3)).sum().item()
+    return total / n

@@ -44,9 +44,13 @@ def write_outputs(out: str | Path, cfg: Config, result: LoopResult, ev: Evaluati
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "samples.npz", images=ev.images, labels=ev.labels)
     save_grid(ev.images, out / "samples.png")
+    if cfg.is_finetune:
+        title = f"{cfg.name}: new share {summary['new_share']:.3f}, old share {summary['old_share']:.3f}"
+        others = {"pre-trained model": summary["pretrained_shares"]}
+    else:
+        title, others = f"{cfg.name}: tv to uniform {summary['tv_to_uniform']:.3f}", None
     save_histogram(summary["class_ids"], summary["class_shares"], out / "class_histogram.png",
-                   summary["predicted_shares"], summary["objective_shares"],
-                   title=f"{cfg.name}: tv to uniform {summary['tv_to_uniform']:.3f}")
+                   summary["predicted_shares"], summary["objective_shares"], title=title, others=others)
     if result.dual.names:
         save_lambda_plot(result.dual.names, result.dual.lam_history, out / "lambda.png")
     (out / "history.json").write_text(json.dumps(result.history))

@@ -31,11 +31,12 @@ def save_grid(images: np.ndarray, path: str | Path, n: int = 100, scale: int = 2
 
 def save_histogram(class_ids: Sequence[int], measured: Sequence[float], path: str | Path,
                    predicted: Sequence[float] | None = None, objective: Sequence[float] | None = None,
-                   title: str = "") -> Path:
+                   title: str = "", others: dict[str, Sequence[float]] | None = None) -> Path:
     """Measured class shares of generated samples vs the mixture prediction, data priors and uniform."""
     k = len(class_ids)
     x = np.arange(k)
-    bars = [("measured", measured)] + [(n, v) for n, v in (("predicted", predicted), ("training data", objective)) if v]
+    pairs = (("predicted", predicted), ("training data", objective), *(others or {}).items())
+    bars = [("measured", measured)] + [(n, v) for n, v in pairs if v]
     w = 0.8 / len(bars)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for i, (label, vals) in enumerate(bars):

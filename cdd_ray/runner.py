@@ -26,6 +26,8 @@ from cdd_ray.outputs import build_summary, write_outputs
 from cdd_ray.train_loop import train, train_loop_per_worker
 
 log = logging.getLogger(__name__)
+FINETUNE_METRICS = ("new_share", "old_share", "forgetting", "old_tv_to_pretrained", "train_loss_new",
+                    "heldout_loss_new", "distance_to_pretrained", "pretrained_old_share")
 
 
 def run_local(cfg: Config, out: str | Path, progress: bool = True, track: bool = True) -> dict[str, Any]:
@@ -36,6 +38,7 @@ def run_local(cfg: Config, out: str | Path, progress: bool = True, track: bool =
         summary = _run_local(cfg, out, progress, uri, run_id)
         if run_id:
             log_final(uri, run_id, Path(out).resolve(), summary)
+            summary["mlflow_run_id"] = run_id
     return summary
 
 
@@ -88,9 +91,12 @@ def tracked(uri: str, run_id: str | None):
 
 
 def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    m = {k: float(summary[k]) for k in ("fid", "fid_data", "tv_to_uniform", "minority_share", "classifier_accuracy", "wall_s",
-                                        "train_s") if summary.get(k) is not None}
+    keys = ("fid", "fid_data", "tv_to_uniform", "minority_share", "classifier_accuracy", "wall_s", "train_s",
+            *FINETUNE_METRICS)
+    m = {k: float(summary[k]) for k in keys if summary.get(k) is not None}
     m.update({f"share_{c}": v for c, v in zip(summary["class_ids"], summary["class_shares"])})
+    if summary.get("pretrained_shares"):
+        m.update({f"pretrained_share_{c}": v for c, v in zip(summary["class_ids"], summary["pretrained_shares"])})
     if summary.get("predicted_shares"):
         m.update({f"predicted_share_{c}": v for c, v in zip(summary["class_ids"], summary["predicted_shares"])})
     return m
@@ -212,6 +218,7 @@ def run_ray(cfg: Config, out: str | Path, resume: bool = False, track: bool = Tr
         summary = collect_outputs(result.checkpoint, out)
         if run_id:
             log_final(uri, run_id, out, summary)
+            summary["mlflow_run_id"] = run_id
     return summary
 
 

@@ -62,16 +62,58 @@ class LoopResult:
 BlockCallback = Callable[[dict[str, float], Callable[[], Snapshot]], None]
 
 
+@dataclass
+class Anchor:
+    """Fine-tuning's constraint target: a frozen pre-trained UNet and where its inputs x_t come from.
+
+    The constraint is E ||eps_theta(x_t, t) - eps_pre(x_t, t)||^2; eps_theta runs inside the fused
+    forward (so the constraint carries gradient to theta), eps_pre without gradient.
+    """
+
+    unet: torch.nn.Module
+    n: int  # x_t per primal step
+    data: torch.Tensor | None = None  # None: x_t is Gaussian noise; else these images, noised
+
+    def inputs(self, noise_scheduler, generator: torch.Generator, shape: tuple[int, ...],
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = generator.device
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (self.n,), generator=generator, device=dev)
+        noise = torch.randn((self.n, *shape), generator=generator, device=dev, dtype=dtype)
+        if self.data is None:
+            return noise, t
+        idx = torch.randint(0, self.data.shape[0], (self.n,), generator=generator, device=dev)
+        return add_noise(noise_scheduler, self.data[idx.to(self.data.device)], noise, t), t
+
+
 def fused_losses(unet: torch.nn.Module, noise_scheduler, batches: list[torch.Tensor],
-                 generator: torch.Generator) -> list[torch.Tensor]:
-    """Per-dataset mean denoising losses from ONE forward over the concatenated batches."""
+                 generator: torch.Generator, anchor: Anchor | None = None) -> list[torch.Tensor]:
+    """Per-dataset mean denoising losses from ONE forward over the concatenated batches.
+
+    With an ``anchor``, its inputs join the same forward and the last loss is the mean squared
+    distance between this UNet's and the frozen pre-trained UNet's noise predictions on them.
+    """
     x0 = torch.cat(batches)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
                       generator=generator, device=x0.device)
-    pred = unet(add_noise(noise_scheduler, x0, noise, t), t).sample
-    per_sample = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
-    return [seg.mean() for seg in per_sample.split([b.shape[0] for b in batches])]
+    inputs, ts = add_noise(noise_scheduler, x0, noise, t), t
+    if anchor is not None:
+        xa, ta = anchor.inputs(noise_scheduler, generator, tuple(x0.shape[1:]), x0.dtype)
+        inputs, ts = torch.cat([inputs, xa]), torch.cat([t, ta])
+    pred = _full(unet(inputs, ts).sample)
+    n = x0.shape[0]
+    per_sample = (pred[:n] - _full(noise)).pow(2).mean(dim=(1, 2, 3))
+    losses = [seg.mean() for seg in per_sample.split([b.shape[0] for b in batches])]
+    if anchor is not None:
+        with torch.no_grad():
+            target = _full(anchor.unet(xa, ta).sample)
+        losses.append((pred[n:] - target).pow(2).mean())
+    return losses
+
+
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """Losses in at least fp32 (autocast outputs are bf16/fp16; fp64 stays fp64)."""
+    return x.float() if x.element_size() < 4 else x
 
 
 class BatchSampler:
@@ -130,12 +172,16 @@ def train(
     worker = worker or Worker()
     dev = worker.device
     o, names = cfg.optim, cfg.constraint_names()
+    # Fine-tuning always measures the distance to the pre-trained model; unconstrained, only as a metric.
+    monitored = ["pretrained"] if cfg.is_finetune and cfg.unconstrained else []
     torch.manual_seed(o.seed)  # identical initial weights on every rank
     unet = build_unet(cfg.model, cfg.data.image_size)
     if resume is not None:
         unet.load_state_dict(resume.unet.state_dict())
     elif o.init_from:
         unet.load_state_dict(_warm_start_weights(o.init_from, cfg))
+    elif cfg.is_finetune:
+        unet.load_state_dict(_warm_start_weights(cfg.finetune.pretrained, cfg, ema=True))
     unet.to(dev)
     ema = build_ema(unet, cfg.model.ema_decay)
     noise_scheduler = build_noise_scheduler(cfg.model)
@@ -144,9 +190,11 @@ def train(
     lr_sched = get_cosine_schedule_with_warmup(optimizer, o.warmup, o.steps)
     amp, scaler = autocast_for(dev)
 
-    datasets = [split.objective.to(dev)] + [split.constraints[n].to(dev) for n in names]
-    sizes = [o.batch_size] + [o.constraint_batch_size] * len(names)
+    constraint_sets = [] if cfg.is_finetune else names
+    datasets = [split.objective.to(dev)] + [split.constraints[n].to(dev) for n in constraint_sets]
+    sizes = [o.batch_size] + [o.constraint_batch_size] * len(constraint_sets)
     sampler = BatchSampler(datasets, sizes, o.seed, worker.rank)
+    anchor = build_anchor(cfg, datasets[0], dev) if cfg.is_finetune else None
     noise_gen = torch.Generator(device=dev).manual_seed(o.seed * 1_000_003 + worker.rank * 7919 + 997)
     dual = DualState.create(names, cfg.thresholds(), cfg.dual.kind, cfg.dual.eta, cfg.dual.gamma,
                             cfg.dual.lambda_init)
@@ -171,7 +219,7 @@ def train(
                          history)
 
     lam = torch.tensor(dual.lam, device=dev)
-    block = torch.zeros(1 + len(names), device=dev)
+    block = torch.zeros(1 + len(names) + len(monitored), device=dev)
     block_n = 0
     start_step = step
     bar = _progress_bar(progress and worker.rank == 0, step, o.steps)
@@ -181,9 +229,9 @@ def train(
         if fault is not None:
             fault(step)
         with amp:
-            losses = fused_losses(model, noise_scheduler, sampler.draw(), noise_gen)
+            losses = fused_losses(model, noise_scheduler, sampler.draw(), noise_gen, anchor)
         stacked = torch.stack(losses)
-        lagrangian = stacked[0] + (lam * stacked[1:]).sum()
+        lagrangian = stacked[0] + (lam * stacked[1:1 + len(names)]).sum()
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(lagrangian).backward()
@@ -204,15 +252,15 @@ def train(
         if not all(math.isfinite(v) for v in means):
             raise NonFiniteLossError(
                 f"non-finite loss at step {step}: objective {means[0]}, constraints "
-                f"{dict(zip(names, means[1:]))}; lambda and weights were not updated from it"
+                f"{dict(zip(names + monitored, means[1:]))}; lambda and weights were not updated from it"
             )
         _optimizer_step(optimizer, scaler)
         lr_sched.step()
         ema.step(unet.parameters())
         if names:
-            dual.update(means[1:])
+            dual.update(means[1:1 + len(names)])
             lam = torch.tensor(dual.lam, device=dev)
-        metrics = _block_metrics(step, dual, names, means, lr_sched.get_last_lr()[0])
+        metrics = _block_metrics(step, dual, names, means, lr_sched.get_last_lr()[0], monitored)
         history.append(metrics)
         block.zero_()
         block_n = 0
@@ -229,20 +277,37 @@ def train(
                       train_s=time.perf_counter() - t0, start_step=start_step)
 
 
-def _warm_start_weights(directory: str, cfg: Config) -> dict[str, torch.Tensor]:
-    """UNet weights of another run's checkpoint; the architecture must match this run's preset."""
-    from cdd_ray.checkpoint import CheckpointError, load_model
+def build_anchor(cfg: Config, new_data: torch.Tensor, device: torch.device) -> Anchor:
+    """The frozen pre-trained UNet (its EMA weights: the model that was sampled) and its input source."""
+    from cdd_ray.checkpoint import load_model
 
-    unet, _, other = load_model(directory, ema=False)
+    pre, _, _ = load_model(cfg.finetune.pretrained, ema=True)
+    _check_shape(pre, cfg, "finetune.pretrained", cfg.finetune.pretrained)
+    pre.to(device).eval().requires_grad_(False)
+    data = new_data if cfg.finetune.anchor_inputs == "data" else None
+    return Anchor(unet=pre, n=cfg.optim.constraint_batch_size, data=data)
+
+
+def _warm_start_weights(directory: str, cfg: Config, ema: bool = False) -> dict[str, torch.Tensor]:
+    """UNet weights of another run's checkpoint; the architecture must match this run's preset."""
+    from cdd_ray.checkpoint import load_model
+
+    unet, _, other = load_model(directory, ema=ema)
+    _check_shape(unet, cfg, "finetune.pretrained" if ema else "optim.init_from", directory)
+    return unet.state_dict()
+
+
+def _check_shape(unet: torch.nn.Module, cfg: Config, field_: str, directory: str) -> None:
+    from cdd_ray.checkpoint import CheckpointError
+
     mine = build_unet(cfg.model, cfg.data.image_size).config
     def norm(v: Any) -> Any:
         return list(v) if isinstance(v, (list, tuple)) else v
 
     if any(norm(unet.config.get(k)) != norm(v) for k, v in mine.items() if not k.startswith("_")):
-        raise CheckpointError(f"optim.init_from: {directory!r} holds a UNet of another shape "
+        raise CheckpointError(f"{field_}: {directory!r} holds a UNet of another shape "
                               f"(block_out_channels {unet.config.block_out_channels}, sample_size "
                               f"{unet.config.sample_size}) than model.preset={cfg.model.preset!r}")
-    return unet.state_dict()
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
@@ -253,13 +318,16 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
         optimizer.step()
 
 
-def _block_metrics(step: int, dual: DualState, names: list[str], means: list[float], lr: float) -> dict[str, float]:
+def _block_metrics(step: int, dual: DualState, names: list[str], means: list[float], lr: float,
+                   monitored: list[str] = ()) -> dict[str, float]:
     m: dict[str, float] = {"step": step, "dual_step": dual.step, "loss_objective": means[0], "lr": lr,
                            "loss_mean": sum(means) / len(means)}  # every dataset weighted alike: ASHA's signal
     for i, n in enumerate(names):
         m[f"loss_{n}"] = means[1 + i]
         m[f"slack_{n}"] = means[1 + i] - dual.b[i]
         m[f"lambda_{n}"] = dual.lam[i]
+    for i, n in enumerate(monitored):
+        m[f"loss_{n}"] = means[1 + len(names) + i]
     return m
 
 

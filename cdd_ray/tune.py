@@ -32,6 +32,14 @@ from cdd_ray.config import Config, ConfigError, allowed_keys, apply_overrides, c
 QUALITY_METRICS = ("fid_data", "fid")
 FAIRNESS_METRIC = "tv_to_uniform"
 OBJECTIVES = ("fid_data", FAIRNESS_METRIC)  # both minimised
+# Fine-tuning's front: learning the new data (held-out loss on new-class images the model never saw)
+# vs forgetting the old classes (1 - old-class share / the pre-trained model's old-class share).
+FINETUNE_OBJECTIVES = ("heldout_loss_new", "forgetting")
+# Every metric a sweep may minimise; each row of the front carries all of them that the trials report.
+SWEEP_METRICS = (*QUALITY_METRICS, FAIRNESS_METRIC, "minority_share", "heldout_loss_new", "forgetting",
+                 "new_share", "old_share", "old_tv_to_pretrained", "distance_to_pretrained")
+MINIMISABLE = (*QUALITY_METRICS, FAIRNESS_METRIC, "heldout_loss_new", "forgetting", "old_tv_to_pretrained",
+               "distance_to_pretrained")
 # ASHA compares trials on the mean denoising loss over the objective and every constraint dataset, each
 # weighted alike: it prunes trials that learn slowly or diverge (too large lr or eta) without favouring
 # trials that give the constraints less weight, as the objective loss alone would.
@@ -45,6 +53,17 @@ class SearchSpace:
     params: dict[str, dict[str, Any]]
     fixed: dict[str, Any] = field(default_factory=dict)
     path: str = ""
+
+    def without(self, *keys: str) -> "SearchSpace":
+        """The same space with ``keys`` no longer searched (e.g. optim.steps for a smoke run)."""
+        return SearchSpace({k: v for k, v in self.params.items() if k not in keys}, dict(self.fixed), self.path)
+
+    def max_value(self, key: str, default: float) -> float:
+        """The largest value ``key`` can take in this space (``default`` when it is not searched)."""
+        if key not in self.params:
+            return default
+        kind, args = next(iter(self.params[key].items()))
+        return max(args) if kind == "choice" else args[1]
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -133,7 +152,8 @@ def write_front(out: Path, rows: list[dict[str, Any]], front: list[dict[str, Any
 
     out.mkdir(parents=True, exist_ok=True)
     q, fair = objectives
-    cols = ["trial_id", *objectives, *(m for m in QUALITY_METRICS if m != q), "minority_share", "run_id", "status"] + sorted(
+    cols = ["trial_id", *objectives, *(m for m in SWEEP_METRICS if m not in objectives and any(
+        r.get(m) is not None for r in rows)), "run_id", "status"] + sorted(
         {k for r in rows for k in r.get("params", {})})
     for name, data in (("pareto.csv", front), ("trials.csv", rows)):
         with open(out / name, "w", newline="") as f:
@@ -147,9 +167,8 @@ def write_front(out: Path, rows: list[dict[str, Any]], front: list[dict[str, Any
     ax.plot([r[q] for r in front], [r[fair] for r in front], "o-", c="C0", label="Pareto front")
     if baseline and baseline.get(q) is not None:
         ax.scatter([baseline[q]], [baseline[fair]], marker="*", s=200, c="C3", label="unconstrained baseline")
-    ref = "training data's class mix" if q == "fid_data" else "class-balanced"
-    ax.set_xlabel(f"{q}: FID vs {ref} reference ({baseline.get('fid_features', '')} features; lower is better)")
-    ax.set_ylabel("TV distance to uniform classes (lower is fairer)")
+    ax.set_xlabel(AXIS_LABELS.get(q, q).format(features=baseline.get("fid_features", "")))
+    ax.set_ylabel(AXIS_LABELS.get(fair, fair))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "tradeoff.png", dpi=100)
@@ -161,19 +180,30 @@ def write_front(out: Path, rows: list[dict[str, Any]], front: list[dict[str, Any
     return {n: out / n for n in ("pareto.csv", "trials.csv", "tradeoff.png", "best_configs.json")}
 
 
-def format_front(front: list[dict[str, Any]], baseline: dict[str, Any]) -> str:
-    """Markdown table: the baseline, then the front, with both FIDs whichever was the objective."""
-    def row(name: str, r: dict[str, Any], params: str) -> str:
-        return (f"| {name} | {_num(r.get('fid_data'))} | {_num(r.get('fid'))} | {_num(r.get('tv_to_uniform'), 3)} | "
-                f"{_num(r.get('minority_share'), 3)} | {params} |")
+def format_front(front: list[dict[str, Any]], baseline: dict[str, Any],
+                 objectives: tuple[str, str] = OBJECTIVES) -> str:
+    """Markdown table: the baseline, then the front; the objectives first, then the other reported metrics."""
+    cols = [*objectives, *(m for m in SWEEP_METRICS if m not in objectives and any(
+        r.get(m) is not None for r in [baseline, *front]))]
 
-    lines = ["| trial | fid_data | fid (balanced ref.) | tv_to_uniform | minority_share | params |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    def row(name: str, r: dict[str, Any], params: str) -> str:
+        return "| " + " | ".join([name, *(_num(r.get(c), 2 if c.startswith("fid") else 3) for c in cols), params]) + " |"
+
+    lines = ["| " + " | ".join(["trial", *cols, "params"]) + " |", "|" + " --- |" * (len(cols) + 2)]
     if baseline:
         lines.append(row("baseline (unconstrained)", baseline, ""))
     for r in front:
         lines.append(row(r["trial_id"], r, ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(r.get("params", {}).items()))))
     return "\n".join(lines)
+
+
+AXIS_LABELS = {
+    "fid_data": "fid_data: FID vs held-out data in the training class mix ({features} features; lower is better)",
+    "fid": "fid: FID vs a class-balanced reference ({features} features; lower is better)",
+    "tv_to_uniform": "TV distance to uniform classes (lower is fairer)",
+    "heldout_loss_new": "held-out denoising loss on the new classes (lower: learnt them)",
+    "forgetting": "forgetting: 1 - old-class share / pre-trained model's (lower: kept them)",
+}
 
 
 def _num(v: Any, digits: int = 2) -> str:
@@ -295,18 +325,18 @@ def close_stopped_children(uri: str, parent_run_id: str) -> None:
 
 
 def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool = False, seed: int = 0,
-              warm_start_steps: int = 0, quality: str = OBJECTIVES[0]) -> SweepResult:
+              warm_start_steps: int = 0, objectives: tuple[str, str] = OBJECTIVES) -> SweepResult:
     """Baseline, then ``num_samples`` Optuna trials on Ray Tune; returns the front.
 
     ``warm_start_steps`` > 0: the baseline trains ``optim.steps`` unconstrained steps once; every trial
     starts from its weights and trains ``warm_start_steps`` more (with its constraints). The reference
     point is then the baseline continued unconstrained for the same ``warm_start_steps`` from the same
     weights, so it has had exactly the training budget of every trial.
-    ``quality``: the FID objective next to tv_to_uniform, one of QUALITY_METRICS.
+    ``objectives``: the two metrics Optuna minimises and the front is drawn in (from MINIMISABLE).
     """
-    if quality not in QUALITY_METRICS:
-        raise ConfigError(f"--quality: {quality!r} not allowed; allowed: {', '.join(QUALITY_METRICS)}")
-    objectives = (quality, FAIRNESS_METRIC)
+    bad = [o for o in objectives if o not in MINIMISABLE]
+    if bad or len(objectives) != 2 or objectives[0] == objectives[1]:
+        raise ConfigError(f"objectives: {list(objectives)} must be two different metrics from: {', '.join(MINIMISABLE)}")
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -360,7 +390,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
         else:
             # Above any trial's number of reports (at most steps / checkpoint_every + the final one): ASHA must
             # never stop a trial at its final report, which would cut off its output collection.
-            max_t = trial_base.optim.steps // base.ray.checkpoint_every + 2
+            max_t = int(space.max_value("optim.steps", trial_base.optim.steps)) // base.ray.checkpoint_every + 2
             tuner = tune.Tuner(
                 trainable,
                 param_space={**to_tune(space), "sweep": sweep_cfg},
@@ -379,16 +409,16 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
             m = r.metrics or {}
             trial_json = Path(sweep_cfg["outputs"]) / str(m.get("trial_id", "")) / "trial.json"
             info = json.loads(trial_json.read_text()) if trial_json.exists() else {}
-            rows.append({"trial_id": m.get("trial_id"), **{k: m.get(k) for k in (*QUALITY_METRICS, FAIRNESS_METRIC)},
-                         "minority_share": m.get("minority_share"), "run_id": info.get("run_id"),
-                         "status": "error" if r.error else ("stopped early" if "fid" not in m else "done"),
+            rows.append({"trial_id": m.get("trial_id"), **{k: m.get(k) for k in SWEEP_METRICS},
+                         "run_id": info.get("run_id"),
+                         "status": "error" if r.error else ("stopped early" if objectives[0] not in m else "done"),
                          "params": {k: (r.config or {}).get(k) for k in space.params}})
         front = pareto_front(rows, objectives)
         write_front(sweep_dir / "front", rows, front, baseline, objectives)
         tracking.log_artifacts(uri, parent, sweep_dir / "front")
         tracking.log_metrics(uri, parent, {"trials": len(rows), "front_size": len(front),
-                                           **{f"baseline_{k}": baseline[k] for k in (*QUALITY_METRICS, FAIRNESS_METRIC)
-                                              if baseline.get(k) is not None}}, 0)
+                                           **{f"baseline_{k}": baseline[k] for k in SWEEP_METRICS
+                                              if isinstance(baseline.get(k), (int, float))}}, 0)
         tracking.set_tags(uri, parent, {"objectives": ",".join(objectives)})
     return SweepResult(parent_run_id=parent, rows=rows, front=front, baseline=baseline, out=sweep_dir,
                        objectives=objectives)

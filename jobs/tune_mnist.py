@@ -68,7 +68,7 @@ def main() -> None:
         if warm < 0:
             raise ConfigError(f"--warm-start-steps: {warm} must be >= 0")
         res = run_sweep(cfg, space, args.num_samples, resume=args.resume, seed=args.seed, warm_start_steps=warm,
-                        quality=args.quality)
+                        objectives=(args.quality, "tv_to_uniform"))
     except ConfigError as e:
         fail(e)
     print()
@@ -76,7 +76,7 @@ def main() -> None:
     q, f = res.objectives
     print(f"Pareto front ({q} vs {f}, both lower is better; {len(res.rows)} trials, {len(res.front)} on the front; "
           f"reference: {ref}):")
-    print(format_front(res.front, res.baseline))
+    print(format_front(res.front, res.baseline, res.objectives))
     print()
     print(f"sweep folder: {res.out}  (front/pareto.csv, front/tradeoff.png, front/best_configs.json)")
     print(f"MLflow parent run: {res.parent_run_id} in {tracking_uri()}")

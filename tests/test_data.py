@@ -54,7 +54,7 @@ def test_constraint_datasets_are_the_minority_images_of_the_objective():
 
 def test_too_many_images_requested_names_the_fields():
     cfg = build_config("smoke", overrides={"data.per_class": 35}).data
-    with pytest.raises(ConfigError, match=r"data.per_class / data.minority_count: class 0 needs 35 objective"):
+    with pytest.raises(ConfigError, match=r"data.per_class / data.classifier_test_per_class: class 0 needs 35 objective"):
         split_indices(fake_source(per_class=40).labels, cfg, 0)
 
 

@@ -117,7 +117,7 @@ def test_smoke_sweep_end_to_end(ray_session, tmp_path):
         if c.data.tags["role"] == "trial":
             assert c.data.tags["ray_trial_id"] and c.data.params["optim.lr"] == "0.002"
     assert parent.data.tags["objectives"] == "fid_data,tv_to_uniform"
-    with pytest.raises(ConfigError, match="--quality: 'is' not allowed"):
-        run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, quality="is")
+    with pytest.raises(ConfigError, match=r"objectives: \['is', 'tv_to_uniform'\] must be two different metrics"):
+        run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, objectives=("is", "tv_to_uniform"))
     with pytest.raises(ConfigError, match="already exists"):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2)

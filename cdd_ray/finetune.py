@@ -1,0 +1,100 @@
+"""Fine-tuning set-up (paper.md section 4): find the pre-trained model and build a fine-tuning config.
+
+A pre-training run is an unconstrained run on the old classes (``pretrain_config``). A fine-tuning
+run inherits its data and model settings (source, resolution, per-class counts, seed, UNet) so that
+its split sets aside exactly the pre-training images and the UNets have the same shape; it then
+learns ``finetune.new_classes`` from ``finetune.new_count`` images each, constrained to stay close to
+the pre-trained model (see ``FinetuneConfig``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from cdd_ray.config import Config, ConfigError, build_config, flatten, load_yaml
+
+OLD_CLASSES = list(range(9))  # the paper pre-trains on MNIST without digit 9 ...
+NEW_CLASSES = [9]  # ... and fine-tunes on 9s
+
+# Fine-tuning defaults on top of the chosen preset (chosen on the cpu preset; see README "Fine-tuning").
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "dual.kind": "plain",
+    "dual.b": [0.01],
+    "dual.eta": 1.0,
+    "dual.primal_steps": 1,
+    "optim.lr": 3e-4,
+    "optim.warmup": 20,
+    "optim.batch_size": 64,
+    "optim.constraint_batch_size": 64,
+    "optim.steps": 600,
+}
+# Inherited from the pre-trained run: what makes the split and the UNet match.
+INHERITED = ("data.source", "data.root", "data.image_size", "data.per_class", "data.classifier_test_per_class",
+             "data.reference_per_class", "optim.seed")
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def pretrain_config(preset: str | None, yaml_path: str | None, overrides: dict[str, Any]) -> Config:
+    """Unconstrained training on the old classes (default: every digit but 9)."""
+    base = {"data.classes": OLD_CLASSES, "data.minority_classes": []}
+    return build_config(preset, yaml_path, {**base, **overrides}, unconstrained=True)
+
+
+def resolve_pretrained(ref: str, uri: str | None = None) -> Path:
+    """A checkpoint folder from a path (checkpoint folder or a run's output folder) or an MLflow run id."""
+    p = Path(ref).expanduser()
+    for cand in (p, p / "checkpoint"):
+        if (cand / "unet").is_dir() and (cand / "config.json").is_file():
+            return cand.resolve()
+    if RUN_ID.match(ref):
+        return _download(ref, uri)
+    raise ConfigError(f"--pretrained: {ref!r} is neither a checkpoint folder (unet/ and config.json inside), a "
+                      "run's output folder with checkpoint/, nor an MLflow run id (32 hex digits)")
+
+
+def _download(run_id: str, uri: str | None) -> Path:
+    """The run's logged ``model/`` artifact, cached under $CDD_RAY_CACHE/pretrained/<run id>."""
+    from cdd_ray import tracking
+    from cdd_ray.sample import MODEL_ARTIFACT
+
+    uri = uri or tracking.tracking_uri()
+    dst = Path(os.environ.get("CDD_RAY_CACHE") or "~/.cache/cdd_ray").expanduser() / "pretrained" / run_id
+    if (dst / MODEL_ARTIFACT / "unet").is_dir():
+        return dst / MODEL_ARTIFACT
+    c = tracking.client(uri)
+    try:
+        c.get_run(run_id)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"--pretrained: MLflow run {run_id!r} not found in {uri!r}: {e}") from None
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    got = Path(c.download_artifacts(run_id, MODEL_ARTIFACT, str(tmp)))
+    if not (got / "unet").is_dir():
+        raise ConfigError(f"--pretrained: MLflow run {run_id!r} has no model/ artifact with a UNet")
+    os.replace(tmp, dst)  # atomic: a half-downloaded model is never taken for a complete one
+    return dst / MODEL_ARTIFACT
+
+
+def finetune_config(pretrained: Path, preset: str | None, yaml_path: str | None, overrides: dict[str, Any],
+                    unconstrained: bool | None) -> Config:
+    """Fine-tuning config. Later wins: the preset, FINETUNE_DEFAULTS, the YAML file, the pre-trained run's data
+    and model settings (they must match it), the user's overrides."""
+    import json
+
+    pre = flatten(json.loads((pretrained / "config.json").read_text()))
+    if preset is not None and preset != pre["model.preset"]:
+        raise ConfigError(f"--preset: {preset!r} differs from the pre-trained model's preset {pre['model.preset']!r}")
+    new = overrides.get("finetune.new_classes", NEW_CLASSES)
+    new = [new] if isinstance(new, int) else list(new)
+    clash = [c for c in new if c in pre["data.classes"]]
+    if clash:
+        raise ConfigError(f"finetune.new_classes: {clash} were already in the pre-trained run's data.classes "
+                          f"{pre['data.classes']}; new classes must be new")
+    inherited = {k: pre[k] for k in INHERITED} | {k: v for k, v in pre.items() if k.startswith("model.")}
+    cfg_overrides = {**FINETUNE_DEFAULTS, **(load_yaml(yaml_path) if yaml_path else {}), **inherited,
+                     "data.classes": list(pre["data.classes"]) + new, "data.minority_classes": [],
+                     "finetune.pretrained": str(pretrained), **overrides}
+    return build_config(pre["model.preset"], None, cfg_overrides, unconstrained)
