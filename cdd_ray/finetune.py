@@ -19,17 +19,21 @@ from cdd_ray.config import Config, ConfigError, build_config, flatten, load_yaml
 OLD_CLASSES = list(range(9))  # the paper pre-trains on MNIST without digit 9 ...
 NEW_CLASSES = [9]  # ... and fine-tunes on 9s
 
-# Fine-tuning defaults on top of the chosen preset (chosen on the cpu preset; see README "Fine-tuning").
+# Fine-tuning defaults on top of the chosen preset, chosen on the cpu preset (README "Fine-tuning"):
+# unconstrained fine-tuning drifts to a distance of about 0.01 from the pre-trained model on Gaussian
+# inputs, so b must sit far below it (measured: b 0.01 -> old-digit share 0.10, as unconstrained;
+# 0.002 -> 0.23; 0.001 -> 0.35; 0.0003 with eta 10 -> 0.43), with a large eta because the violations
+# are tiny in absolute terms.
 FINETUNE_DEFAULTS: dict[str, Any] = {
     "dual.kind": "plain",
-    "dual.b": [0.01],
-    "dual.eta": 1.0,
+    "dual.b": [0.0003],
+    "dual.eta": 10.0,
     "dual.primal_steps": 1,
     "optim.lr": 3e-4,
     "optim.warmup": 20,
-    "optim.batch_size": 64,
-    "optim.constraint_batch_size": 64,
-    "optim.steps": 600,
+    "optim.batch_size": 32,
+    "optim.constraint_batch_size": 32,
+    "optim.steps": 400,
 }
 # Inherited from the pre-trained run: what makes the split and the UNet match.
 INHERITED = ("data.source", "data.root", "data.image_size", "data.per_class", "data.classifier_test_per_class",
