@@ -61,21 +61,17 @@ def resolve_pretrained(ref: str, uri: str | None = None) -> Path:
 
 def _download(run_id: str, uri: str | None) -> Path:
     """The run's logged ``model/`` artifact, cached under $CDD_RAY_CACHE/pretrained/<run id>."""
-    from cdd_ray import tracking
-    from cdd_ray.sample import MODEL_ARTIFACT
+    from cdd_ray.sample import MODEL_ARTIFACT, download_model
 
-    uri = uri or tracking.tracking_uri()
     dst = Path(os.environ.get("CDD_RAY_CACHE") or "~/.cache/cdd_ray").expanduser() / "pretrained" / run_id
     if (dst / MODEL_ARTIFACT / "unet").is_dir():
         return dst / MODEL_ARTIFACT
-    c = tracking.client(uri)
-    try:
-        c.get_run(run_id)
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"--pretrained: MLflow run {run_id!r} not found in {uri!r}: {e}") from None
     tmp = dst.with_name(dst.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    got = Path(c.download_artifacts(run_id, MODEL_ARTIFACT, str(tmp)))
+    try:
+        got = download_model(run_id, uri, str(tmp))
+    except ConfigError as e:
+        raise ConfigError(f"--pretrained: {e}") from None
     if not (got / "unet").is_dir():
         raise ConfigError(f"--pretrained: MLflow run {run_id!r} has no model/ artifact with a UNet")
     os.replace(tmp, dst)  # atomic: a half-downloaded model is never taken for a complete one

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from cdd_ray import checkpoint
-from cdd_ray.config import config_from_dict
+from cdd_ray.config import ConfigError, config_from_dict
 from cdd_ray.data import to_uint8
 from cdd_ray.evaluate import sample
 from cdd_ray.model import build_noise_scheduler
@@ -25,7 +25,7 @@ MODEL_ARTIFACT = "model"  # the final checkpoint's artifact path in every traini
 
 
 def download_model(run_id: str, uri: str | None, dst: str) -> Path:
-    """Fetch the run's ``model/`` artifact; an unknown run id raises a clear error."""
+    """Fetch the run's ``model/`` artifact; an unknown run id raises ConfigError naming the run and the URI."""
     from cdd_ray import tracking
 
     uri = uri or tracking.tracking_uri()
@@ -33,7 +33,7 @@ def download_model(run_id: str, uri: str | None, dst: str) -> Path:
     try:
         c.get_run(run_id)
     except Exception as e:  # noqa: BLE001
-        raise SystemExit(f"error: MLflow run {run_id!r} not found in {uri!r}: {e}") from None
+        raise ConfigError(f"MLflow run {run_id!r} not found in {uri!r}: {e}") from None
     return Path(c.download_artifacts(run_id, MODEL_ARTIFACT, dst))
 
 
@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.n <= 0:
         p.error(f"--n: {args.n} must be > 0")
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = download_model(args.run_id, args.tracking_uri, tmp) if args.run_id else Path(args.checkpoint)
         try:
+            ckpt = download_model(args.run_id, args.tracking_uri, tmp) if args.run_id else Path(args.checkpoint)
             images = generate(ckpt, args.n, args.steps, args.seed, args.device)
-        except checkpoint.CheckpointError as e:
+        except (ConfigError, checkpoint.CheckpointError) as e:
             raise SystemExit(f"error: {e}") from None
     save_grid(images, args.out)
     if args.npz:

@@ -180,8 +180,10 @@ def train(
         unet.load_state_dict(resume.unet.state_dict())
     elif o.init_from:
         unet.load_state_dict(_warm_start_weights(o.init_from, cfg))
-    elif cfg.is_finetune:
-        unet.load_state_dict(_warm_start_weights(cfg.finetune.pretrained, cfg, ema=True))
+    # Fine-tuning: the frozen pre-trained UNet is the constraint's target and, on a fresh start, theta's init.
+    anchor = build_anchor(cfg, split.objective.to(dev), dev) if cfg.is_finetune else None
+    if anchor is not None and resume is None and not o.init_from:
+        unet.load_state_dict(anchor.unet.state_dict())
     unet.to(dev)
     ema = build_ema(unet, cfg.model.ema_decay)
     noise_scheduler = build_noise_scheduler(cfg.model)
@@ -194,7 +196,6 @@ def train(
     datasets = [split.objective.to(dev)] + [split.constraints[n].to(dev) for n in constraint_sets]
     sizes = [o.batch_size] + [o.constraint_batch_size] * len(constraint_sets)
     sampler = BatchSampler(datasets, sizes, o.seed, worker.rank)
-    anchor = build_anchor(cfg, datasets[0], dev) if cfg.is_finetune else None
     noise_gen = torch.Generator(device=dev).manual_seed(o.seed * 1_000_003 + worker.rank * 7919 + 997)
     dual = DualState.create(names, cfg.thresholds(), cfg.dual.kind, cfg.dual.eta, cfg.dual.gamma,
                             cfg.dual.lambda_init)
@@ -283,17 +284,17 @@ def build_anchor(cfg: Config, new_data: torch.Tensor, device: torch.device) -> A
 
     pre, _, _ = load_model(cfg.finetune.pretrained, ema=True)
     _check_shape(pre, cfg, "finetune.pretrained", cfg.finetune.pretrained)
-    pre.to(device).eval().requires_grad_(False)
+    pre.eval().requires_grad_(False)
     data = new_data if cfg.finetune.anchor_inputs == "data" else None
-    return Anchor(unet=pre, n=cfg.optim.constraint_batch_size, data=data)
+    return Anchor(unet=pre.to(device), n=cfg.optim.constraint_batch_size, data=data)
 
 
-def _warm_start_weights(directory: str, cfg: Config, ema: bool = False) -> dict[str, torch.Tensor]:
+def _warm_start_weights(directory: str, cfg: Config) -> dict[str, torch.Tensor]:
     """UNet weights of another run's checkpoint; the architecture must match this run's preset."""
     from cdd_ray.checkpoint import load_model
 
-    unet, _, other = load_model(directory, ema=ema)
-    _check_shape(unet, cfg, "finetune.pretrained" if ema else "optim.init_from", directory)
+    unet, _, _ = load_model(directory, ema=False)
+    _check_shape(unet, cfg, "optim.init_from", directory)
     return unet.state_dict()
 
 
