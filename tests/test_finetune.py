@@ -1,5 +1,6 @@
 """Fine-tuning: config and split, the constraint's gradient, pre-train -> fine-tune, the tune job's smoke run."""
 
+import csv
 import json
 import os
 import subprocess
@@ -175,6 +176,9 @@ def test_tune_finetune_smoke(pretrained, tmp_path):
     assert "Pareto front (heldout_loss_new vs forgetting" in p.stdout
     front = tmp_path / "ray" / "ft-sweep" / "front"
     assert (front / "pareto.csv").exists() and (front / "tradeoff.png").exists()
-    rows = (front / "trials.csv").read_text().splitlines()
-    assert len(rows) == 3 and all(",done" in r for r in rows[1:])
+    with open(front / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    # ASHA may stop the worse of the two trials at its first rung; neither may error, one must finish.
+    assert len(rows) == 2 and {r["status"] for r in rows} <= {"done", "stopped early"}, rows
+    assert any(r["status"] == "done" for r in rows)
     assert os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite:///")

