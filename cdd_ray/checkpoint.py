@@ -13,18 +13,20 @@ Layout of a checkpoint directory:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from diffusers import UNet2DModel
 
 from cdd_ray.dual import DualState
 
+log = logging.getLogger(__name__)
 FILES = ("unet", "unet_ema", "trainer_state.pt", "dual_state.json", "config.json", "meta.json")
 
 
@@ -104,6 +106,27 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu") -> Sna
         dual=DualState.from_dict(_read_json(directory / "dual_state.json")),
         config=_read_json(directory / "config.json"), meta=_read_json(directory / "meta.json"),
     )
+
+
+def newest(directories: Iterable[str | Path], after_step: int = -1) -> tuple[Path, Snapshot] | None:
+    """The loadable checkpoint with the highest step above ``after_step`` among ``directories``, or None.
+
+    Incomplete or corrupt ones (a copy cut off by a crash) are skipped with a warning.
+    """
+    found = []
+    for d in map(Path, directories):
+        try:
+            step = int(_read_json(d / "meta.json")["step"])
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            continue
+        if step > after_step:
+            found.append((step, str(d)))
+    for _, d in sorted(found, reverse=True):
+        try:
+            return Path(d), load(d)
+        except CheckpointError as e:
+            log.warning("skipping checkpoint: %s", e)
+    return None
 
 
 def load_model(directory: str | Path, ema: bool = True) -> tuple[UNet2DModel, DualState, dict[str, Any]]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
-from typing import NoReturn
+from dataclasses import dataclass
+from typing import Iterator, NoReturn
 
 from cdd_ray.config import PRESETS, Config, ConfigError, build_config, parse_set
+from cdd_ray.tracking import TrackingError
 
 
 def add_config_flags(p: argparse.ArgumentParser, unconstrained: bool = True) -> None:
@@ -61,6 +64,31 @@ def name_run(cfg: Config, args: argparse.Namespace, kind: str) -> Config:
     if args.name is None and cfg.name == Config.name:
         cfg.name = f"{cfg.model.preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg
+
+
+@dataclass
+class JobGuard:
+    """What the job tells ``job_errors`` once it knows: the Ray run to --resume after Ctrl-C."""
+
+    resume_name: str | None = None
+
+
+@contextlib.contextmanager
+def job_errors() -> Iterator[JobGuard]:
+    """Bad input: exit 2 with the message. MLflow store away: exit 1 naming the URI. Ctrl-C: exit 130,
+    saying how to continue (the runner has already marked the MLflow run KILLED; checkpoints are kept)."""
+    guard = JobGuard()
+    try:
+        yield guard
+    except ConfigError as e:
+        fail(e)
+    except TrackingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        how = f"; continue with the same command plus --resume --name {guard.resume_name}" if guard.resume_name else ""
+        print(f"interrupted: MLflow run marked KILLED, checkpoints kept{how}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def fail(e: Exception) -> NoReturn:

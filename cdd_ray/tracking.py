@@ -15,6 +15,7 @@ artifacts in ``<cwd>/mlartifacts``. Open the UI with
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_EXPERIMENT = "cdd-ray"
+PENDING_FILE = "mlflow_pending.jsonl"  # metric points a worker could not send, beside the run's outputs
 SECRET_HINTS = ("token", "secret", "password", "key", "credential", "auth")
 
 
@@ -50,12 +52,24 @@ def artifact_root(uri: str, cwd: str | Path | None = None) -> str | None:
     return None
 
 
-def with_retries(fn: Callable[[], T], what: str, uri: str, attempts: int = 8, base_s: float = 0.2) -> T:
-    """Call ``fn``; retry transient store errors (SQLite locks, dropped connections) with jittered backoff."""
+def retry_budget_s() -> float:
+    """Seconds a write keeps retrying a store that is away: ``CDD_RAY_MLFLOW_RETRY_S`` (default 120)."""
+    return float(os.environ.get("CDD_RAY_MLFLOW_RETRY_S", "120"))
+
+
+def with_retries(fn: Callable[[], T], what: str, uri: str, budget_s: float | None = None, base_s: float = 0.2) -> T:
+    """Call ``fn``; retry transient store errors (SQLite locks, refused or timed-out connections) with jittered
+    backoff for at most ``budget_s`` seconds (default ``retry_budget_s()``), then raise ``TrackingError``.
+
+    Retrying is safe: every metric point keeps its own timestamp, so a batch the server received before a
+    time-out is stored once.
+    """
     from mlflow.exceptions import MlflowException
 
+    budget = retry_budget_s() if budget_s is None else budget_s
+    t0 = time.monotonic()
     last: Exception | None = None
-    for i in range(attempts):
+    for i in range(10_000):
         try:
             return fn()
         except MlflowException as e:
@@ -69,13 +83,21 @@ def with_retries(fn: Callable[[], T], what: str, uri: str, attempts: int = 8, ba
             if "locked" not in str(e) and "connect" not in str(e).lower():
                 raise
             last = e
-        time.sleep(base_s * (2 ** i) * (0.5 + random.random()))
-    raise TrackingError(f"MLflow store {uri!r}: {what} failed after {attempts} attempts: {last}") from last
+        pause = min(8.0, base_s * (2 ** i)) * (0.5 + random.random())
+        if time.monotonic() - t0 + pause > budget:
+            break
+        time.sleep(pause)
+    raise TrackingError(f"MLflow store {uri!r}: {what} failed for {time.monotonic() - t0:.0f} s "
+                        f"({i + 1} attempts): {str(last)[:300]}") from last
 
 
 def client(uri: str | None = None):
     from mlflow import MlflowClient
 
+    # with_retries does the retrying: one MLflow HTTP request must neither retry for minutes on its own
+    # (MLflow's default: 7 retries with backoff) nor wait 120 s on a server that accepts but never answers.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     return MlflowClient(tracking_uri=uri or tracking_uri())
 
 
@@ -181,10 +203,10 @@ def log_artifacts(uri: str, run_id: str, local_dir: str | Path, artifact_path: s
     with_retries(lambda: c.log_artifacts(run_id, str(local_dir), artifact_path), f"log artifacts {local_dir}", uri)
 
 
-def end_run(uri: str, run_id: str, status: str) -> None:
+def end_run(uri: str, run_id: str, status: str, budget_s: float | None = None) -> None:
     """Mark the run FINISHED, FAILED or KILLED."""
     c = client(uri)
-    with_retries(lambda: c.set_terminated(run_id, status), f"set status {status}", uri)
+    with_retries(lambda: c.set_terminated(run_id, status), f"set status {status}", uri, budget_s)
 
 
 class MetricBuffer:
@@ -192,12 +214,13 @@ class MetricBuffer:
 
     Flushing only at checkpoints keeps MLflow consistent with what a restarted run continues from:
     points after the last checkpoint die with a crashed worker and are logged once, after the restart.
-    A store that is briefly away is retried; if it stays away the metrics stay buffered (bounded) and
-    training goes on: tracking never stops or corrupts training.
+    A store that is away is retried briefly (``soft_budget_s``) and the points stay buffered (bounded):
+    training goes on, tracking never stops or corrupts it. What is still unsent at the end is written
+    beside the run's outputs (``save_pending``) and sent by the driver with the final metrics.
     """
 
-    def __init__(self, uri: str, run_id: str, max_buffer: int = 200_000):
-        self.uri, self.run_id, self.max_buffer = uri, run_id, max_buffer
+    def __init__(self, uri: str, run_id: str, max_buffer: int = 200_000, soft_budget_s: float = 5.0):
+        self.uri, self.run_id, self.max_buffer, self.soft_budget_s = uri, run_id, max_buffer, soft_budget_s
         self.pending: list[Any] = []
         self.dropped = 0
 
@@ -210,19 +233,44 @@ class MetricBuffer:
             self.dropped += len(self.pending) - self.max_buffer
             self.pending = self.pending[-self.max_buffer:]
 
-    def flush(self, raise_errors: bool = True) -> None:
+    def flush(self, raise_errors: bool = True) -> bool:
+        """Send what is pending; True when nothing is left. ``raise_errors=False``: give up after
+        ``soft_budget_s`` and keep the rest for later."""
         c = client(self.uri)
         while self.pending:
             chunk = self.pending[:500]
             try:
                 with_retries(lambda: c.log_batch(self.run_id, metrics=chunk), "log metrics", self.uri,
-                             attempts=8 if raise_errors else 2)
+                             budget_s=None if raise_errors else self.soft_budget_s)
             except TrackingError:
                 if raise_errors:
                     raise
                 log.warning("MLflow store %s unavailable; %d metric points kept in memory", self.uri, len(self.pending))
-                break
+                return False
             del self.pending[:len(chunk)]
+        return True
+
+    def save_pending(self, path: str | Path) -> None:
+        """Write the unsent points as JSON lines (for ``log_pending``); nothing when all were sent."""
+        if self.pending:
+            with open(path, "w") as f:
+                for m in self.pending:
+                    f.write(json.dumps([m.key, m.value, m.timestamp, m.step]) + "\n")
+
+
+def log_pending(uri: str, run_id: str, path: str | Path) -> int:
+    """Send the points a worker could not (``MetricBuffer.save_pending``); returns how many."""
+    from mlflow.entities import Metric
+
+    path = Path(path)
+    if not path.exists():
+        return 0
+    points = [Metric(*json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    c = client(uri)
+    for i in range(0, len(points), 500):
+        chunk = points[i:i + 500]
+        with_retries(lambda: c.log_batch(run_id, metrics=chunk), "log buffered metrics", uri)
+    return len(points)
 
 
 def dual_step_metrics(history: Iterable[dict[str, float]]) -> Iterable[tuple[dict[str, float], int]]:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -27,6 +29,8 @@ from cdd_ray.config import Config
 from cdd_ray.data import Split
 from cdd_ray.dual import DualState
 from cdd_ray.model import add_noise, build_ema, build_noise_scheduler, build_unet
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -445,6 +449,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = checkpoint.load(d)
+    if config.get("run_dir"):
+        # A run aborted by Ctrl-C can hold checkpoints that Ray uploaded but had not yet registered in its
+        # snapshot (Ray would then start from scratch): continue from the newest complete one.
+        newer = checkpoint.newest(Path(config["run_dir"]).glob("checkpoint_*"),
+                                  after_step=resume.meta["step"] if resume is not None else -1)
+        if newer is not None:
+            log.info("resuming from %s (step %d), newer than Ray's registered checkpoint", newer[0],
+                     newer[1].meta["step"])
+            resume = newer[1]
     names = cfg.constraint_names()
     dump = _dual_dumper(cfg.fault.dump_dual_dir, worker.rank, names) if cfg.fault.dump_dual_dir and names else None
     final: dict[str, Snapshot] = {}
@@ -488,14 +501,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if snap is None and resume is not None and result.start_step >= cfg.optim.steps:
         snap = resume  # restarted after the last step: the final state is the checkpoint itself
     if mlflow_buffer is not None:
-        mlflow_buffer.flush()
+        mlflow_buffer.flush(raise_errors=False)  # what is left travels with the outputs to the driver
     if worker.rank == 0:
         ev = evaluate(result.ema_unet, build_noise_scheduler(cfg.model), split, cfg, result.dual.by_name(),
                       worker.device)
         summary = build_summary(cfg, result, ev, split, time.perf_counter() - t0, worker.world_size)
         metrics.update({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         metrics.update({f"share_{c}": v for c, v in zip(summary["class_ids"], summary["class_shares"])})
-        report(metrics, snap, extra=lambda d: write_outputs(os.path.join(d, "outputs"), cfg, result, ev, summary))
+        def outputs(d: str) -> None:
+            write_outputs(os.path.join(d, "outputs"), cfg, result, ev, summary)
+            if mlflow_buffer is not None:
+                from cdd_ray.tracking import PENDING_FILE
+
+                mlflow_buffer.save_pending(os.path.join(d, "outputs", PENDING_FILE))
+
+        report(metrics, snap, extra=outputs)
     else:
         ray.train.report(metrics)
 

@@ -222,7 +222,7 @@ def run_trial(config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cdd_ray.runner import collect_outputs, log_final, make_trainer, tracked
+    from cdd_ray.runner import collect_outputs, finish_tracking, make_trainer, tracked
 
     sweep = config["sweep"]
     params = {k: config[k] for k in sweep["param_keys"]}
@@ -251,7 +251,7 @@ def run_trial(config: dict[str, Any]) -> None:
         if result.error is not None:
             raise result.error
         summary = collect_outputs(result.checkpoint, out)
-        log_final(uri, run_id, out, summary)
+        finish_tracking(uri, run_id, out, summary)
         (out / "trial.json").write_text(json.dumps({"trial_id": trial_id, "run_id": run_id, "params": params}))
 
 
@@ -291,7 +291,7 @@ def plan_resources(cfg: Config) -> tuple[int, dict[str, float]]:
 def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_run_id: str, role: str,
                       steps: int, init_from: str = "") -> dict[str, Any]:
     """An unconstrained reference run (a child of the sweep); reused when the sweep is resumed."""
-    from cdd_ray.runner import collect_outputs, log_final, make_trainer, tracked, worker_resources
+    from cdd_ray.runner import collect_outputs, finish_tracking, make_trainer, tracked, worker_resources
 
     if (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
@@ -309,7 +309,7 @@ def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_ru
         if result.error is not None:
             raise result.error
         summary = collect_outputs(result.checkpoint, out)
-        log_final(uri, run_id, out, summary)
+        finish_tracking(uri, run_id, out, summary)
     summary["run_id"] = run_id
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

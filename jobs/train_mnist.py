@@ -14,8 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cdd_ray.cli import add_config_flags, add_ray_flags, config_from_args, fail, setup_logging  # noqa: E402
-from cdd_ray.config import ConfigError  # noqa: E402
+from cdd_ray.cli import add_config_flags, add_ray_flags, config_from_args, job_errors, setup_logging  # noqa: E402
 
 
 def main() -> None:
@@ -30,10 +29,9 @@ def main() -> None:
     out = args.out or f"runs/{cfg.name}"
     from cdd_ray.runner import run_local, run_ray
 
-    try:
+    with job_errors() as guard:
+        guard.resume_name = None if args.local else cfg.name
         summary = run_local(cfg, out) if args.local else run_ray(cfg, out, resume=args.resume)
-    except ConfigError as e:
-        fail(e)
     keys = ("minority_share", "tv_to_uniform", "fid", "fid_data", "fid_features", "lambda", "classifier_accuracy", "wall_s")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     print(f"wrote {Path(out).resolve()}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cdd_ray.cli import add_config_flags, add_ray_flags, check_resume, fail, flag_overrides, name_run, setup_logging  # noqa: E402
+from cdd_ray.cli import add_config_flags, add_ray_flags, check_resume, flag_overrides, job_errors, name_run, setup_logging  # noqa: E402
 from cdd_ray.config import ConfigError, parse_set  # noqa: E402
 
 SMOKE = ["optim.steps=6", "ray.checkpoint_every=1", "eval.n_samples=32"]
@@ -38,7 +38,7 @@ def main() -> None:
     from cdd_ray.finetune import finetune_config, resolve_pretrained
     from cdd_ray.tune import FINETUNE_OBJECTIVES, format_front, load_space, run_sweep
 
-    try:
+    with job_errors() as guard:
         check_resume(args)
         if args.num_samples < 1:
             raise ConfigError(f"--num-samples: {args.num_samples} must be >= 1")
@@ -49,10 +49,9 @@ def main() -> None:
         if args.smoke:
             space = space.without("optim.steps")  # smoke trials keep their few steps
         setup_logging()
+        guard.resume_name = cfg.name
         res = run_sweep(cfg, space, args.num_samples, resume=args.resume, seed=args.seed,
                         objectives=FINETUNE_OBJECTIVES)
-    except ConfigError as e:
-        fail(e)
     from cdd_ray.tracking import tracking_uri
 
     q, f = res.objectives

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cdd_ray.cli import add_config_flags, add_ray_flags, config_from_args, fail, setup_logging  # noqa: E402
+from cdd_ray.cli import add_config_flags, add_ray_flags, config_from_args, fail, job_errors, setup_logging  # noqa: E402
 from cdd_ray.config import ConfigError  # noqa: E402
 
 SMOKE = ["optim.steps=8", "ray.checkpoint_every=1", "eval.n_samples=32"]
@@ -62,15 +62,14 @@ def main() -> None:
     from cdd_ray.tracking import tracking_uri
     from cdd_ray.tune import format_front, load_space, run_sweep
 
-    try:
+    with job_errors() as guard:
+        guard.resume_name = cfg.name
         space = load_space(args.space)
         warm = cfg.optim.steps // 4 if args.warm_start_steps is None else args.warm_start_steps
         if warm < 0:
             raise ConfigError(f"--warm-start-steps: {warm} must be >= 0")
         res = run_sweep(cfg, space, args.num_samples, resume=args.resume, seed=args.seed, warm_start_steps=warm,
                         objectives=(args.quality, "tv_to_uniform"))
-    except ConfigError as e:
-        fail(e)
     print()
     ref = "baseline continued for the trials' budget" if warm else "baseline"
     q, f = res.objectives

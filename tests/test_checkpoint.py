@@ -65,3 +65,21 @@ def test_corrupt_checkpoint_is_named(tmp_path, snap, damage):
 def test_trainer_state_loads_without_unpickling_code(tmp_path, snap):
     d = checkpoint.save(tmp_path / "ckpt", snap)
     torch.load(d / "trainer_state.pt", weights_only=True)  # raises if it needed arbitrary objects
+
+
+def test_newest_complete_checkpoint_wins_and_broken_ones_are_skipped(tmp_path, snap):
+    import copy
+    import dataclasses
+
+    dirs = []
+    for step in (2, 4, 6):
+        s = dataclasses.replace(snap, meta={**copy.deepcopy(snap.meta), "step": step})
+        dirs.append(checkpoint.save(tmp_path / f"checkpoint_{step}", s))
+    (tmp_path / "checkpoint_junk").mkdir()  # no meta.json: ignored
+    path, got = checkpoint.newest(tmp_path.glob("checkpoint_*"))
+    assert path == dirs[2] and got.meta["step"] == 6
+    f = dirs[2] / "unet" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])  # a copy cut off by a crash
+    path, got = checkpoint.newest(tmp_path.glob("checkpoint_*"))
+    assert path == dirs[1] and got.meta["step"] == 4
+    assert checkpoint.newest(tmp_path.glob("checkpoint_*"), after_step=4) is None

