@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -246,11 +248,17 @@ def run_ray(cfg: Config, out: str | Path, resume: bool = False, track: bool = Tr
 
 def fit(trainer):
     """``trainer.fit()``; Ctrl-C comes back as KeyboardInterrupt. (Ray Train's own SIGINT handler aborts the
-    run, keeping its checkpoints, and then calls ``sys.exit``.)"""
+    run, keeping its checkpoints, and then calls ``sys.exit``; it stays installed after ``fit``, so the
+    previous handler is put back: a later Ctrl-C, e.g. during a sweep, must not reach a finished run.)"""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
     try:
         return trainer.fit()
     except SystemExit as e:
         raise KeyboardInterrupt("Ray Train run aborted by SIGINT") from e
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def mlflow_run_for(cfg: Config, storage: str, uri: str, resume: bool) -> str:

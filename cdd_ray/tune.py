@@ -291,7 +291,7 @@ def plan_resources(cfg: Config) -> tuple[int, dict[str, float]]:
 def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_run_id: str, role: str,
                       steps: int, init_from: str = "") -> dict[str, Any]:
     """An unconstrained reference run (a child of the sweep); reused when the sweep is resumed."""
-    from cdd_ray.runner import collect_outputs, finish_tracking, make_trainer, tracked, worker_resources
+    from cdd_ray.runner import collect_outputs, finish_tracking, fit, make_trainer, tracked, worker_resources
 
     if (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
@@ -304,8 +304,8 @@ def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_ru
         cfg.optim.warmup = min(cfg.optim.warmup, steps // 10)
     run_id = tracking.start_run(cfg, uri, parent_run_id=parent_run_id, extra_tags={"sweep": base.name, "role": role})
     with tracked(uri, run_id):
-        result = make_trainer(cfg, storage, cfg.name, worker_resources(cfg),
-                              mlflow={"uri": uri, "run_id": run_id}).fit()
+        result = fit(make_trainer(cfg, storage, cfg.name, worker_resources(cfg),
+                                  mlflow={"uri": uri, "run_id": run_id}))
         if result.error is not None:
             raise result.error
         summary = collect_outputs(result.checkpoint, out)
@@ -345,6 +345,9 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # fid/tv arrive with the final report only
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # so Tuner.restore does not re-run finished trials
+    # Ctrl-C raises KeyboardInterrupt here (Tune's own handler would end the sweep as if it had finished);
+    # the sweep state saved every few seconds is what --resume continues from.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     storage = resolve_storage(base.ray.storage)
     sweep_dir = Path(storage) / base.name if "://" not in storage else Path("runs") / base.name
     exists = (sweep_dir / "mlflow_parent_run_id").exists()
@@ -402,7 +405,11 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
                 ),
                 run_config=tune.RunConfig(name="tuner", storage_path=str(sweep_dir)),
             )
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        except KeyboardInterrupt:  # the parent is marked KILLED by tracked(); so are its running trials
+            close_stopped_children(uri, parent)
+            raise
         close_stopped_children(uri, parent)
         rows = []
         for r in results:

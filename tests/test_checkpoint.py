@@ -62,9 +62,19 @@ def test_corrupt_checkpoint_is_named(tmp_path, snap, damage):
         checkpoint.load(d)
 
 
-def test_trainer_state_loads_without_unpickling_code(tmp_path, snap):
+class Exploit:
+    def __reduce__(self):
+        return (os.mkdir, (os.environ["CDD_EXPLOIT_DIR"],))
+
+
+def test_trainer_state_loads_without_unpickling_code(tmp_path, snap, monkeypatch):
     d = checkpoint.save(tmp_path / "ckpt", snap)
     torch.load(d / "trainer_state.pt", weights_only=True)  # raises if it needed arbitrary objects
+    monkeypatch.setenv("CDD_EXPLOIT_DIR", str(tmp_path / "pwned"))
+    torch.save({"step": 1, "payload": Exploit()}, d / "trainer_state.pt")  # a tampered checkpoint
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        checkpoint.load(d)
+    assert not (tmp_path / "pwned").exists()  # the pickled call never ran
 
 
 def test_newest_complete_checkpoint_wins_and_broken_ones_are_skipped(tmp_path, snap):

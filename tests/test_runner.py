@@ -55,6 +55,8 @@ def test_bad_flag_fails_fast_with_the_field(tmp_path):
     assert p.returncode == 2
     assert "dual.eta: -1.0 must be > 0" in p.stderr
     assert not (tmp_path / "x").exists()
+    p = run_job("--preset", "smoke", "--resume")
+    assert p.returncode == 2 and "--resume needs --name: the run to continue" in p.stderr
 
 
 def test_ctrl_c_marks_the_run_killed_keeps_checkpoints_and_resume_finishes(tmp_path):
@@ -81,8 +83,9 @@ def test_ctrl_c_marks_the_run_killed_keeps_checkpoints_and_resume_finishes(tmp_p
         time.sleep(0.1)
     ray_procs = psutil.Process(p.pid).children(recursive=True)
     os.killpg(p.pid, signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+    out, err = p.communicate(timeout=120)
     assert p.returncode == 130, err[-3000:]
+    assert "Ray dashboard: http://127.0.0.1:" in out  # local Ray's dashboard listens on localhost only
     assert "interrupted: MLflow run marked KILLED" in err and "--resume --name ctrl-c" in err
     client = tracking.client(env["MLFLOW_TRACKING_URI"])
     run_id = (tmp_path / "ray" / "ctrl-c" / "mlflow_run_id").read_text()

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from cdd_ray import checkpoint
 from cdd_ray.checkpoint import Snapshot
 from cdd_ray.config import build_config
 from cdd_ray.model import build_noise_scheduler, build_unet
@@ -98,7 +99,7 @@ def test_resume_from_snapshot_continues_exactly(smoke_split):
         assert torch.allclose(p, q, atol=1e-6)
 
 
-def test_non_finite_loss_stops_before_lambda_update(smoke_split):
+def test_non_finite_loss_stops_before_lambda_update(smoke_split, tmp_path):
     cfg = build_config("smoke", overrides={"optim.steps": 6})
     seen = []
 
@@ -121,7 +122,11 @@ def test_non_finite_loss_stops_before_lambda_update(smoke_split):
     tl.build_unet = capture
     try:
         with pytest.raises(NonFiniteLossError, match="non-finite loss at step 4"):
-            train(cfg, smoke_split, on_block=lambda m, s: seen.append(m["lambda_class_4"]), fault=poison)
+            train(cfg, smoke_split, fault=poison,
+                  on_block=lambda m, s: (seen.append(m["lambda_class_4"]), checkpoint.save(tmp_path / "ckpt", s())))
     finally:
         tl.build_unet = original
     assert len(seen) == 1 and all(math.isfinite(v) for v in seen)
+    last = checkpoint.load(tmp_path / "ckpt")  # the last good checkpoint: loadable, finite
+    assert last.meta["step"] == 2 and last.dual.lam[0] == seen[0]
+    assert all(torch.isfinite(p).all() for p in last.unet.parameters())
