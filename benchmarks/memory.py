@@ -27,7 +27,8 @@ def measure(preset: str, k: int, batch: int, cbatch: int, device: str) -> dict:
 
     from cdd_ray.config import build_config
     from cdd_ray.model import build_noise_scheduler, build_unet
-    from cdd_ray.train_loop import autocast_for, fused_losses
+    from cdd_ray.model import autocast_for
+    from cdd_ray.train_loop import fused_losses
 
     dev = torch.device(device)
     cfg = build_config(preset)

@@ -25,7 +25,8 @@ import torch  # noqa: E402
 
 from cdd_ray.config import build_config  # noqa: E402
 from cdd_ray.model import build_noise_scheduler, build_unet, n_params  # noqa: E402
-from cdd_ray.train_loop import autocast_for, fused_losses  # noqa: E402
+from cdd_ray.model import autocast_for  # noqa: E402
+from cdd_ray.train_loop import fused_losses  # noqa: E402
 
 MODES = ("fused", "per-dataset", "unconstrained")
 

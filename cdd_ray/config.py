@@ -75,6 +75,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
     init_from: str = ""  # warm start: a checkpoint folder whose UNet weights start this run (not its optimiser)
+    channels_last: bool = False  # UNet weights and activations in channels_last (may help convolutions on GPUs)
+    compile: bool = False  # torch.compile the training forward (see BENCHMARKS.md before turning it on)
 
 
 @dataclass

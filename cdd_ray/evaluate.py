@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 
 from cdd_ray.config import Config, EvalConfig
 from cdd_ray.data import Split, to_uint8
 from cdd_ray.dual import predicted_shares
-from cdd_ray.model import build_sampler
+from cdd_ray.model import autocast_for, build_sampler
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,22 @@ CLEANFID_DEFAULT_INCEPTION = "/tmp/inception-2015-12-05.pt"
 
 @torch.no_grad()
 def sample(unet: nn.Module, noise_scheduler, n: int, steps: int, batch_size: int, seed: int,
-           device: torch.device | str = "cpu") -> torch.Tensor:
-    """``n`` DDIM samples in [-1, 1], shape (n, C, S, S); deterministic for a seed."""
+           device: torch.device | str = "cpu", kind: str = "ddim") -> torch.Tensor:
+    """``n`` samples in [-1, 1], shape (n, C, S, S); deterministic for a seed.
+
+    ``kind``: ``ddim`` (deterministic, ``steps`` steps) or ``ddpm`` (ancestral, the schedule's own steps).
+    The UNet runs under the training autocast (bf16 on GPUs that support it); the update in fp32.
+    """
     unet.eval()
-    sampler = build_sampler(noise_scheduler)
-    sampler.set_timesteps(steps)
+    if kind == "ddim":
+        sampler = build_sampler(noise_scheduler)
+        sampler.set_timesteps(steps)
+    elif kind == "ddpm":
+        sampler = DDPMScheduler.from_config(noise_scheduler.config)
+        sampler.set_timesteps(noise_scheduler.config.num_train_timesteps)
+    else:
+        raise ValueError(f"kind: {kind!r} not allowed; allowed: ddim, ddpm")
+    amp = autocast_for(torch.device(device))[0]
     cfg = unet.config
     g = torch.Generator(device=device).manual_seed(seed)
     out = []
@@ -51,8 +63,9 @@ def sample(unet: nn.Module, noise_scheduler, n: int, steps: int, batch_size: int
         m = min(batch_size, n - start)
         x = torch.randn((m, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=g, device=device)
         for t in sampler.timesteps:
-            eps = unet(x, t.to(device)).sample
-            x = sampler.step(eps, t, x).prev_sample
+            with amp:
+                eps = unet(x, t.to(device)).sample.float()
+            x = sampler.step(eps, t, x, generator=g).prev_sample if kind == "ddpm" else sampler.step(eps, t, x).prev_sample
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)
 

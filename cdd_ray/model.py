@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
@@ -51,3 +53,12 @@ def add_noise(noise_scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Ten
     abar = noise_scheduler.alphas_cumprod.to(device=x0.device, dtype=torch.float32)[t]
     abar = abar.view(-1, 1, 1, 1)
     return (abar.sqrt() * x0 + (1 - abar).sqrt() * noise).to(x0.dtype)
+
+
+def autocast_for(device: torch.device) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler | None]:
+    """bf16 autocast on GPUs that support it, fp16 + grad scaler on older GPUs, fp32 on CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext(), None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")

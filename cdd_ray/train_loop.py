@@ -9,7 +9,6 @@ therefore identical on every rank. Host-device syncs happen only at these block 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -28,7 +27,7 @@ from cdd_ray.checkpoint import Snapshot
 from cdd_ray.config import Config
 from cdd_ray.data import Split
 from cdd_ray.dual import DualState
-from cdd_ray.model import add_noise, build_ema, build_noise_scheduler, build_unet
+from cdd_ray.model import add_noise, autocast_for, build_ema, build_noise_scheduler, build_unet
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +142,6 @@ class BatchSampler:
             g.set_state(s)
 
 
-def autocast_for(device: torch.device) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler | None]:
-    """bf16 autocast on GPUs that support it, fp16 + grad scaler on older GPUs, fp32 on CPU."""
-    if device.type != "cuda":
-        return contextlib.nullcontext(), None
-    if torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16), None
-    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
-
-
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -189,9 +179,13 @@ def train(
     if anchor is not None and resume is None and not o.init_from:
         unet.load_state_dict(anchor.unet.state_dict())
     unet.to(dev)
+    if o.channels_last:
+        unet.to(memory_format=torch.channels_last)
     ema = build_ema(unet, cfg.model.ema_decay)
     noise_scheduler = build_noise_scheduler(cfg.model)
     model = prepare_model(unet) if prepare_model else unet
+    if o.compile:
+        model = torch.compile(model)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     lr_sched = get_cosine_schedule_with_warmup(optimizer, o.warmup, o.steps)
     amp, scaler = autocast_for(dev)

@@ -130,3 +130,12 @@ def test_non_finite_loss_stops_before_lambda_update(smoke_split, tmp_path):
     last = checkpoint.load(tmp_path / "ckpt")  # the last good checkpoint: loadable, finite
     assert last.meta["step"] == 2 and last.dual.lam[0] == seen[0]
     assert all(torch.isfinite(p).all() for p in last.unet.parameters())
+
+
+def test_channels_last_trains_the_same_model(smoke_split):
+    a = train(build_config("smoke", overrides={"optim.steps": 4}), smoke_split)
+    b = train(build_config("smoke", overrides={"optim.steps": 4, "optim.channels_last": True}), smoke_split)
+    assert b.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert len(a.dual.lam_history) == 2
+    for x, y in zip(a.dual.lam_history, b.dual.lam_history):
+        assert x == pytest.approx(y, rel=1e-4, abs=1e-6)

@@ -5,7 +5,7 @@ import pytest
 
 from cdd_ray import tracking
 from cdd_ray.config import ConfigError, build_config
-from cdd_ray.tune import load_space, pareto_front, run_sweep, to_tune, trial_config
+from cdd_ray.tune import concurrency, load_space, pareto_front, run_sweep, to_tune, trial_config
 
 SPACE = """
 params:
@@ -125,3 +125,26 @@ def test_smoke_sweep_end_to_end(ray_session, tmp_path):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, objectives=("is", "tv_to_uniform"))
     with pytest.raises(ConfigError, match="already exists"):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2)
+
+
+@pytest.mark.parametrize("cpus, gpus, overrides, trials, per_worker", [
+    (2, 0, {}, 2, {"CPU": 0.9}),
+    (16, 0, {"ray.workers": 2}, 8, {"CPU": 0.95}),
+    (16, 0, {"ray.workers": 4, "ray.cpus_per_worker": 2}, 1, {"CPU": 2}),
+    (17, 0, {"ray.workers": 2, "ray.cpus_per_worker": 4}, 2, {"CPU": 4}),
+    (64, 8, {"ray.gpu": True}, 8, {"CPU": 7.9, "GPU": 1.0}),
+    (64, 8, {"ray.gpu": True, "ray.workers": 2}, 4, {"CPU": 7.95, "GPU": 1.0}),
+])
+def test_concurrency_fits_every_trials_workers(cpus, gpus, overrides, trials, per_worker):
+    n, per = concurrency(cpus, gpus, build_config("cpu", overrides=overrides))
+    assert n == trials and per == pytest.approx(per_worker)
+    assert n * (0.1 + per["CPU"] * build_config("cpu", overrides=overrides).ray.workers) <= cpus + 1e-9
+
+
+def test_concurrency_refuses_what_cannot_fit():
+    with pytest.raises(ConfigError, match="ray.workers=2 with ray.gpu=true needs 2 GPUs; the cluster has 1"):
+        concurrency(16, 1, build_config("cpu", overrides={"ray.gpu": True, "ray.workers": 2}))
+    with pytest.raises(ConfigError, match="ray.workers=8 does not fit the cluster's 2 CPUs"):
+        concurrency(2, 0, build_config("cpu", overrides={"ray.workers": 8}))
+    with pytest.raises(ConfigError, match=r"ray.workers=1 x ray.cpus_per_worker=2 \+ 0.1 for the trial does not fit"):
+        concurrency(2, 0, build_config("cpu", overrides={"ray.cpus_per_worker": 2}))
