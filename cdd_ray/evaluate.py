@@ -28,7 +28,7 @@ from diffusers import DDPMScheduler
 from cdd_ray.config import Config, EvalConfig
 from cdd_ray.data import Split, to_uint8
 from cdd_ray.dual import predicted_shares
-from cdd_ray.model import autocast_for, build_sampler
+from cdd_ray.model import autocast_for, build_sampler, decode, load_vae
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,10 @@ def denoising_loss(unet: nn.Module, noise_scheduler, x0: torch.Tensor, seed: int
 class DigitClassifier(nn.Module):
     """Small CNN; ``features`` (128-d penultimate layer) also serve as FID features."""
 
-    def __init__(self, n_classes: int = 10):
+    def __init__(self, n_classes: int = 10, in_channels: int = 1):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(in_channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
             nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
             nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
@@ -144,7 +144,7 @@ def train_classifier(split: Split, epochs: int, seed: int = 0) -> tuple[DigitCla
     """Train on every real image outside the classifier-test split; return the model and its test accuracy."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    clf = DigitClassifier(len(split.classes))
+    clf = DigitClassifier(len(split.classes), split.clf_train.shape[1])
     opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
     x, y = split.clf_train, split.clf_train_labels
     n_batches = max(1, x.shape[0] // 64)
@@ -179,7 +179,7 @@ def get_classifier(split: Split, cfg: Config) -> tuple[DigitClassifier, float]:
     if path.exists():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-            clf = DigitClassifier(len(split.classes))
+            clf = DigitClassifier(len(split.classes), split.clf_train.shape[1])
             clf.load_state_dict(blob["state_dict"])
             return clf, float(blob["accuracy"])
         except Exception as e:  # noqa: BLE001 - a bad cache entry is retrained, not fatal
@@ -262,7 +262,8 @@ def inception_features(images_u8: np.ndarray, weights: Path, device: torch.devic
     resize = make_resizer("PIL", False, "bicubic", (299, 299))
     feats = []
     for i in range(0, len(images_u8), batch_size):
-        rgb = [resize(np.repeat(im[:, :, None], 3, axis=2)) for im in images_u8[i:i + batch_size]]
+        rgb = [resize(im if im.ndim == 3 else np.repeat(im[:, :, None], 3, axis=2))
+               for im in images_u8[i:i + batch_size]]
         x = torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2).float().to(device)
         feats.append(model(x).double().cpu().numpy())
     return np.concatenate(feats)
@@ -283,6 +284,8 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
     clf, acc = get_classifier(split, cfg)
     t_clf = time.perf_counter() - t0
     x = sample(ema_unet, noise_scheduler, e.n_samples, e.sampler_steps, e.batch_size, cfg.optim.seed + 1, device)
+    if cfg.model.vae:  # latent diffusion: classify and compare decoded images
+        x = decode(load_vae(cfg.model.vae, device), x)
     t_sample = time.perf_counter() - t0 - t_clf
     pos = predict(clf, x)
     k = len(split.classes)

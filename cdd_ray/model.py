@@ -8,25 +8,31 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from cdd_ray.config import ModelConfig
+from cdd_ray.config import Config, ModelConfig
 
 
-def build_unet(cfg: ModelConfig, image_size: int) -> UNet2DModel:
-    """A 1-channel UNet with ``len(cfg.channels)`` levels; attention at ``cfg.attention_levels``."""
+def build_unet(cfg: ModelConfig, image_size: int, channels: int = 1) -> UNet2DModel:
+    """A ``channels``-channel UNet with ``len(cfg.channels)`` levels; attention at ``cfg.attention_levels``."""
     n = len(cfg.channels)
     attn = set(cfg.attention_levels)
     down = tuple("AttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(n))
     up = tuple("AttnUpBlock2D" if (n - 1 - i) in attn else "UpBlock2D" for i in range(n))
     return UNet2DModel(
         sample_size=image_size,
-        in_channels=1,
-        out_channels=1,
+        in_channels=channels,
+        out_channels=channels,
         layers_per_block=cfg.layers_per_block,
         block_out_channels=tuple(cfg.channels),
         down_block_types=down,
         up_block_types=up,
         norm_num_groups=cfg.norm_groups,
     )
+
+
+def unet_for(cfg: Config) -> UNet2DModel:
+    """The run's UNet: on pixels, or on the VAE's latents (``model.vae``)."""
+    channels, size = cfg.unet_shape()
+    return build_unet(cfg.model, size, channels)
 
 
 def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
@@ -62,3 +68,33 @@ def autocast_for(device: torch.device) -> tuple[contextlib.AbstractContextManage
     if torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16), None
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+# ---------------------------------------------------------------- latent diffusion
+
+
+def load_vae(path: str, device: torch.device | str = "cpu"):
+    """A local diffusers AutoencoderKL (e.g. sd-vae-ft-mse), frozen, in eval mode."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(path)).to(device).eval()
+    vae.requires_grad_(False)
+    return vae
+
+
+@torch.no_grad()
+def encode(vae, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Pixels in [-1, 1] -> latents: the posterior mean x the VAE's scaling factor (deterministic)."""
+    dev = next(vae.parameters()).device
+    s = vae.config.scaling_factor
+    return torch.cat([vae.encode(x[i:i + batch_size].to(dev)).latent_dist.mean.float().cpu() * s
+                      for i in range(0, x.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def decode(vae, z: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Latents -> pixels in [-1, 1]."""
+    dev = next(vae.parameters()).device
+    s = vae.config.scaling_factor
+    return torch.cat([vae.decode(z[i:i + batch_size].to(dev) / s).sample.float().clamp(-1, 1).cpu()
+                      for i in range(0, z.shape[0], batch_size)])

@@ -15,12 +15,12 @@ from PIL import Image  # noqa: E402
 
 
 def save_grid(images: np.ndarray, path: str | Path, n: int = 100, scale: int = 2) -> Path:
-    """The first ``n`` uint8 images (N x S x S) tiled into a square grid PNG."""
+    """The first ``n`` uint8 images (N x S x S grey or N x S x S x 3 RGB) tiled into a square grid PNG."""
     images = images[:n]
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
-    s = images.shape[-1]
-    grid = np.zeros((rows * (s + 1) + 1, cols * (s + 1) + 1), dtype=np.uint8)
+    s = images.shape[1]
+    grid = np.zeros((rows * (s + 1) + 1, cols * (s + 1) + 1, *images.shape[3:]), dtype=np.uint8)
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         grid[1 + r * (s + 1):1 + r * (s + 1) + s, 1 + c * (s + 1):1 + c * (s + 1) + s] = im

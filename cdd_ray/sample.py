@@ -18,7 +18,7 @@ from cdd_ray import checkpoint
 from cdd_ray.config import ConfigError, config_from_dict
 from cdd_ray.data import to_uint8
 from cdd_ray.evaluate import sample
-from cdd_ray.model import build_noise_scheduler
+from cdd_ray.model import build_noise_scheduler, decode, load_vae
 from cdd_ray.plots import save_grid
 
 MODEL_ARTIFACT = "model"  # the final checkpoint's artifact path in every training run
@@ -42,6 +42,11 @@ def generate(ckpt_dir: str | Path, n: int, steps: int | None, seed: int, device:
     cfg = config_from_dict(cfg_dict)
     x = sample(unet.to(device), build_noise_scheduler(cfg.model), n, steps or cfg.eval.sampler_steps,
                cfg.eval.batch_size, seed, device)
+    if cfg.model.vae:  # latent diffusion: the run's VAE (a local folder) decodes the samples
+        if not Path(cfg.model.vae).expanduser().is_dir():
+            raise ConfigError(f"model.vae: the run's VAE {cfg.model.vae!r} is not on this machine; it decodes the "
+                              "latent samples")
+        x = decode(load_vae(cfg.model.vae, device), x)
     return to_uint8(x)
 
 

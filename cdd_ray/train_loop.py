@@ -27,7 +27,7 @@ from cdd_ray.checkpoint import Snapshot
 from cdd_ray.config import Config
 from cdd_ray.data import Split
 from cdd_ray.dual import DualState
-from cdd_ray.model import add_noise, autocast_for, build_ema, build_noise_scheduler, build_unet
+from cdd_ray.model import add_noise, autocast_for, build_ema, build_noise_scheduler, unet_for
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def train(
     # Fine-tuning always measures the distance to the pre-trained model; unconstrained, only as a metric.
     monitored = ["pretrained"] if cfg.is_finetune and cfg.unconstrained else []
     torch.manual_seed(o.seed)  # identical initial weights on every rank
-    unet = build_unet(cfg.model, cfg.data.image_size)
+    unet = unet_for(cfg)
     if resume is not None:
         unet.load_state_dict(resume.unet.state_dict())
     elif o.init_from:
@@ -270,7 +270,7 @@ def train(
             on_block(metrics, snapshot)
     if bar is not None:
         bar.close()
-    ema_unet = build_unet(cfg.model, cfg.data.image_size).to(dev)
+    ema_unet = unet_for(cfg).to(dev)
     ema.copy_to(ema_unet.parameters())
     return LoopResult(unet=unet, ema_unet=ema_unet, dual=dual, history=history, step=step,
                       train_s=time.perf_counter() - t0, start_step=start_step)
@@ -299,7 +299,7 @@ def _warm_start_weights(directory: str, cfg: Config) -> dict[str, torch.Tensor]:
 def _check_shape(unet: torch.nn.Module, cfg: Config, field_: str, directory: str) -> None:
     from cdd_ray.checkpoint import CheckpointError
 
-    mine = build_unet(cfg.model, cfg.data.image_size).config
+    mine = unet_for(cfg).config
     def norm(v: Any) -> Any:
         return list(v) if isinstance(v, (list, tuple)) else v
 
@@ -360,9 +360,9 @@ def _snapshot(cfg, unet, ema, optimizer, lr_sched, scaler, sampler, noise_gen, d
         noise_all = [g[1] for g in gathered]
     else:
         batches_all, noise_all = [batches], [noise]
-    ema_unet = build_unet(cfg.model, cfg.data.image_size)
+    ema_unet = unet_for(cfg)
     ema.copy_to(ema_unet.parameters())
-    unet_cpu = build_unet(cfg.model, cfg.data.image_size)
+    unet_cpu = unet_for(cfg)
     unet_cpu.load_state_dict({k: v.detach().cpu() for k, v in unet.state_dict().items()})
     trainer_state = copy.deepcopy({  # state_dict()s hold live references to the training tensors
         "optimizer": optimizer.state_dict(),

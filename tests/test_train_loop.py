@@ -112,20 +112,20 @@ def test_non_finite_loss_stops_before_lambda_update(smoke_split, tmp_path):
     unet_ref = {}
     import cdd_ray.train_loop as tl
 
-    original = tl.build_unet
+    original = tl.unet_for
 
     def capture(*a, **k):
         m = original(*a, **k)
         unet_ref.setdefault("unet", m)
         return m
 
-    tl.build_unet = capture
+    tl.unet_for = capture
     try:
         with pytest.raises(NonFiniteLossError, match="non-finite loss at step 4"):
             train(cfg, smoke_split, fault=poison,
                   on_block=lambda m, s: (seen.append(m["lambda_class_4"]), checkpoint.save(tmp_path / "ckpt", s())))
     finally:
-        tl.build_unet = original
+        tl.unet_for = original
     assert len(seen) == 1 and all(math.isfinite(v) for v in seen)
     last = checkpoint.load(tmp_path / "ckpt")  # the last good checkpoint: loadable, finite
     assert last.meta["step"] == 2 and last.dual.lam[0] == seen[0]

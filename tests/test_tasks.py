@@ -1,0 +1,176 @@
+"""Celeb-A and ImageNet-subset tasks on format-faithful fixtures built here: a CelebA folder with the real file
+formats, an ImageFolder of PNGs, a tiny randomly initialised AutoencoderKL; each job end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cdd_ray.config import ConfigError, build_config
+from cdd_ray.data import load_source, prepare_split
+from cdd_ray.tasks import IMAGENETTE_MINORITIES, task_config
+
+ROOT = Path(__file__).resolve().parents[1]
+ATTRS = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Male", "Young"]
+IMAGENETTE = ["n01440764", "n02102040", *IMAGENETTE_MINORITIES]
+
+
+@pytest.fixture(scope="module")
+def celeba_root(tmp_path_factory):
+    """40 women and 24 men in the training partition, 5 more images in the validation partition."""
+    root = tmp_path_factory.mktemp("celeba_data")
+    base = root / "celeba"
+    (base / "img_align_celeba").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows, parts = [], []
+    for i in range(69):
+        name = f"{i + 1:06d}.jpg"
+        male = i % 8 < 3 if i < 64 else True
+        img = rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)
+        img[..., 2 if male else 0] = 255  # something a classifier can learn
+        Image.fromarray(img).save(base / "img_align_celeba" / name, quality=90)
+        values = [rng.choice([-1, 1]), rng.choice([-1, 1]), 1 if male else -1, 1]
+        rows.append(f"{name} " + " ".join(f"{v:2d}" for v in values))
+        parts.append(f"{name} {0 if i < 64 else 1}")
+    (base / "list_attr_celeba.txt").write_text(f"{len(rows)}\n" + " ".join(ATTRS) + "\n" + "\n".join(rows) + "\n")
+    (base / "list_eval_partition.txt").write_text("\n".join(parts) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def imagefolder_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenette") / "train"
+    rng = np.random.default_rng(1)
+    for k, name in enumerate(IMAGENETTE):
+        (root / name).mkdir(parents=True)
+        for i in range(20):
+            img = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
+            img[:, :, k % 3] = 40 * k
+            Image.fromarray(img).save(root / name / f"{name}_{i}.JPEG" if i % 2 else root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=4, sample_size=16)
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return path
+
+
+def test_celeba_source_reads_the_layout(celeba_root):
+    cfg = task_config("celeba", "smoke", None, {"data.root": str(celeba_root)})
+    src = load_source(cfg.data)
+    assert src.name == "celeba-Male" and len(src.labels) == 64  # the validation partition is left out
+    assert np.bincount(src.labels).tolist() == [40, 24]
+    x = src.images[np.array([0, 5])]
+    assert x.shape == (2, 3, 16, 16) and x.dtype == np.uint8
+    split = prepare_split(cfg)
+    assert split.objective.shape[1:] == (3, 16, 16) and set(split.constraints) == {"class_1"}
+    assert split.constraints["class_1"].shape[0] == 8 and split.priors == pytest.approx([24 / 32, 8 / 32])
+
+
+def test_celeba_errors_name_the_missing_file_or_field(celeba_root, tmp_path):
+    with pytest.raises(ConfigError, match="has no celeba/ folder"):
+        task_config("celeba", "smoke", None, {"data.root": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"data.attribute: 'Bald' is not a column .* allowed: 5_o_Clock_Shadow"):
+        load_source(task_config("celeba", "smoke", None, {"data.root": str(celeba_root),
+                                                           "data.attribute": "Bald"}).data)
+    broken = tmp_path / "broken"
+    (broken / "celeba" / "img_align_celeba").mkdir(parents=True)
+    (broken / "celeba" / "list_eval_partition.txt").write_text("000001.jpg 0\n")
+    with pytest.raises(ConfigError, match=r"Celeb-A files missing: .*list_attr_celeba.txt"):
+        load_source(task_config("celeba", "smoke", None, {"data.root": str(broken)}).data)
+    (broken / "celeba" / "list_attr_celeba.txt").write_text("1\nMale\n000001.jpg 1\n")
+    with pytest.raises(ConfigError, match=r"images listed in .*list_eval_partition.txt are missing .*000001.jpg"):
+        load_source(task_config("celeba", "smoke", None, {"data.root": str(broken)}).data)
+
+
+def test_imagefolder_minorities_by_folder_name(imagefolder_root, tiny_vae):
+    cfg = task_config("imagenet", "smoke", None, {"data.root": str(imagefolder_root), "model.vae": str(tiny_vae)})
+    assert cfg.data.minority_classes == [2, 3, 4] and cfg.unet_shape() == (4, 8)
+    with pytest.raises(ConfigError, match=r"data.minority_names: \['n99'\] are not class folders .* allowed: n01440764"):
+        task_config("imagenet", "smoke", None, {"data.root": str(imagefolder_root), "model.vae": str(tiny_vae),
+                                                "data.minority_names": ["n99"]})
+    with pytest.raises(ConfigError, match="model.vae: the ImageNet task is latent diffusion"):
+        task_config("imagenet", "smoke", None, {"data.root": str(imagefolder_root)})
+    with pytest.raises(ConfigError, match="model.vae: '/nope' is not a diffusers AutoencoderKL folder"):
+        task_config("imagenet", "smoke", None, {"data.root": str(imagefolder_root), "model.vae": "/nope"})
+    with pytest.raises(ConfigError, match=r"data.root: '/nope' does not exist .* one folder of images per class"):
+        build_config("smoke", overrides={"data.dataset": "imagefolder", "data.root": "/nope"})
+    with pytest.raises(ConfigError, match=r"data.image_size: 10 must be divisible by 4 \(.* x the VAE's downsampling 2\)"):
+        task_config("imagenet", "smoke", None, {"data.root": str(imagefolder_root), "model.vae": str(tiny_vae),
+                                                "data.image_size": 10})
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
+    cfg = build_config("smoke", overrides={"data.dataset": "imagefolder", "data.root": str(tmp_path),
+                                           "data.classes": [0, 1], "data.minority_classes": [1]})
+    with pytest.raises(ConfigError, match=r"class folder '.*/b' has no images"):
+        load_source(cfg.data)
+
+
+def test_latents_are_encoded_once_and_cached(imagefolder_root, tiny_vae, monkeypatch, tmp_path):
+    import cdd_ray.model as model
+
+    monkeypatch.setenv("CDD_RAY_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = model.encode
+    monkeypatch.setattr(model, "encode", lambda vae, x, **k: calls.append(x.shape[0]) or real(vae, x, **k))
+    cfg = task_config("imagenet", "smoke", None, {"data.root": str(imagefolder_root), "model.vae": str(tiny_vae)})
+    a = prepare_split(cfg)
+    b = prepare_split(cfg)
+    assert calls == [2 * 12 + 3 * 4]  # once: the second split came from the cache
+    assert a.objective.shape == (36, 4, 8, 8) and torch.equal(a.objective, b.objective)
+    assert a.constraints["class_2"].shape == (4, 4, 8, 8) and a.reference.shape[1:] == (3, 16, 16)
+
+
+def job(name, *args, cwd, timeout=900):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / name), *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def test_train_jobs_end_to_end(celeba_root, imagefolder_root, tiny_vae, tmp_path):
+    p = job("train_celeba.py", "--root", str(celeba_root), "--preset", "smoke", "--local", "--out",
+            str(tmp_path / "celeba"), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((tmp_path / "celeba" / "summary.json").read_text())
+    assert s["data_source"] == "celeba-Male" and s["class_ids"] == [0, 1] and set(s["lambda"]) == {"class_1"}
+    assert Image.open(tmp_path / "celeba" / "samples.png").mode == "RGB"
+    p = job("train_imagenet.py", "--root", str(imagefolder_root), "--vae", str(tiny_vae), "--preset", "smoke",
+            "--local", "--out", str(tmp_path / "imagenet"), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((tmp_path / "imagenet" / "summary.json").read_text())
+    assert s["minority_classes"] == [2, 3, 4] and len(s["class_shares"]) == 5
+    assert np.load(tmp_path / "imagenet" / "samples.npz")["images"].shape[1:] == (16, 16, 3)  # decoded pixels
+    from cdd_ray.sample import generate
+
+    assert generate(tmp_path / "imagenet" / "checkpoint", 3, 2, 0, "cpu").shape == (3, 16, 16, 3)
+    p = job("train_imagenet.py", "--root", str(tmp_path / "nope"), "--vae", str(tiny_vae), "--local", cwd=tmp_path)
+    assert p.returncode == 2 and "data.root:" in p.stderr and "nope" in p.stderr
+
+
+@pytest.mark.parametrize("task", ["celeba", "imagenet"])
+def test_tune_jobs_smoke(task, celeba_root, imagefolder_root, tiny_vae, tmp_path):
+    args = ["--root", str(celeba_root)] if task == "celeba" else ["--root", str(imagefolder_root), "--vae",
+                                                                  str(tiny_vae)]
+    p = job(f"tune_{task}.py", *args, "--smoke", "--num-samples", "1", "--warm-start-steps", "0", "--storage",
+            str(tmp_path / "ray"), "--name", f"{task}-sweep", cwd=tmp_path)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    assert "Pareto front (fid_data vs tv_to_uniform" in p.stdout
+    assert (tmp_path / "ray" / f"{task}-sweep" / "front" / "pareto.csv").exists()
