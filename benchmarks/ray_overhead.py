@@ -1,11 +1,13 @@
 """Steady-state cost of running the primal-dual loop under Ray Train vs in a plain process.
 
-Interleaved repeats in one driver: each repeat trains the same config once in this process and
-once under TorchTrainer with one worker (order alternates). Reported per repeat: seconds per
-primal step inside the loop (checkpoint reports included, evaluation excluded) and the Ray
+Interleaved repeats in one driver: each repeat trains the same global batch once in this process
+(all threads) and once under TorchTrainer with --workers workers (each the per-worker batch, the
+threads split among them, gradients all-reduced) (order alternates). Reported per repeat: seconds
+per primal step inside the loop (checkpoint reports included, evaluation excluded) and the Ray
 start-up cost (fit wall time minus the worker's own wall time). Prints the median ratio.
 
     python benchmarks/ray_overhead.py --steps 200 --repeats 3
+    python benchmarks/ray_overhead.py --steps 200 --repeats 3 --workers 2
 """
 
 import argparse
@@ -32,6 +34,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--checkpoint-every", type=int, default=50, help="dual steps between checkpoints")
+    p.add_argument("--workers", type=int, default=1)
     args = p.parse_args()
     threads = os.cpu_count() or 1
     overrides = {"optim.steps": args.steps, "ray.checkpoint_every": args.checkpoint_every,
@@ -47,8 +50,12 @@ def main() -> None:
         row = {}
         for kind in order:
             cfg = build_config(args.preset, overrides={**overrides, "name": f"bench-{r}",
-                                                        "ray.storage": storage})
-            if kind == "plain":
+                                                        "ray.storage": storage, "ray.workers": args.workers,
+                                                        "optim.threads": max(1, threads // args.workers)})
+            if kind == "plain":  # the same global batch in one process
+                cfg.optim.batch_size *= args.workers
+                cfg.optim.constraint_batch_size *= args.workers
+                cfg.optim.threads = threads
                 res = train(cfg, split)
                 row["plain_s_per_step"] = res.train_s / args.steps
             else:
@@ -64,7 +71,7 @@ def main() -> None:
               f"ms/step, ratio {row['ratio']:.3f}, ray start-up {row['ray_startup_s']:.1f} s", flush=True)
     print()
     print(f"settings: preset={args.preset} steps={args.steps} checkpoint_every={args.checkpoint_every} dual steps, "
-          f"threads={threads}, 1 worker, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="
+          f"threads={threads}, {args.workers} worker(s), RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="
           f"{os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S')}")
     print("| repeat | plain ms/step | Ray ms/step | ratio | Ray start-up s |")
     print("| --- | --- | --- | --- | --- |")

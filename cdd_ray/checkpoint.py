@@ -115,6 +115,8 @@ def newest(directories: Iterable[str | Path], after_step: int = -1) -> tuple[Pat
     """
     found = []
     for d in map(Path, directories):
+        if not d.is_dir():
+            continue
         try:
             step = int(_read_json(d / "meta.json")["step"])
         except (CheckpointError, KeyError, TypeError, ValueError):

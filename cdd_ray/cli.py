@@ -95,6 +95,17 @@ def job_errors() -> Iterator[JobGuard]:
         raise SystemExit(130) from None
 
 
+def run_training(cfg: Config, args: argparse.Namespace, guard: JobGuard) -> tuple[dict, str]:
+    """Train ``cfg``: in this process with --local, else on Ray Train (--resume continues --name);
+    returns the summary and the output folder (--out, default runs/<name>)."""
+    from cdd_ray.runner import run_local, run_ray
+
+    setup_logging()
+    out = args.out or f"runs/{cfg.name}"
+    guard.resume_name = None if args.local else cfg.name
+    return (run_local(cfg, out) if args.local else run_ray(cfg, out, resume=args.resume)), out
+
+
 def fail(e: Exception) -> NoReturn:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2)
@@ -131,12 +142,7 @@ def train_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
         cfg = task_config(task, args.preset, args.config, parse_set(args.overrides) | flag_overrides(args),
                           args.unconstrained)
         cfg = name_run(cfg, args, f"{task}-{'baseline' if cfg.unconstrained else 'constrained'}")
-        setup_logging()
-        from cdd_ray.runner import run_local, run_ray
-
-        out = args.out or f"runs/{cfg.name}"
-        guard.resume_name = None if args.local else cfg.name
-        summary = run_local(cfg, out) if args.local else run_ray(cfg, out, resume=args.resume)
+        summary, out = run_training(cfg, args, guard)
     print(json.dumps({k: summary.get(k) for k in SUMMARY_KEYS}, indent=2))
     print(f"wrote {Path(out).resolve()}")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cdd_ray.cli import add_config_flags, add_ray_flags, check_resume, flag_overrides, job_errors, name_run, setup_logging  # noqa: E402
+from cdd_ray.cli import add_config_flags, add_ray_flags, check_resume, flag_overrides, job_errors, name_run, run_training  # noqa: E402
 from cdd_ray.config import parse_set  # noqa: E402
 
 
@@ -30,12 +30,7 @@ def main() -> None:
         check_resume(args)
         cfg = name_run(pretrain_config(args.preset, args.config, parse_set(args.overrides) | flag_overrides(args)),
                        args, "pretrained")
-        setup_logging()
-        from cdd_ray.runner import run_local, run_ray
-
-        out = args.out or f"runs/{cfg.name}"
-        guard.resume_name = None if args.local else cfg.name
-        summary = run_local(cfg, out) if args.local else run_ray(cfg, out, resume=args.resume)
+        summary, out = run_training(cfg, args, guard)
     print(f"classes {cfg.data.classes}: shares {[round(s, 3) for s in summary['class_shares']]}, "
           f"fid {summary['fid']:.2f} ({summary['fid_features']} features)")
     print(f"pre-trained model: {Path(out).resolve() / 'checkpoint'}  MLflow run: {summary.get('mlflow_run_id')}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cdd_ray.cli import add_config_flags, add_ray_flags, check_resume, flag_overrides, job_errors, name_run, setup_logging  # noqa: E402
+from cdd_ray.cli import add_config_flags, add_ray_flags, check_resume, flag_overrides, job_errors, name_run, run_training  # noqa: E402
 from cdd_ray.config import parse_set  # noqa: E402
 
 KEYS = ("new_share", "old_share", "forgetting", "old_tv_to_pretrained", "class_shares", "pretrained_shares", "fid",
@@ -37,12 +37,7 @@ def main() -> None:
         cfg = finetune_config(resolve_pretrained(args.pretrained), args.preset, args.config,
                               parse_set(args.overrides) | flag_overrides(args), args.unconstrained)
         cfg = name_run(cfg, args, "finetune-free" if cfg.unconstrained else "finetune")
-        setup_logging()
-        from cdd_ray.runner import run_local, run_ray
-
-        out = args.out or f"runs/{cfg.name}"
-        guard.resume_name = None if args.local else cfg.name
-        summary = run_local(cfg, out) if args.local else run_ray(cfg, out, resume=args.resume)
+        summary, out = run_training(cfg, args, guard)
     print(json.dumps({k: summary.get(k) for k in KEYS}, indent=2))
     print(f"wrote {Path(out).resolve()}")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cdd_ray.cli import add_config_flags, add_ray_flags, config_from_args, job_errors, setup_logging  # noqa: E402
+from cdd_ray.cli import add_config_flags, add_ray_flags, config_from_args, job_errors, run_training  # noqa: E402
 
 
 def main() -> None:
@@ -25,13 +25,8 @@ def main() -> None:
     p.add_argument("--local", action="store_true", help="train in this process instead of on Ray Train")
     args = p.parse_args()
     cfg = config_from_args(args)
-    setup_logging()
-    out = args.out or f"runs/{cfg.name}"
-    from cdd_ray.runner import run_local, run_ray
-
     with job_errors() as guard:
-        guard.resume_name = None if args.local else cfg.name
-        summary = run_local(cfg, out) if args.local else run_ray(cfg, out, resume=args.resume)
+        summary, out = run_training(cfg, args, guard)
     keys = ("minority_share", "tv_to_uniform", "fid", "fid_data", "fid_features", "lambda", "classifier_accuracy", "wall_s")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     print(f"wrote {Path(out).resolve()}")

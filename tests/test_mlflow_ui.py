@@ -6,17 +6,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 from cdd_ray import tracking
 from cdd_ray.config import build_config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port, wait_for_health
 
 
 def test_mlflow_ui_lists_runs_of_the_default_store(tmp_path, monkeypatch):
@@ -32,15 +26,7 @@ def test_mlflow_ui_lists_runs_of_the_default_store(tmp_path, monkeypatch):
                             start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, "mlflow ui exited"
-                assert time.time() < deadline, "mlflow ui did not answer within 90 s"
-                time.sleep(0.5)
+        wait_for_health(base, proc, "mlflow ui")
         req = urllib.request.Request(base + "/api/2.0/mlflow/runs/search",
                                      data=json.dumps({"experiment_ids": [exp_id]}).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")

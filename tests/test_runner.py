@@ -77,7 +77,10 @@ def test_ctrl_c_marks_the_run_killed_keeps_checkpoints_and_resume_finishes(tmp_p
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
                          start_new_session=True)
     t0 = time.monotonic()
-    while not glob.glob(str(tmp_path / "ray" / "ctrl-c" / "checkpoint_*")):
+    def checkpoints():  # Ray's checkpoint folders (not its checkpoint_manager_snapshot.json)
+        return sorted(p for p in glob.glob(str(tmp_path / "ray" / "ctrl-c" / "checkpoint_*")) if os.path.isdir(p))
+
+    while not checkpoints():
         assert p.poll() is None, p.communicate()[1][-3000:]
         assert time.monotonic() - t0 < 300, "no checkpoint within 300 s"
         time.sleep(0.1)
@@ -91,7 +94,7 @@ def test_ctrl_c_marks_the_run_killed_keeps_checkpoints_and_resume_finishes(tmp_p
     run_id = (tmp_path / "ray" / "ctrl-c" / "mlflow_run_id").read_text()
     assert client.get_run(run_id).info.status == "KILLED"
     assert not (tmp_path / "out").exists()
-    last = sorted(glob.glob(str(tmp_path / "ray" / "ctrl-c" / "checkpoint_*")))[-1]
+    last = checkpoints()[-1]
     kept = checkpoint.load(last)
     assert 2 <= kept.meta["step"] < 40
     deadline = time.monotonic() + 20  # Ray's processes (raylet, GCS, dashboard, agents, workers) are gone

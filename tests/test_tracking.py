@@ -2,12 +2,10 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from cdd_ray import checkpoint, runner, tracking
 from cdd_ray.config import build_config
 from cdd_ray.runner import run_local
 from cdd_ray.sample import main as sample_main
+from helpers import free_port, wait_for_health
 
 
 @pytest.fixture(scope="module")
@@ -160,22 +159,13 @@ def test_points_a_worker_could_not_send_reach_the_run(tmp_path):
 def mlflow_server(tmp_path):
     """A real ``mlflow server`` in its own process group (so SIGSTOP freezes it whole: it still accepts
     connections but never answers, the worst case for a client)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                              "--artifacts-destination", str(tmp_path / "server-artifacts")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=1)
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.3)
+    wait_for_health(uri, proc, "mlflow server")
     yield uri, proc
     os.killpg(proc.pid, signal.SIGCONT)
     os.killpg(proc.pid, signal.SIGKILL)
