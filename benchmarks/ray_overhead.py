@@ -6,8 +6,8 @@ threads split among them, gradients all-reduced) (order alternates). Reported pe
 per primal step inside the loop (checkpoint reports included, evaluation excluded) and the Ray
 start-up cost (fit wall time minus the worker's own wall time). Prints the median ratio.
 
-    python benchmarks/ray_overhead.py --steps 200 --repeats 3
-    python benchmarks/ray_overhead.py --steps 200 --repeats 3 --workers 2
+    python benchmarks/ray_overhead.py                 # 1 worker, 100 steps, 2 repeats
+    python benchmarks/ray_overhead.py --workers 2
 """
 
 import argparse
@@ -31,8 +31,8 @@ from cdd_ray.train_loop import train  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--checkpoint-every", type=int, default=50, help="dual steps between checkpoints")
     p.add_argument("--workers", type=int, default=1)
     args = p.parse_args()
