@@ -63,8 +63,8 @@ def main() -> None:
     p.add_argument("--constraints", default="1,3,10", help="comma-separated K values")
     p.add_argument("--batch", type=int, default=128, help="objective images per step (B)")
     p.add_argument("--constraint-batch", type=int, default=64, help="images per constraint per step (C)")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per mode per repeat")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per mode per repeat")
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32"],

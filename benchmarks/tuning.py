@@ -2,10 +2,11 @@
 
 Runs ``tune.run_sweep`` with the default CPU sweep's settings (jobs/tune_mnist.py: cpu preset, 500 evaluation
 samples at DDIM 25, warm-started trials, ASHA) but shorter: a --baseline-steps baseline and --num-samples
-trials of --trial-steps steps. Measured: the baseline's wall time, each trial's wall time, its training
-steps/s and its fixed cost (wall minus training: Ray Train start-up, data, evaluation, MLflow). From these
-the trial throughput at the default sweep's trial budget (300 steps) is computed: 3600 * concurrency /
-(fixed + 300 / steps_per_s). Then the concurrency chosen for a few cluster shapes (``tune.concurrency``).
+trials of --trial-steps steps. Measured: the trials phase (first trial start to last trial end), each trial's
+wall time in its worker, its training steps/s and fixed cost (wall minus training: data, evaluation,
+MLflow), and the time a trial spends outside its worker (Ray Train start-up, Tune). From these the trial
+throughput at the default sweep's trial budget (300 steps) is computed: 3600 * concurrency /
+(outside + fixed + 300 / steps_per_s). Then the concurrency chosen for a few cluster shapes (``tune.concurrency``).
 
     python benchmarks/tuning.py                    # about 6 minutes on 2 cores
 """
@@ -72,16 +73,20 @@ def main() -> None:
               f"{t['wall'] - t['train']:.0f} |")
     rate = statistics.median(t["steps"] / t["train"] for t in trials)
     fixed = statistics.median(t["wall"] - t["train"] for t in trials)
-    startup = (wall - base_s["wall_s"] - cont_s["wall_s"] - sum(t["wall"] for t in trials)) / (2 + len(trials))
-    per_trial = fixed + startup
+    # The trials phase, measured: from the reference run's summary (written just before the first trial
+    # starts) to the last trial's summary.
+    ends = [p.stat().st_mtime for p in (res.out / "trials").glob("*/summary.json")]
+    phase = max(ends) - (res.out / "baseline-continued" / "summary.json").stat().st_mtime
+    per_trial = phase * conc / len(trials)  # as Tune sees a trial: Ray Train start-up + the worker's wall
+    outside = per_trial - statistics.median(t["wall"] for t in trials)
+    default = outside + fixed + DEFAULT_TRIAL_STEPS / rate
     print()
-    print(f"per trial: {rate:.2f} constrained steps/s, {fixed:.0f} s fixed in the worker, {startup:.0f} s outside "
-          "the worker (Ray Train start-up, Tune, MLflow; measured as the sweep's wall time not spent in workers)")
-    print(f"measured: {3600 * len(trials) / sum(t['wall'] + startup for t in trials) * conc:.1f} trials/hour at "
-          f"{args.trial_steps} steps")
-    print(f"default sweep (trials of {DEFAULT_TRIAL_STEPS} steps): "
-          f"{3600 * conc / (per_trial + DEFAULT_TRIAL_STEPS / rate):.1f} trials/hour "
-          f"({per_trial + DEFAULT_TRIAL_STEPS / rate:.0f} s per trial)")
+    print(f"trials phase {phase:.0f} s for {len(trials)} trials, {conc} at a time: {per_trial:.0f} s per trial, of "
+          f"which {outside:.0f} s outside the worker (Ray Train start-up, Tune, MLflow)")
+    print(f"per trial: {rate:.2f} constrained steps/s, {fixed:.0f} s fixed in the worker (data, evaluation)")
+    print(f"measured: {3600 * len(trials) / phase:.1f} trials/hour at {args.trial_steps} steps")
+    print(f"default sweep (trials of {DEFAULT_TRIAL_STEPS} steps, the same per-step rate and fixed costs): "
+          f"{3600 * conc / default:.1f} trials/hour ({default:.0f} s per trial, {conc} at a time)")
     print()
     print("concurrency chosen by tune.concurrency (every trial's workers must fit at once; 0.1 CPU per trial "
           "driver):")
