@@ -94,6 +94,10 @@ class EvalConfig:
     fid_features: str = "auto"  # auto: Inception when its weights are local, else classifier
     inception_path: str = ""  # a local clean-fid Inception torchscript file
     classifier_epochs: int = 12
+    # A user-given labeller (e.g. a CLIP zero-shot head exported with torch.jit): a TorchScript file mapping
+    # images in [-1, 1], (N, C, S, S), to logits over data.classes in order. Used for the class shares
+    # instead of the trained classifier; FID keeps its own features.
+    classifier_path: str = ""
     classifier_cache: str = "~/.cache/cdd_ray/classifiers"
 
 
@@ -517,6 +521,8 @@ def validate(cfg: Config) -> None:
              f"eval.inception_path: {e.inception_path!r} is not a file; eval.fid_features=inception needs "
              "clean-fid's local Inception torchscript weights")
     _require(e.classifier_epochs >= 1, f"eval.classifier_epochs: {e.classifier_epochs} must be >= 1")
+    _require(not e.classifier_path or Path(e.classifier_path).expanduser().is_file(),
+             f"eval.classifier_path: {e.classifier_path!r} is not a file (a TorchScript classifier)")
 
     if cfg.is_finetune:
         _validate_finetune(cfg)

@@ -163,6 +163,32 @@ def train_classifier(split: Split, epochs: int, seed: int = 0) -> tuple[DigitCla
     return clf, acc
 
 
+def external_classifier(path: str, n_classes: int) -> nn.Module:
+    """A user-given TorchScript classifier (``eval.classifier_path``); its output shape is checked on use."""
+    try:
+        model = torch.jit.load(str(Path(path).expanduser()), map_location="cpu").eval()
+    except Exception as e:  # noqa: BLE001
+        from cdd_ray.config import ConfigError
+
+        raise ConfigError(f"eval.classifier_path: {path!r} is not a TorchScript model: {e}") from None
+    return _CheckedClassifier(model, n_classes, path)
+
+
+class _CheckedClassifier(nn.Module):
+    def __init__(self, model: nn.Module, n_classes: int, path: str):
+        super().__init__()
+        self.model, self.n_classes, self.path = model, n_classes, path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if out.dim() != 2 or out.shape[1] != self.n_classes:
+            from cdd_ray.config import ConfigError
+
+            raise ConfigError(f"eval.classifier_path: {self.path!r} returned shape {tuple(out.shape)}; expected "
+                              f"(N, {self.n_classes}) logits over data.classes")
+        return out
+
+
 def _cache_dir(cfg: EvalConfig) -> Path:
     root = cfg.classifier_cache or os.environ.get("CDD_RAY_CACHE") or "~/.cache/cdd_ray"
     return Path(root).expanduser() / "classifiers"
@@ -287,7 +313,11 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
     if cfg.model.vae:  # latent diffusion: classify and compare decoded images
         x = decode(load_vae(cfg.model.vae, device), x)
     t_sample = time.perf_counter() - t0 - t_clf
-    pos = predict(clf, x)
+    labeller, label_acc = clf, acc
+    if e.classifier_path:
+        labeller = external_classifier(e.classifier_path, len(split.classes))
+        label_acc = float((predict(labeller, split.clf_test) == split.clf_test_labels).float().mean())
+    pos = predict(labeller, x)
     k = len(split.classes)
     shares = class_shares(pos, k)
     minority_pos = [split.classes.index(c) for c in cfg.data.minority_classes]
@@ -323,7 +353,9 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
         "fid_data_reference_size": int(len(data_idx)),
         "n_samples": int(e.n_samples),
         "sampler": f"ddim-{e.sampler_steps}",
-        "classifier_accuracy": acc,
+        "classifier_accuracy": label_acc,  # of the model that labels the samples
+        "classifier": e.classifier_path or "trained",
+        "trained_classifier_accuracy": acc,
         "minority_losses": class_losses,  # EMA model's denoising loss on each minority class's training images
         "classifier_test_size": int(split.clf_test.shape[0]),
         "eval_s": {"classifier": t_clf, "sampling": t_sample, "total": time.perf_counter() - t0},

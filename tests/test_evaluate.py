@@ -57,3 +57,33 @@ def test_data_mix_reference_follows_the_training_priors():
     assert np.bincount(y[idx], minlength=4).tolist() == [20, 5, 20, 5]
     assert len(set(idx.tolist())) == len(idx)
     assert np.bincount(y[data_mix_indices(y, [0.25] * 4)]).tolist() == [20] * 4
+
+
+class AlwaysSeven(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(x.shape[0], 10)
+        logits[:, 7] = 1.0
+        return logits
+
+
+def test_a_user_given_classifier_labels_the_samples(smoke_split, tmp_path):
+    from cdd_ray.config import ConfigError
+    from cdd_ray.evaluate import evaluate
+
+    path = tmp_path / "labeller.pt"
+    torch.jit.script(AlwaysSeven()).save(str(path))
+    cfg = build_config("smoke", overrides={"eval.classifier_path": str(path), "eval.n_samples": 8,
+                                           "eval.classifier_cache": str(tmp_path / "c")})
+    torch.manual_seed(0)
+    unet = build_unet(cfg.model, 8)
+    ev = evaluate(unet, build_noise_scheduler(cfg.model), smoke_split, cfg, {})
+    assert ev.summary["class_shares"][7] == 1.0 and ev.summary["classifier"] == str(path)
+    assert ev.summary["classifier_accuracy"] == pytest.approx(0.1)  # its accuracy on the balanced test split
+    assert ev.summary["trained_classifier_accuracy"] > 0.1
+    with pytest.raises(ConfigError, match="eval.classifier_path: '/nope.pt' is not a file"):
+        build_config("smoke", overrides={"eval.classifier_path": "/nope.pt"})
+    (tmp_path / "junk.pt").write_text("not torchscript")
+    bad = build_config("smoke", overrides={"eval.classifier_path": str(tmp_path / "junk.pt"), "eval.n_samples": 4,
+                                           "eval.classifier_cache": str(tmp_path / "c")})
+    with pytest.raises(ConfigError, match="is not a TorchScript model"):
+        evaluate(unet, build_noise_scheduler(cfg.model), smoke_split, bad, {})
