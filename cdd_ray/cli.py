@@ -38,6 +38,8 @@ _FLAG_KEYS = {"name": "name", "workers": "ray.workers", "gpu": "ray.gpu", "stora
               "address": "ray.address", "root": "data.root", "vae": "model.vae"}
 SUMMARY_KEYS = ("minority_share", "tv_to_uniform", "fid", "fid_data", "fid_features", "lambda", "classifier_accuracy",
                 "data_source", "wall_s")
+# Sweeps (tune_* jobs): --smoke checks the machinery; on CPU a sweep evaluates many models, so fewer samples
+# and DDIM steps than a single run (the same for every trial and the baseline) and frequent reports for ASHA.
 SWEEP_SMOKE = ["optim.steps=8", "ray.checkpoint_every=1", "eval.n_samples=32"]
 SWEEP_CPU = ["optim.steps=1200", "eval.n_samples=500", "eval.sampler_steps=25", "ray.checkpoint_every=25"]
 

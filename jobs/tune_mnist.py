@@ -17,13 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cdd_ray.cli import add_config_flags, add_ray_flags, config_from_args, fail, job_errors, setup_logging  # noqa: E402
+from cdd_ray.cli import (SWEEP_CPU, SWEEP_SMOKE, add_config_flags, add_ray_flags, config_from_args, fail,  # noqa: E402
+                         job_errors, setup_logging)
 from cdd_ray.config import ConfigError  # noqa: E402
-
-SMOKE = ["optim.steps=8", "ray.checkpoint_every=1", "eval.n_samples=32"]
-# A sweep evaluates many models: fewer samples and DDIM steps than a single run (same for every trial
-# and the baseline, so comparisons stay fair), and more frequent reports for ASHA.
-SWEEP_CPU = ["optim.steps=1200", "eval.n_samples=500", "eval.sampler_steps=25", "ray.checkpoint_every=25"]
 
 
 def main() -> None:
@@ -48,7 +44,7 @@ def main() -> None:
     gpus = torch.cuda.device_count()
     if args.smoke:
         args.preset = args.preset or "smoke"
-        args.overrides = SMOKE + args.overrides
+        args.overrides = SWEEP_SMOKE + args.overrides
     elif args.preset is None and gpus > 0:  # one worker per GPU, the authors' model
         args.preset, args.gpu = "paper", True
     elif args.preset in (None, "cpu"):
