@@ -1,8 +1,8 @@
 """Sampling throughput and the time of a full evaluation.
 
-1. images/s of ``evaluate.sample`` for DDIM at 25/50/100 steps and ancestral DDPM at 1000 steps (the
+1. images/s of ``evaluation.sample`` for DDIM at 25/50/100 steps and ancestral DDPM at 1000 steps (the
    UNet's weights do not change the cost: a freshly initialised UNet of the preset is used);
-2. wall time of ``evaluate.evaluate`` (sampling N images, classifying them, class shares, FID and FID-data
+2. wall time of ``evaluation.evaluate`` (sampling N images, classifying them, class shares, FID and FID-data
    against the held-out reference, per-class denoising losses) for each N in --eval-n. N above
    --measure-up-to is estimated from the measured sampling rate plus the measured fixed cost, and
    labelled as an estimate (15,000 samples take hours on 2 CPU threads).
@@ -22,7 +22,9 @@ import torch  # noqa: E402
 
 from cdd_ray.config import build_config  # noqa: E402
 from cdd_ray.data import prepare_split  # noqa: E402
-from cdd_ray.evaluate import evaluate, get_classifier, sample  # noqa: E402
+from cdd_ray.evaluation import evaluate  # noqa: E402
+from cdd_ray.evaluation.labeller import get_classifier  # noqa: E402
+from cdd_ray.evaluation.sampling import sample  # noqa: E402
 from cdd_ray.model import build_noise_scheduler, build_unet, n_params  # noqa: E402
 
 

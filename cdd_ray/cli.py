@@ -36,12 +36,34 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
 
 _FLAG_KEYS = {"name": "name", "workers": "ray.workers", "gpu": "ray.gpu", "storage": "ray.storage",
               "address": "ray.address", "root": "data.root", "vae": "model.vae"}
-SUMMARY_KEYS = ("minority_share", "tv_to_uniform", "fid", "fid_data", "fid_features", "lambda", "classifier_accuracy",
-                "data_source", "wall_s")
+SUMMARY_KEYS = ("minority_share", "minority_share_ci", "tv_to_uniform", "tv_to_uniform_ci", "tv_floor", "fd", "fd_ci",
+                "precision", "precision_ci", "recall", "fid_class_mean", "fid", "fid_ci", "fid_data", "fid_features",
+                "lambda", "classifier_accuracy", "data_source", "wall_s")
 # Sweeps (tune_* jobs): --smoke checks the machinery; on CPU a sweep evaluates many models, so fewer samples
-# and DDIM steps than a single run (the same for every trial and the baseline) and frequent reports for ASHA.
-SWEEP_SMOKE = ["optim.steps=8", "ray.checkpoint_every=1", "eval.n_samples=32"]
-SWEEP_CPU = ["optim.steps=1200", "eval.n_samples=500", "eval.sampler_steps=25", "ray.checkpoint_every=25"]
+# and DDIM steps than a single run (the same for every trial and the baseline) and frequent reports for ASHA
+# (ray.report_every: ASHA's clock, in primal steps; warm-started trials train 2 steps in a smoke sweep, 300 on CPU).
+SWEEP_SMOKE = ["optim.steps=8", "ray.checkpoint_every=1", "eval.n_samples=32", "ray.report_every=1"]
+SWEEP_CPU = ["optim.steps=1200", "eval.n_samples=500", "eval.sampler_steps=25", "ray.checkpoint_every=25",
+             "ray.report_every=50"]
+
+
+def add_target_flags(p: argparse.ArgumentParser) -> None:
+    """The sweep's objectives and fairness targets (minority-class tasks)."""
+    p.add_argument("--quality", default="precision", choices=["precision", "fid_class_mean", "fid", "fid_data", "recall"],
+                   help="quality objective (README: Tuning): precision (default; does not move with the class mix), "
+                        "fid_class_mean (per-class FID, mean), fid (balanced reference, the paper's; rewards "
+                        "fairness too), fid_data (training class mix; penalises fairness), recall")
+    p.add_argument("--fairness", default="tv_to_uniform", choices=["tv_to_uniform", "fd"],
+                   help="fairness objective: tv_to_uniform or fd (L2 distance of the class shares to uniform)")
+    p.add_argument("--max-tv", type=float, default=None, metavar="X",
+                   help="fairness target: search for the best quality with tv_to_uniform <= X")
+    p.add_argument("--max-fd", type=float, default=None, metavar="X",
+                   help="fairness target: search for the best quality with fd <= X")
+
+
+def sweep_limits(args: argparse.Namespace) -> dict[str, float]:
+    limits = {"tv_to_uniform": args.max_tv, "fd": args.max_fd}
+    return {k: v for k, v in limits.items() if v is not None}
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -150,12 +172,12 @@ def train_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
 
 
 def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
-    """``jobs/tune_<task>.py``: baseline + Optuna trials on Ray Tune; prints the fid_data / tv_to_uniform front."""
+    """``jobs/tune_<task>.py``: baselines + Optuna trials on Ray Tune; prints the quality / fairness front."""
     from pathlib import Path
 
     from cdd_ray.tasks import task_config
     from cdd_ray.tracking import tracking_uri
-    from cdd_ray.tune import format_front, load_space, run_sweep
+    from cdd_ray.tune import load_space, report, run_sweep
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(p, unconstrained=False)
@@ -169,6 +191,7 @@ def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
     p.add_argument("--warm-start-steps", type=int, default=None,
                    help="trials start from the baseline and train this many steps (default: optim.steps // 4; "
                         "0: every trial trains from scratch)")
+    add_target_flags(p)
     args = p.parse_args(argv)
     with job_errors() as guard:
         check_resume(args)
@@ -184,9 +207,8 @@ def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
             raise ConfigError(f"--warm-start-steps: {warm} must be >= 0")
         setup_logging()
         guard.resume_name = cfg.name
-        res = run_sweep(cfg, space, args.num_samples, resume=args.resume, seed=args.seed, warm_start_steps=warm)
-    q, f = res.objectives
-    print(f"\nPareto front ({q} vs {f}, both lower is better; {len(res.rows)} trials, {len(res.front)} on the front):")
-    print(format_front(res.front, res.baseline, res.objectives))
-    print(f"\nsweep folder: {res.out}  (front/pareto.csv, front/tradeoff.png, front/best_configs.json)")
-    print(f"MLflow parent run: {res.parent_run_id} in {tracking_uri()}")
+        res = run_sweep(cfg, space, args.num_samples, resume=args.resume, seed=args.seed, warm_start_steps=warm,
+                        objectives=(args.quality, args.fairness), limits=sweep_limits(args))
+    print()
+    print(report(res))
+    print(f"MLflow store: {tracking_uri()}")

@@ -84,6 +84,12 @@ class OptimConfig:
     init_from: str = ""  # warm start: a checkpoint folder whose UNet weights start this run (not its optimiser)
     channels_last: bool = False  # UNet weights and activations in channels_last (may help convolutions on GPUs)
     compile: bool = False  # torch.compile the training forward (see BENCHMARKS.md before turning it on)
+    # Class-balanced objective batches (a rival baseline): each draw picks one of the objective's classes
+    # uniformly, then an image of that class uniformly, with replacement (minority images re-used).
+    balanced: bool = False
+    # Unconstrained runs: also draw one constraint_batch_size batch per constraint dataset into the fused
+    # forward and record its loss per block (loss_class_<c>), with no gradient weight: training is unchanged.
+    monitor_constraints: bool = False
 
 
 @dataclass
@@ -99,6 +105,12 @@ class EvalConfig:
     # instead of the trained classifier; FID keeps its own features.
     classifier_path: str = ""
     classifier_cache: str = "~/.cache/cdd_ray/classifiers"
+    # 95% bootstrap intervals: resamples of the generated samples (FIDs: of the reference too); 0: none.
+    bootstrap: int = 200
+    pr_k: int = 3  # k of the k-nearest-neighbour manifolds behind precision and recall
+    # fid_class_mean: FID of each class on this many of its generated samples (classes with fewer are skipped),
+    # so every class's FID has the same sample-size bias whatever the class mix.
+    class_fid_samples: int = 25
 
 
 @dataclass
@@ -125,6 +137,9 @@ class RayConfig:
     gpu: bool = False  # one GPU per worker
     cpus_per_worker: float = 0.0  # 0: the cluster's CPUs divided among the workers
     checkpoint_every: int = 100  # dual steps between checkpoints (the final one is always written)
+    # Primal steps between metric-only reports of the window's mean losses (asha_loss: ASHA's clock and signal
+    # in sweeps, so trials are compared at the same amount of training); 0 = none (sweeps pick a value).
+    report_every: int = 0
     keep_checkpoints: int = 2  # CheckpointConfig(num_to_keep)
     max_failures: int = 2  # FailureConfig(max_failures): worker-group restarts from the last checkpoint
     storage: str = "runs/ray"  # absolute path or URI (s3://, gs://); relative paths are made absolute
@@ -208,6 +223,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval.sampler_steps": 4,
         "eval.batch_size": 32,
         "eval.classifier_epochs": 1,
+        "eval.bootstrap": 50,
+        "eval.class_fid_samples": 3,
     },
     "cpu": {
         "data.image_size": 16,
@@ -521,6 +538,10 @@ def validate(cfg: Config) -> None:
              f"eval.inception_path: {e.inception_path!r} is not a file; eval.fid_features=inception needs "
              "clean-fid's local Inception torchscript weights")
     _require(e.classifier_epochs >= 1, f"eval.classifier_epochs: {e.classifier_epochs} must be >= 1")
+    _require(e.bootstrap == 0 or e.bootstrap >= 20,
+             f"eval.bootstrap: {e.bootstrap} must be 0 (no intervals) or >= 20 resamples")
+    _require(e.pr_k >= 1, f"eval.pr_k: {e.pr_k} must be >= 1 (nearest neighbours)")
+    _require(e.class_fid_samples >= 2, f"eval.class_fid_samples: {e.class_fid_samples} must be >= 2")
     _require(not e.classifier_path or Path(e.classifier_path).expanduser().is_file(),
              f"eval.classifier_path: {e.classifier_path!r} is not a file (a TorchScript classifier)")
 
@@ -531,6 +552,8 @@ def validate(cfg: Config) -> None:
     _require(r.workers >= 1, f"ray.workers: {r.workers} must be >= 1")
     _require(r.cpus_per_worker >= 0, f"ray.cpus_per_worker: {r.cpus_per_worker} must be >= 0")
     _require(r.checkpoint_every >= 1, f"ray.checkpoint_every: {r.checkpoint_every} must be >= 1 (dual steps)")
+    _require(r.report_every >= 0, f"ray.report_every: {r.report_every} must be >= 0 (primal steps between "
+             "reports of the window's mean losses; 0 = no such reports)")
     _require(r.keep_checkpoints >= 1, f"ray.keep_checkpoints: {r.keep_checkpoints} must be >= 1")
     _require(r.max_failures >= -1, f"ray.max_failures: {r.max_failures} must be >= -1 (-1: unlimited)")
     _require(bool(r.storage), "ray.storage: must be a path or URI")

@@ -75,7 +75,7 @@ class Split:
     objective_labels: torch.Tensor
     constraints: dict[str, torch.Tensor]  # constraint name -> that minority class's objective images
     constraint_classes: dict[str, int]
-    clf_train: torch.Tensor  # all but clf_test: classifier training images
+    clf_train: torch.Tensor  # all but clf_test and reference: classifier (labeller, FID features) training images
     clf_train_labels: torch.Tensor
     clf_test: torch.Tensor  # held-out: classifier accuracy
     clf_test_labels: torch.Tensor
@@ -210,8 +210,9 @@ def split_indices(labels: np.ndarray, cfg: DataConfig, seed: int,
     Per class (shuffled with ``seed``): the first per_class (minority: minority_count) images form
     the objective; of the rest (held out from the diffusion model), the first classifier_test_per_class
     are the classifier's test set and the FID reference takes an equal number per class of the
-    remainder (at most reference_per_class). The classifier trains on every image outside its test
-    split (objective included), so its accuracy is measured on images no model has seen.
+    remainder (at most reference_per_class). The classifier (the labeller and the FID features) trains on
+    every image outside its test split and the FID reference (objective included): its accuracy is measured
+    on images it has not seen, and the reference's features are as out-of-sample as the generated ones'.
     """
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {"objective": [], "clf_train": [], "clf_test": [], "reference": []}
@@ -233,11 +234,12 @@ def split_indices(labels: np.ndarray, cfg: DataConfig, seed: int,
         if not new_counts or c in new_counts:
             parts["objective"].append(idx[:n_obj])
         parts["clf_test"].append(idx[n_obj:n_obj + cfg.classifier_test_per_class])
-        rest = idx[n_obj + cfg.classifier_test_per_class:]
-        parts["clf_train"].append(np.concatenate([idx[:n_obj], rest]))
-        rest_by_class[c] = rest
-    n_ref = min(cfg.reference_per_class, min(len(r) for r in rest_by_class.values()))
-    parts["reference"] = [rest_by_class[c][:n_ref] for c in cfg.classes]
+        rest_by_class[c] = (idx[:n_obj], idx[n_obj + cfg.classifier_test_per_class:])
+    n_ref = min(cfg.reference_per_class, min(len(rest) for _, rest in rest_by_class.values()))
+    for c in cfg.classes:
+        objective, rest = rest_by_class[c]
+        parts["reference"].append(rest[:n_ref])
+        parts["clf_train"].append(np.concatenate([objective, rest[n_ref:]]))
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 

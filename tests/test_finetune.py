@@ -173,11 +173,13 @@ def test_tune_finetune_smoke(pretrained, tmp_path):
             "--storage", str(tmp_path / "ray"), "--name", "ft-sweep", "--set", "optim.threads=1", cwd=tmp_path,
             timeout=900)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
-    assert "Pareto front (heldout_loss_new vs forgetting" in p.stdout
+    assert "Pareto front (heldout_loss_new lower is better, forgetting lower is better" in p.stdout
+    assert "| baseline |" in p.stdout  # the reference: unconstrained fine-tuning
     front = tmp_path / "ray" / "ft-sweep" / "front"
     assert (front / "pareto.csv").exists() and (front / "tradeoff.png").exists()
     with open(front / "trials.csv") as f:
         rows = list(csv.DictReader(f))
+    rows = [r for r in rows if r["role"] == "trial"]  # the reference row comes first
     # ASHA may stop the worse of the two trials at its first rung; neither may error, one must finish.
     assert len(rows) == 2 and {r["status"] for r in rows} <= {"done", "stopped early"}, rows
     assert any(r["status"] == "done" for r in rows)

@@ -172,5 +172,6 @@ def test_tune_jobs_smoke(task, celeba_root, imagefolder_root, tiny_vae, tmp_path
     p = job(f"tune_{task}.py", *args, "--smoke", "--num-samples", "1", "--warm-start-steps", "0", "--storage",
             str(tmp_path / "ray"), "--name", f"{task}-sweep", cwd=tmp_path)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
-    assert "Pareto front (fid_data vs tv_to_uniform" in p.stdout
+    assert "Pareto front (precision higher is better, tv_to_uniform lower is better" in p.stdout
+    assert "| baseline-rebalanced |" in p.stdout and "tv_floor" in p.stdout
     assert (tmp_path / "ray" / f"{task}-sweep" / "front" / "pareto.csv").exists()

@@ -139,3 +139,157 @@ def test_channels_last_trains_the_same_model(smoke_split):
     assert len(a.dual.lam_history) == 2
     for x, y in zip(a.dual.lam_history, b.dual.lam_history):
         assert x == pytest.approx(y, rel=1e-4, abs=1e-6)
+
+
+# ---------------------------------------------------------------- report windows (ASHA's clock)
+
+
+def test_window_reports_at_multiples_of_report_every_with_window_means(monkeypatch, smoke_split):
+    import cdd_ray.train_loop as tl
+
+    recorded = []  # per primal step: [objective, class_4, class_5, class_7] losses, recorded independently
+    original = tl.fused_losses
+
+    def recording(*a, **k):
+        losses = original(*a, **k)
+        recorded.append([float(v.detach()) for v in losses])
+        return losses
+
+    monkeypatch.setattr(tl, "fused_losses", recording)
+    cfg = build_config("smoke", overrides={"optim.steps": 13, "dual.primal_steps": 3, "ray.report_every": 4})
+    reports = []
+    result = train(cfg, smoke_split, on_report=reports.append)
+    assert len(recorded) == 13 and [m["step"] for m in result.history] == [3, 6, 9, 12, 13]
+    # Steps 4 and 8 are inside dual-step blocks, 12 is a block boundary; 13 (the final step) is not reported.
+    assert [r["step"] for r in reports] == [4, 8, 12]
+    for r in reports:
+        window = torch.tensor(recorded[r["step"] - 4:r["step"]], dtype=torch.float64)
+        means = window.mean(dim=0)
+        assert r["window_steps"] == 4
+        assert r[tl.ASHA_LOSS] == pytest.approx(means.mean().item(), rel=1e-6)
+        assert r["window_loss_objective"] == pytest.approx(means[0].item(), rel=1e-6)
+        for i, c in enumerate((4, 5, 7)):
+            assert r[f"window_loss_class_{c}"] == pytest.approx(means[1 + i].item(), rel=1e-6)
+        assert "loss_mean" not in r and "lambda_class_4" not in r
+    for m in result.history:  # block (checkpoint) metrics never carry ASHA's metric
+        assert tl.ASHA_LOSS not in m
+    # Without a callback (or with report_every 0) nothing else changes: the same training.
+    plain = train(build_config("smoke", overrides={"optim.steps": 13, "dual.primal_steps": 3}), smoke_split)
+    assert plain.dual.lam_history == result.dual.lam_history
+
+
+def test_report_every_is_validated():
+    from cdd_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"ray.report_every: -1 must be >= 0"):
+        build_config("smoke", overrides={"ray.report_every": -1})
+    assert build_config("smoke").ray.report_every == 0
+
+
+def test_asha_metric_is_the_window_metric():
+    from cdd_ray.train_loop import ASHA_LOSS
+    from cdd_ray.tune import ASHA_METRIC
+
+    assert ASHA_METRIC == ASHA_LOSS == "asha_loss"
+
+
+# ---------------------------------------------------------------- class-balanced sampling
+
+
+def test_balanced_sampler_draws_every_class_equally_often(smoke_split):
+    from cdd_ray.train_loop import BatchSampler
+
+    y = smoke_split.objective_labels
+    counts = torch.bincount(y)
+    assert counts.min() < counts.max()  # the smoke split is imbalanced: 3 minorities of 8, 7 classes of 24
+    index = torch.arange(len(y))  # "images" that are their own index
+    sampler = BatchSampler([index], [500], seed=0, rank=0, balanced_labels=y)
+    drawn = torch.cat([sampler.draw()[0] for _ in range(200)])  # 100,000 draws
+    freq = torch.bincount(y[drawn], minlength=len(counts)).double() / len(drawn)
+    # Uniform: p = 0.1 per class, binomial sd sqrt(0.1 * 0.9 / 1e5) = 0.00095; 0.005 is over 5 sd, while the
+    # unbalanced frequencies are 0.042 (minorities) and 0.125 (majorities).
+    assert (freq - 0.1).abs().max() < 0.005, freq
+    # Within a class, images uniformly (minorities re-used): class 4's 8 images, ~1,250 draws each
+    # (sd ~33); 15% is over 5 sd.
+    minority = drawn[y[drawn] == 4]
+    per_image = torch.bincount(minority, minlength=len(y))[y == 4].double()
+    assert (per_image / per_image.mean() - 1).abs().max() < 0.15, per_image
+    # Reproducible per rank, resumable from the generator state like uniform draws.
+    again = BatchSampler([index], [500], seed=0, rank=0, balanced_labels=y)
+    assert torch.equal(torch.cat([again.draw()[0] for _ in range(200)]), drawn)
+    other = BatchSampler([index], [500], seed=0, rank=1, balanced_labels=y)
+    assert not torch.equal(other.draw()[0], drawn[:500])
+    state = sampler.state()
+    nxt = sampler.draw()[0]
+    again.load_state(state)
+    assert torch.equal(again.draw()[0], nxt)
+
+
+def test_unbalanced_sampler_keeps_the_old_draws(smoke_split):
+    from cdd_ray.train_loop import BatchSampler
+
+    obj, c4 = smoke_split.objective, smoke_split.constraints["class_4"]
+    sampler = BatchSampler([obj, c4], [16, 4], seed=3, rank=1)
+    # The draws before optim.balanced existed: one generator per dataset, seed * 1_000_003 + rank * 7919 + i.
+    gens = [torch.Generator().manual_seed(3 * 1_000_003 + 7919 + i) for i in range(2)]
+    for _ in range(3):
+        got = sampler.draw()
+        want = [d[torch.randint(0, d.shape[0], (n,), generator=g)] for d, n, g in zip([obj, c4], [16, 4], gens)]
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_balanced_training_runs_and_differs(smoke_split):
+    over = {"optim.steps": 4}
+    a = train(build_config("smoke", overrides=over, unconstrained=True), smoke_split)
+    b = train(build_config("smoke", overrides={**over, "optim.balanced": True}, unconstrained=True), smoke_split)
+    assert len(b.history) == 2 and all(math.isfinite(m["loss_objective"]) for m in b.history)
+    assert a.history[0]["loss_objective"] != b.history[0]["loss_objective"]
+
+
+# ---------------------------------------------------------------- monitored constraint losses
+
+
+def test_monitor_constraints_records_class_losses_without_changing_training(monkeypatch, smoke_split):
+    over = {"optim.steps": 8}
+    plain = train(build_config("smoke", overrides=over, unconstrained=True), smoke_split)
+    calls = count_forwards(monkeypatch)
+    mon_cfg = build_config("smoke", overrides={**over, "optim.monitor_constraints": True}, unconstrained=True)
+    snaps = {}
+
+    def keep(metrics, snapshot):
+        if metrics["step"] == 4:
+            snaps[4] = snapshot()
+
+    mon = train(mon_cfg, smoke_split, on_block=keep)
+    assert calls["n"] == 8  # the monitored batches join the one fused forward
+    names = [f"loss_class_{c}" for c in (4, 5, 7)]
+    for p, m in zip(plain.history, mon.history):
+        assert not set(names) & set(p) and all(math.isfinite(m[n]) for n in names)
+        assert m["loss_objective"] == pytest.approx(p["loss_objective"], abs=1e-6)
+        assert m["lr"] == p["lr"] and m["dual_step"] == p["dual_step"] == 0
+    assert mon.history[0]["loss_class_4"] != mon.history[-1]["loss_class_4"]  # live, per block
+    # Final weights equal to 1e-6 (measured: 1 ulp, 1.2e-7), except the attention key bias, whose gradient is
+    # zero in exact arithmetic (softmax is shift-invariant): Adam scales its float noise, which depends on the
+    # batch size of the reduction, to lr-sized steps (measured 4e-6), with no effect on any output.
+    for model in ("unet", "ema_unet"):
+        for (name, p), q in zip(getattr(plain, model).named_parameters(), getattr(mon, model).parameters()):
+            if not name.endswith("to_k.bias"):
+                assert torch.allclose(p, q, rtol=0, atol=1e-6), (model, name, (p - q).abs().max())
+    x, t = torch.rand(6, 1, 8, 8) * 2 - 1, torch.tensor([0, 10, 100, 300, 600, 999])
+    with torch.no_grad():
+        for model in ("unet", "ema_unet"):
+            a, b = getattr(plain, model)(x, t).sample, getattr(mon, model)(x, t).sample
+            assert torch.allclose(a, b, rtol=0, atol=1e-5), (a - b).abs().max()
+    # Resumable: the monitored batches' noise stream is in the checkpoint.
+    assert "monitor_noise" in snaps[4].trainer_state["rng"]
+    resumed = train(mon_cfg, smoke_split, resume=snaps[4])
+    for r, f in zip(resumed.history[2:], mon.history[2:]):
+        for n in names + ["loss_objective"]:
+            assert r[n] == pytest.approx(f[n], abs=1e-6)
+
+
+def test_monitor_constraints_is_a_no_op_for_constrained_runs(smoke_split):
+    over = {"optim.steps": 4}
+    a = train(build_config("smoke", overrides=over), smoke_split)
+    b = train(build_config("smoke", overrides={**over, "optim.monitor_constraints": True}), smoke_split)
+    assert a.history == b.history

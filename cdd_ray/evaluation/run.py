@@ -1,0 +1,138 @@
+"""One model's evaluation: sample, label, and measure fairness and quality with their intervals.
+
+FID uses clean-fid's Inception network when its weights are on disk (``eval.inception_path`` or
+clean-fid's default ``/tmp/inception-2015-12-05.pt``); otherwise the classifier's penultimate
+features. The two scales are not comparable, so every result records ``fid_features``. Quality in that
+feature space: ``fid`` against the class-balanced held-out reference (the paper's; it rewards fairness as
+well as quality), ``fid_data`` against a held-out reference with the training data's class mix, and two
+measures that do not move with the class mix: ``precision`` (with ``recall``) and ``fid_class_mean``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from cdd_ray.config import Config
+from cdd_ray.data import Split, to_uint8
+from cdd_ray.dual import predicted_shares
+from cdd_ray.evaluation.fairness import class_shares, fairness_metrics, tv_between
+from cdd_ray.evaluation.labeller import (DigitClassifier, classifier_features, external_classifier, get_classifier,
+                                         inception_features, inception_weights, predict)
+from cdd_ray.evaluation.quality import data_mix_indices, quality_metrics
+from cdd_ray.evaluation.sampling import denoising_loss, distance_to, sample
+from cdd_ray.model import decode, load_vae
+
+
+@dataclass
+class Evaluation:
+    summary: dict
+    images: np.ndarray  # uint8 N x S x S
+    labels: np.ndarray  # classifier predictions (class ids)
+
+
+def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, lam: dict[str, float],
+             device: torch.device | str = "cpu") -> Evaluation:
+    """Sample ``eval.n_samples`` images, label them, and measure fairness and quality (see the module doc)."""
+    e = cfg.eval
+    t0 = time.perf_counter()
+    clf, acc = get_classifier(split, cfg)
+    t_clf = time.perf_counter() - t0
+    x = sample(ema_unet, noise_scheduler, e.n_samples, e.sampler_steps, e.batch_size, cfg.optim.seed + 1, device)
+    if cfg.model.vae:  # latent diffusion: classify and compare decoded images
+        x = decode(load_vae(cfg.model.vae, device), x)
+    t_sample = time.perf_counter() - t0 - t_clf
+    labeller, label_acc = clf, acc
+    if e.classifier_path:
+        labeller = external_classifier(e.classifier_path, len(split.classes))
+        label_acc = float((predict(labeller, split.clf_test) == split.clf_test_labels).float().mean())
+    pos = predict(labeller, x).numpy()
+    k = len(split.classes)
+    minority_pos = [split.classes.index(c) for c in cfg.data.minority_classes]
+    fairness = fairness_metrics(pos, k, minority_pos, e.bootstrap, cfg.optim.seed + 3)
+    images = to_uint8(x)
+    weights = inception_weights(e) if e.fid_features in ("auto", "inception") else None
+    if weights is not None:
+        gen_f, ref_f = inception_features(images, weights, device), inception_features(to_uint8(split.reference), weights, device)
+        fid_features = "inception"
+    else:
+        gen_f, ref_f = classifier_features(clf, x), classifier_features(clf, split.reference)
+        fid_features = "classifier"
+    data_idx = data_mix_indices(split.reference_labels, split.priors)
+    t_quality = time.perf_counter()
+    quality = quality_metrics(gen_f, pos, ref_f, np.asarray(split.reference_labels), data_idx, split.classes, e.pr_k,
+                              e.class_fid_samples, e.bootstrap, cfg.optim.seed + 4)
+    t_quality = time.perf_counter() - t_quality
+    lam_by_pos = {split.classes.index(split.constraint_classes[n]): v for n, v in lam.items()
+                  if n in split.constraint_classes}
+    obj = split.objective
+    class_losses = {f"class_{c}": denoising_loss(ema_unet, noise_scheduler, obj[split.objective_labels == i],
+                                                   cfg.optim.seed + 2)
+                    for i, c in enumerate(split.classes) if c in cfg.data.minority_classes}
+    summary = {
+        "class_ids": split.classes,
+        **fairness,
+        "predicted_shares": predicted_shares(split.priors, lam_by_pos) if lam_by_pos else None,
+        "objective_shares": split.priors,
+        "minority_classes": list(cfg.data.minority_classes),
+        **quality,
+        "fid_features": fid_features,
+        "fid_reference_size": int(split.reference.shape[0]),
+        "fid_data_reference_size": int(len(data_idx)),
+        "n_samples": int(e.n_samples),
+        "intervals": {"level": 0.95, "resamples": int(e.bootstrap),
+                      "method": "percentile bootstrap over the generated samples; FIDs also over the reference, "
+                                "re-centred on the measured value"},
+        "sampler": f"ddim-{e.sampler_steps}",
+        "classifier_accuracy": label_acc,  # of the model that labels the samples
+        "classifier": e.classifier_path or "trained",
+        "trained_classifier_accuracy": acc,
+        "minority_losses": class_losses,  # EMA model's denoising loss on each minority class's training images
+        "classifier_test_size": int(split.clf_test.shape[0]),
+        "eval_s": {"classifier": t_clf, "sampling": t_sample, "quality": t_quality,
+                   "total": time.perf_counter() - t0},
+    }
+    if cfg.is_finetune:
+        summary.update(finetune_metrics(ema_unet, noise_scheduler, split, cfg, clf, fairness["class_shares"], device))
+    labels = np.array([split.classes[i] for i in pos.tolist()], dtype=np.int64)
+    return Evaluation(summary=summary, images=images, labels=labels)
+
+
+def finetune_metrics(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, clf: DigitClassifier,
+                     shares: list[float], device: torch.device | str = "cpu") -> dict:
+    """Learning the new classes vs keeping the old ones, against the pre-trained model.
+
+    new_share / old_share: generated shares of the new and old classes; forgetting = 1 - old_share / the
+    pre-trained model's old_share (0: old digits as often as before; 1: none left); old_tv_to_pretrained:
+    tv between the old-class mixes of this and the pre-trained model; train/held-out denoising loss on
+    the new classes (their gap is the over-fitting signal); distance_to_pretrained: the constraint's value
+    on fixed Gaussian inputs.
+    """
+    from cdd_ray.checkpoint import load_model
+
+    e, f = cfg.eval, cfg.finetune
+    new_pos = [split.classes.index(c) for c in f.new_classes]
+    old_pos = [i for i in range(len(split.classes)) if i not in new_pos]
+    pre, _, _ = load_model(f.pretrained, ema=True)
+    pre.to(device).eval()
+    x_pre = sample(pre, noise_scheduler, e.n_samples, e.sampler_steps, e.batch_size, cfg.optim.seed + 1, device)
+    pre_shares = class_shares(predict(clf, x_pre), len(split.classes))
+    old, pre_old = sum(shares[i] for i in old_pos), sum(pre_shares[i] for i in old_pos)
+    new_ref = split.reference[torch.isin(split.reference_labels, torch.tensor(new_pos))]
+    seed = cfg.optim.seed + 2
+    return {
+        "new_share": sum(shares[i] for i in new_pos),
+        "old_share": old,
+        "pretrained_shares": pre_shares,
+        "pretrained_old_share": pre_old,
+        "forgetting": max(0.0, 1.0 - old / pre_old) if pre_old > 0 else 1.0,
+        "old_tv_to_pretrained": tv_between([shares[i] for i in old_pos], [pre_shares[i] for i in old_pos]),
+        "train_loss_new": denoising_loss(ema_unet, noise_scheduler, split.objective, seed),
+        "heldout_loss_new": denoising_loss(ema_unet, noise_scheduler, new_ref, seed),
+        "heldout_new_size": int(new_ref.shape[0]),
+        "distance_to_pretrained": distance_to(ema_unet, pre, noise_scheduler, split.objective.shape[1:], seed),
+    }

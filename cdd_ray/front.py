@@ -1,0 +1,207 @@
+"""The trade-off map of a sweep: Pareto front, 95% intervals, reference points, fairness targets.
+
+A row is one evaluated model: a trial (``role`` "trial") or a reference run (``role`` "baseline",
+"baseline-continued", "baseline-rebalanced"), with its metrics, their intervals (``<metric>_ci``:
+[lo, hi]) and, for trials, ``params``. Objectives in ``MAXIMISED`` are maximised, all others minimised.
+Two points are *within each other's intervals* when their 95% intervals overlap on both objectives: the
+sweep's samples cannot tell them apart, so neither should be picked over the other on these numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+MAXIMISED = ("precision", "recall")
+AXIS_LABELS = {
+    "precision": "precision ({features} features; higher is better)",
+    "recall": "recall ({features} features; higher is better)",
+    "fid_class_mean": "per-class FID, mean ({features} features; lower is better)",
+    "fid_data": "FID vs training class mix ({features} features; lower is better)",
+    "fid": "FID vs balanced reference ({features} features; lower is better)",
+    "tv_to_uniform": "TV to uniform classes (lower is fairer)",
+    "fd": "fairness discrepancy, L2 to uniform (lower is fairer)",
+    "heldout_loss_new": "held-out loss on new classes (lower: learnt)",
+    "forgetting": "forgetting of old classes (lower: kept)",
+}
+REFERENCE_LABELS = {"baseline": "unconstrained", "baseline-continued": "unconstrained",
+                    "baseline-rebalanced": "rebalanced data"}
+
+
+def sign(metric: str) -> float:
+    """+1 for a minimised metric, -1 for a maximised one: ``sign(m) * value`` is always minimised."""
+    return -1.0 if metric in MAXIMISED else 1.0
+
+
+def _ok(r: dict[str, Any], objectives: tuple[str, ...]) -> bool:
+    return all(isinstance(r.get(o), (int, float)) and math.isfinite(r[o]) for o in objectives)
+
+
+def pareto_front(rows: list[dict[str, Any]], objectives: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Rows not dominated in ``objectives``; rows with a missing/NaN objective are skipped."""
+    ok = [r for r in rows if _ok(r, objectives)]
+
+    def dominates(a: dict, b: dict) -> bool:
+        return (all(sign(o) * a[o] <= sign(o) * b[o] for o in objectives)
+                and any(sign(o) * a[o] < sign(o) * b[o] for o in objectives))
+
+    front = [r for r in ok if not any(dominates(o, r) for o in ok if o is not r)]
+    return sorted(front, key=lambda r: sign(objectives[0]) * r[objectives[0]])
+
+
+def interval(r: dict[str, Any], metric: str) -> tuple[float, float]:
+    """The row's 95% interval of ``metric`` (the point itself when it has none)."""
+    ci = r.get(f"{metric}_ci")
+    return (float(ci[0]), float(ci[1])) if ci else (float(r[metric]), float(r[metric]))
+
+
+def indistinguishable(a: dict[str, Any], b: dict[str, Any], objectives: tuple[str, ...]) -> bool:
+    """Do the 95% intervals of ``a`` and ``b`` overlap on every objective?"""
+    for o in objectives:
+        (alo, ahi), (blo, bhi) = interval(a, o), interval(b, o)
+        if alo > bhi or blo > ahi:
+            return False
+    return True
+
+
+def feasibility(rows: list[dict[str, Any]], limits: dict[str, float], quality: str) -> dict[str, Any]:
+    """Best quality among rows meeting every fairness limit (metric <= limit); else the closest row.
+
+    Returns {"best": row or None, "closest": row or None, "violation": largest (metric - limit) of the
+    closest row}. Rows without the limited metrics are ignored.
+    """
+    ok = [r for r in rows if _ok(r, (quality, *limits))]
+    feasible = [r for r in ok if all(r[m] <= x for m, x in limits.items())]
+    if feasible:
+        return {"best": min(feasible, key=lambda r: sign(quality) * r[quality]), "closest": None, "violation": 0.0}
+    if not ok:
+        return {"best": None, "closest": None, "violation": None}
+    closest = min(ok, key=lambda r: max(r[m] - x for m, x in limits.items()))
+    return {"best": None, "closest": closest, "violation": max(closest[m] - x for m, x in limits.items())}
+
+
+def name_of(r: dict[str, Any]) -> str:
+    return r.get("role") if r.get("role", "trial") != "trial" else str(r.get("trial_id"))
+
+
+def _columns(rows: list[dict[str, Any]], objectives: tuple[str, ...], metrics: tuple[str, ...]) -> list[str]:
+    cols = ["role", "trial_id"]
+    for m in (*objectives, *(m for m in metrics if m not in objectives)):
+        if any(r.get(m) is not None for r in rows):
+            cols.append(m)
+            if any(r.get(f"{m}_ci") for r in rows):
+                cols += [f"{m}_ci_lo", f"{m}_ci_hi"]
+    return cols + ["run_id", "status"] + sorted({k for r in rows for k in r.get("params", {})})
+
+
+def _cell(r: dict[str, Any], c: str) -> Any:
+    for suffix, i in (("_ci_lo", 0), ("_ci_hi", 1)):
+        if c.endswith(suffix) and r.get(c[:-len(suffix)] + "_ci"):
+            return r[c[:-len(suffix)] + "_ci"][i]
+    return r.get(c, r.get("params", {}).get(c, ""))
+
+
+def write_front(out: Path, rows: list[dict[str, Any]], front: list[dict[str, Any]], references: list[dict[str, Any]],
+                objectives: tuple[str, str], metrics: tuple[str, ...]) -> dict[str, Path]:
+    """pareto.csv (references, then the front), trials.csv (references, then every trial), tradeoff.png and
+    best_configs.json in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    cols = _columns([*references, *rows], objectives, metrics)
+    for name, data in (("pareto.csv", [*references, *front]), ("trials.csv", [*references, *rows])):
+        with open(out / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(cols)
+            for r in data:
+                w.writerow([_cell(r, c) for c in cols])
+    plot_front(out / "tradeoff.png", rows, front, references, objectives)
+    ok = [r for r in rows if _ok(r, objectives)]
+    best = {o: min(ok, key=lambda r: sign(o) * r[o]) for o in objectives} if ok else {}
+    (out / "best_configs.json").write_text(json.dumps(
+        {o: {"trial_id": r["trial_id"], o: r[o], f"{o}_ci": r.get(f"{o}_ci"), "params": r.get("params", {}),
+             "run_id": r.get("run_id")} for o, r in best.items()}, indent=2, default=str))
+    return {n: out / n for n in ("pareto.csv", "trials.csv", "tradeoff.png", "best_configs.json")}
+
+
+def plot_front(path: Path, rows: list[dict[str, Any]], front: list[dict[str, Any]], references: list[dict[str, Any]],
+               objectives: tuple[str, str]) -> None:
+    """Every trial and reference with its 95% intervals as error bars; the front joined by a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    q, fair = objectives
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+
+    def draw(rs: list[dict[str, Any]], **kw: Any) -> None:
+        rs = [r for r in rs if _ok(r, objectives)]
+        if not rs:
+            return
+        x, y = [r[q] for r in rs], [r[fair] for r in rs]
+        xerr = [[r[q] - interval(r, q)[0] for r in rs], [interval(r, q)[1] - r[q] for r in rs]]
+        yerr = [[r[fair] - interval(r, fair)[0] for r in rs], [interval(r, fair)[1] - r[fair] for r in rs]]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, linestyle="none", capsize=2, elinewidth=0.8, **kw)
+
+    on_front = {id(r) for r in front}
+    draw([r for r in rows if id(r) not in on_front], fmt="o", color="0.6", label="trials")
+    draw(front, fmt="o", color="C0", label="Pareto front")
+    if len(front) > 1:
+        ax.plot([r[q] for r in front], [r[fair] for r in front], "-", color="C0", linewidth=1)
+    for r, (marker, color) in zip(references, [("*", "C3"), ("D", "C2"), ("s", "C4")]):
+        draw([r], fmt=marker, color=color, markersize=12 if marker == "*" else 8,
+             label=f"{REFERENCE_LABELS.get(r.get('role'), r.get('role'))} ({r.get('role')})")
+    features = next((r.get("fid_features") for r in [*references, *rows] if r.get("fid_features")), "")
+    ax.set_xlabel(AXIS_LABELS.get(q, q).format(features=features))
+    ax.set_ylabel(AXIS_LABELS.get(fair, fair))
+    ax.set_title("95% intervals as error bars", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def format_front(front: list[dict[str, Any]], references: list[dict[str, Any]], objectives: tuple[str, str],
+                 metrics: tuple[str, ...]) -> str:
+    """Markdown table: references, then the front; objectives with their intervals, the other metrics, and
+    which printed points each one is within the intervals of."""
+    shown = [*references, *front]
+    cols = [m for m in (*objectives, *(m for m in metrics if m not in objectives)) if any(
+        r.get(m) is not None for r in shown)]
+
+    def cell(r: dict[str, Any], c: str) -> str:
+        digits = 2 if c.startswith("fid") else 3
+        ci = r.get(f"{c}_ci")
+        return _num(r.get(c), digits) + (f" [{_num(ci[0], digits)}, {_num(ci[1], digits)}]" if ci else "")
+
+    lines = ["| " + " | ".join(["point", *cols, "within the intervals of", "params"]) + " |",
+             "|" + " --- |" * (len(cols) + 3)]
+    for r in shown:
+        same = [name_of(o) for o in shown if o is not r and _ok(o, objectives) and _ok(r, objectives)
+                and indistinguishable(r, o, objectives)]
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(r.get("params", {}).items()))
+        lines.append("| " + " | ".join([name_of(r), *(cell(r, c) for c in cols), ", ".join(same) or "none", params])
+                     + " |")
+    return "\n".join(lines)
+
+
+def format_feasibility(result: dict[str, Any], limits: dict[str, float], quality: str) -> str:
+    target = " and ".join(f"{m} <= {x:g}" for m, x in limits.items())
+    if result["best"] is not None:
+        r = result["best"]
+        return (f"best trial meeting {target}: {name_of(r)} ({quality} {_num(r[quality], 3)}, "
+                + ", ".join(f"{m} {_num(r[m], 3)}" for m in limits) + f"; run {r.get('run_id')})")
+    if result["closest"] is None:
+        return f"no trial reported {target}"
+    r = result["closest"]
+    return (f"no trial met {target}; closest: {name_of(r)} ("
+            + ", ".join(f"{m} {_num(r[m], 3)}" for m in limits) + f", {_num(result['violation'], 3)} over the target)")
+
+
+def _num(v: Any, digits: int = 2) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "-"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
