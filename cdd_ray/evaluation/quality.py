@@ -121,14 +121,11 @@ def quality_metrics(gen: np.ndarray, gen_labels: np.ndarray, ref: np.ndarray, re
     out["fid_ci"] = fid_interval(gen, ref, resamples, rng)
     out["fid_data_ci"] = fid_interval(gen, ref[data_idx], resamples, rng)
     if fids:
+        by_class = {c: (gen[gen_labels == c], ref[ref_labels == c]) for c in fids}
         boot = []
         for _ in range(resamples):  # resample within each class: the same classes, m samples each
-            vals = []
-            for c in fids:
-                g = gen[rng.choice(np.flatnonzero(gen_labels == c), class_samples, replace=True)]
-                r = ref[ref_labels == c]
-                vals.append(frechet_distance(g, r[rng.integers(0, len(r), len(r))]))
-            boot.append(np.mean(vals))
+            boot.append(np.mean([frechet_distance(g[rng.integers(0, len(g), class_samples)],
+                                                  r[rng.integers(0, len(r), len(r))]) for g, r in by_class.values()]))
         out["fid_class_mean_ci"] = recentred_interval(np.asarray(boot), out["fid_class_mean"])
     # Precision: over the generated samples (the real manifold fixed); recall: over the reference.
     out["precision_ci"] = percentile_interval(rng.choice(prec, (resamples, len(prec))).mean(1))
