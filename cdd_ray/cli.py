@@ -61,6 +61,31 @@ def add_target_flags(p: argparse.ArgumentParser) -> None:
                    help="fairness target: search for the best quality with fd <= X")
 
 
+DEFAULT_CPU_BUDGET = "45m"
+
+
+def add_search_flags(p: argparse.ArgumentParser) -> None:
+    """The sweep's sampler and wall-clock budget."""
+    from cdd_ray.tune import DEFAULT_SAMPLER, SAMPLERS, STARTUP_TRIALS
+
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
+                   help=f"Optuna sampler (default {DEFAULT_SAMPLER}, chosen by benchmarks/search.py; tpe and gp start "
+                        f"with {STARTUP_TRIALS} random trials, tpe-startup10 with 10, Optuna's default)")
+    p.add_argument("--time-budget", default=None, metavar="DURATION",
+                   help=f"end the sweep within this wall time, e.g. 45m, 1h30m, 2700 (seconds) or off: the baseline "
+                        f"measures the machine and the trials' steps and count are sized to fit (default "
+                        f"{DEFAULT_CPU_BUDGET} on CPU, off with GPUs or --smoke)")
+
+
+def time_budget(args: argparse.Namespace, on_cpu: bool) -> float | None:
+    """Seconds of --time-budget (its CPU default when not given); None: no budget."""
+    from cdd_ray.budget import parse_duration
+
+    if args.time_budget is None:
+        return parse_duration(DEFAULT_CPU_BUDGET) if on_cpu and not args.smoke else None
+    return parse_duration(args.time_budget)
+
+
 def sweep_limits(args: argparse.Namespace) -> dict[str, float]:
     limits = {"tv_to_uniform": args.max_tv, "fd": args.max_fd}
     return {k: v for k, v in limits.items() if v is not None}
@@ -192,9 +217,14 @@ def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
                    help="trials start from the baseline and train this many steps (default: optim.steps // 4; "
                         "0: every trial trains from scratch)")
     add_target_flags(p)
+    add_search_flags(p)
     args = p.parse_args(argv)
+    started = time.time()
     with job_errors() as guard:
         check_resume(args)
+        import torch
+
+        budget = time_budget(args, on_cpu=not args.gpu and torch.cuda.device_count() == 0)
         if args.num_samples < 1:
             raise ConfigError(f"--num-samples: {args.num_samples} must be >= 1")
         preset = "smoke" if args.smoke and args.preset is None else args.preset
@@ -208,7 +238,8 @@ def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
         setup_logging()
         guard.resume_name = cfg.name
         res = run_sweep(cfg, space, args.num_samples, resume=args.resume, seed=args.seed, warm_start_steps=warm,
-                        objectives=(args.quality, args.fairness), limits=sweep_limits(args))
+                        objectives=(args.quality, args.fairness), limits=sweep_limits(args), sampler=args.sampler,
+                        time_budget_s=budget, started=started)
     print()
     print(report(res))
     print(f"MLflow store: {tracking_uri()}")

@@ -52,6 +52,20 @@ def pareto_front(rows: list[dict[str, Any]], objectives: tuple[str, ...]) -> lis
     return sorted(front, key=lambda r: sign(objectives[0]) * r[objectives[0]])
 
 
+def hypervolume(rows: list[dict[str, Any]], objectives: tuple[str, str], ref: tuple[float, float]) -> float:
+    """Area of the objective plane dominated by ``rows`` and bounded by the reference point ``ref`` (one worst
+    value per objective, in its own direction); rows no better than ``ref`` on both objectives add nothing."""
+    q, f = objectives
+    pts = sorted((sign(q) * r[q], sign(f) * r[f]) for r in pareto_front(rows, objectives))
+    rq, rf = sign(q) * ref[0], sign(f) * ref[1]
+    area, last_f = 0.0, rf
+    for x, y in pts:  # sorted by the first objective (best first); the second then improves along the front
+        if x < rq and y < last_f:
+            area += (rq - x) * (last_f - y)
+            last_f = y
+    return area
+
+
 def interval(r: dict[str, Any], metric: str) -> tuple[float, float]:
     """The row's 95% interval of ``metric`` (the point itself when it has none)."""
     ci = r.get(f"{metric}_ci")

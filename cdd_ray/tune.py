@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import yaml
 from ray.tune.search.optuna import OptunaSearch
 
 from cdd_ray import tracking
+from cdd_ray.budget import Clock, Plan, Throughput, plan
 from cdd_ray.config import Config, ConfigError, allowed_keys, apply_overrides, config_from_dict, flatten, validate
 from cdd_ray.front import MAXIMISED, feasibility, format_feasibility, format_front, pareto_front, write_front
 
@@ -51,6 +53,10 @@ SWEEP_METRICS = (*OBJECTIVE_METRICS, "minority_share", "tv_floor", "new_share", 
 ASHA_METRIC = "asha_loss"
 DERIVED_KEYS = ("dual.b_rel", "optim.batch_ratio")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+# Optuna samplers (make_sampler); the default is chosen by benchmarks/search.py (BENCHMARKS.md, section 6).
+SAMPLERS = ("tpe", "gp", "tpe-startup10", "random")
+DEFAULT_SAMPLER = "gp"
+STARTUP_TRIALS = 3  # random trials before a model-based sampler takes over (an 8-trial sweep searches 5)
 
 
 @dataclass
@@ -188,6 +194,8 @@ class SweepResult:
     references: list[dict[str, Any]] = field(default_factory=list)  # the unconstrained and rebalanced rows
     limits: dict[str, float] = field(default_factory=dict)  # fairness targets (--max-tv, --max-fd)
     feasible: dict[str, Any] = field(default_factory=dict)  # front.feasibility() of the trials under limits
+    plan: dict[str, Any] = field(default_factory=dict)  # the time budget's Plan (empty: no budget)
+    wall_s: float = 0.0  # of this call of run_sweep (a resumed sweep: since the resume)
 
 
 def plan_resources(cfg: Config) -> tuple[int, dict[str, float]]:
@@ -275,11 +283,31 @@ def check_limits(limits: dict[str, float]) -> None:
             raise ConfigError(f"--max-{'tv' if m == 'tv_to_uniform' else 'fd'}: {x:g} must be in (0, 1)")
 
 
-def _searcher(objectives: tuple[str, str], seed: int, limits: dict[str, float]) -> OptunaSearch:
+def make_sampler(name: str, seed: int):
+    """The Optuna sampler ``name`` (SAMPLERS). Each reads the fairness slack of finished trials (constraints).
+
+    tpe: Optuna's TPE after a short random start-up (STARTUP_TRIALS), multivariate; tpe-startup10: Optuna's
+    default TPE, whose 10 random start-up trials make an 8-trial sweep a random search; gp: Optuna's
+    Gaussian-process sampler after the same start-up; random: plain random search (the benchmark's rival).
+    """
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=STARTUP_TRIALS, multivariate=True)
+    if name == "tpe-startup10":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=STARTUP_TRIALS)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ConfigError(f"--sampler: {name!r} not allowed; allowed: {', '.join(SAMPLERS)}")
+
+
+def _searcher(objectives: tuple[str, str], seed: int, limits: dict[str, float], sampler: str) -> OptunaSearch:
     """OptunaSearch over ``objectives`` (each in its own direction). With fairness ``limits`` every finished
-    trial hands Optuna its slack (metric - limit <= 0: feasible), and the TPE sampler searches under them."""
+    trial hands Optuna its slack (metric - limit <= 0: feasible), and the sampler searches under them."""
     modes = ["max" if o in MAXIMISED else "min" for o in objectives]
-    return ConstrainedOptunaSearch(limits, metric=list(objectives), mode=modes, seed=seed)
+    return ConstrainedOptunaSearch(limits, metric=list(objectives), mode=modes, sampler=make_sampler(sampler, seed))
 
 
 class ConstrainedOptunaSearch(OptunaSearch):
@@ -306,9 +334,36 @@ def close_stopped_children(uri: str, parent_run_id: str) -> None:
         tracking.end_run(uri, r.info.run_id, "KILLED")
 
 
+def largest_trial_images(space: SearchSpace, cfg: Config) -> int:
+    """Images per primal step of the costliest trial ``space`` allows (objective batch + every constraint's)."""
+    k = len(cfg.constraint_names())
+    if "optim.batch_ratio" in space.params:
+        kind, args = next(iter(space.params["optim.batch_ratio"].items()))
+        c = max(1, cfg.optim.batch_size // int(min(args)))
+    else:
+        c = int(space.max_value("optim.constraint_batch_size", cfg.optim.constraint_batch_size))
+    return int(space.max_value("optim.batch_size", cfg.optim.batch_size)) + k * c
+
+
+def budget_plan(base: Config, space: SearchSpace, pre: dict[str, Any], driver_s: float, clock: Clock,
+                time_budget_s: float, num_samples: int, warm_start_steps: int, monitored: bool, conc: int) -> Plan:
+    """Size the trials from what the baseline measured (cdd_ray.budget)."""
+    k = len(base.constraint_names())
+    base_images = base.optim.batch_size + (k * base.optim.constraint_batch_size if monitored else 0)
+    tp = Throughput.from_baseline(pre, max(driver_s, float(pre.get("wall_s") or 0.0)), base_images)
+    steps = warm_start_steps or base.optim.steps
+    every = base.ray.report_every
+    return plan(time_budget_s, clock.elapsed(), tp, steps=steps, trials=num_samples,
+                min_steps=max(2 * every, steps // 3), trial_images=largest_trial_images(space, base),
+                reference_images=base.optim.batch_size,
+                references=int(warm_start_steps > 0) + int(not base.is_finetune),
+                parallel=conc if base.ray.gpu else 1, cut_steps=warm_start_steps > 0)
+
+
 def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool = False, seed: int = 0,
               warm_start_steps: int = 0, objectives: tuple[str, str] = OBJECTIVES,
-              limits: dict[str, float] | None = None) -> SweepResult:
+              limits: dict[str, float] | None = None, sampler: str = DEFAULT_SAMPLER,
+              time_budget_s: float | None = None, started: float | None = None) -> SweepResult:
     """Baseline, then ``num_samples`` Optuna trials on Ray Tune; returns the front.
 
     ``warm_start_steps`` > 0: the baseline trains ``optim.steps`` unconstrained steps once; every trial
@@ -319,14 +374,19 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     the same budget and warm start: the obvious rival of dual training.
     ``objectives``: the two metrics Optuna optimises (MAXIMISED ones up, the rest down) and the front is drawn
     in (from OBJECTIVE_METRICS). ``limits``: fairness targets {metric: largest allowed value}; Optuna then
-    searches under them and the result names the best trial meeting them (``feasible``).
+    searches under them and the result names the best trial meeting them (``feasible``). ``sampler``: the Optuna
+    sampler (SAMPLERS). ``time_budget_s``: the sweep ends within this many seconds from ``started`` (default: now):
+    the baseline measures the machine and ``cdd_ray.budget.plan`` sizes the trials' steps and count (printed
+    before the trials start, kept in plan.json so that --resume keeps it, and reported with the front).
     """
+    clock = Clock(started)
     limits = dict(limits or {})
     bad = [o for o in objectives if o not in OBJECTIVE_METRICS]
     if bad or len(objectives) != 2 or objectives[0] == objectives[1]:
         raise ConfigError(f"objectives: {list(objectives)} must be two different metrics from: "
                           f"{', '.join(OBJECTIVE_METRICS)}")
     check_limits(limits)
+    make_sampler(sampler, seed)  # an unknown sampler fails here, before any work
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -362,8 +422,26 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
 
     with tracked(uri, parent):
         relative = "dual.b_rel" in space.params and not base.is_finetune
+        t_base = time.time()
         pre = run_unconstrained(base, storage, sweep_dir / "baseline", uri, parent, "baseline", base.optim.steps,
                                 overrides={"optim.monitor_constraints": True} if relative else None)
+        sweep_plan = {}
+        if time_budget_s:
+            plan_file = sweep_dir / "plan.json"
+            if plan_file.exists():  # a resumed sweep keeps the plan it started with
+                sweep_plan = json.loads(plan_file.read_text())
+                print(f"time budget: the interrupted sweep's plan: {sweep_plan['num_trials']} trials of "
+                      f"{sweep_plan['trial_steps']} steps. {sweep_plan['cut']}", flush=True)
+            else:
+                p = budget_plan(base, space, pre, time.time() - t_base, clock, time_budget_s, num_samples,
+                                warm_start_steps, relative, conc)
+                sweep_plan = p.to_dict()
+                plan_file.write_text(json.dumps(sweep_plan, indent=2))
+                print(p.describe(), flush=True)
+            num_samples = sweep_plan["num_trials"]
+            if warm_start_steps > 0:
+                warm_start_steps = sweep_plan["trial_steps"]
+            tracking.set_tags(uri, parent, {"time_budget_s": str(time_budget_s), "budget_cut": sweep_plan["cut"]})
         trial_base = config_from_dict(base.to_dict())
         if trial_base.ray.report_every == 0:  # ASHA's clock needs reports: about 8 per trial
             trial_base.ray.report_every = max(1, (warm_start_steps or trial_base.optim.steps) // 8)
@@ -401,7 +479,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
                 trainable,
                 param_space={**to_tune(space), "sweep": sweep_cfg},
                 tune_config=tune.TuneConfig(
-                    search_alg=_searcher(objectives, seed, limits),
+                    search_alg=_searcher(objectives, seed, limits, sampler),
                     scheduler=ASHAScheduler(time_attr="step", metric=ASHA_METRIC, mode="min", max_t=max_t,
                                             grace_period=grace, reduction_factor=3),
                     num_samples=num_samples, max_concurrent_trials=conc,
@@ -418,14 +496,17 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
         front = pareto_front(rows, objectives)
         feasible = feasibility(rows, limits, objectives[0]) if limits else {}
         write_front(sweep_dir / "front", rows, front, references, objectives, SWEEP_METRICS)
+        if sweep_plan:
+            (sweep_dir / "front" / "plan.json").write_text(json.dumps(sweep_plan, indent=2))
         tracking.log_artifacts(uri, parent, sweep_dir / "front")
         tracking.log_metrics(uri, parent, {"trials": len(rows), "front_size": len(front), **{
             f"{r['role'].replace('-', '_')}_{k}": r[k] for r in references for k in SWEEP_METRICS
             if isinstance(r.get(k), (int, float))}}, 0)
-        tracking.set_tags(uri, parent, {"objectives": ",".join(objectives), **{
+        tracking.set_tags(uri, parent, {"objectives": ",".join(objectives), "sampler": sampler, **{
             f"max_{m}": str(x) for m, x in limits.items()}})
     return SweepResult(parent_run_id=parent, rows=rows, front=front, baseline=baseline, out=sweep_dir,
-                       objectives=objectives, references=references, limits=limits, feasible=feasible)
+                       objectives=objectives, references=references, limits=limits, feasible=feasible,
+                       plan=sweep_plan, wall_s=clock.elapsed())
 
 
 def trial_rows(results, outputs: Path, param_keys: list[str], objectives: tuple[str, str]) -> list[dict[str, Any]]:
@@ -461,6 +542,11 @@ def report(res: SweepResult) -> str:
         lines.append(f"tv_floor {floor:.3f}: the tv_to_uniform of an exactly uniform generator with this many samples.")
     if res.limits:
         lines.append(format_feasibility(res.feasible, res.limits, q))
+    if res.plan:
+        pl = res.plan
+        lines.append(f"time budget {pl['budget_s'] / 60:.0f} min, took {res.wall_s / 60:.1f} min: {pl['num_trials']} trials "
+                     f"and the references at {pl['trial_steps']} steps (asked: {pl['requested_trials']} x "
+                     f"{pl['requested_steps']}); {pl['cut']}")
     lines += [f"sweep folder: {res.out}  (front/pareto.csv, front/tradeoff.png, front/best_configs.json)",
               f"MLflow parent run: {res.parent_run_id}"]
     return "\n".join(lines)

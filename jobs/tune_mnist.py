@@ -11,20 +11,23 @@ from uniform), every point with its 95% interval, next to the unconstrained and 
     python jobs/tune_mnist.py --space my_space.yaml --num-samples 32 --preset paper --gpu
     python jobs/tune_mnist.py --name sweep-1 --resume          # continue an interrupted sweep
     python jobs/tune_mnist.py --max-tv 0.1                     # best quality subject to tv_to_uniform <= 0.1
+    python jobs/tune_mnist.py --time-budget 2h                 # size the trials for 2 hours (CPU default: 45m)
 """
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cdd_ray.cli import (SWEEP_CPU, SWEEP_SMOKE, add_config_flags, add_ray_flags, add_target_flags,  # noqa: E402
-                         config_from_args, fail, job_errors, setup_logging, sweep_limits)
+from cdd_ray.cli import (SWEEP_CPU, SWEEP_SMOKE, add_config_flags, add_ray_flags, add_search_flags,  # noqa: E402
+                         add_target_flags, config_from_args, fail, job_errors, setup_logging, sweep_limits, time_budget)
 from cdd_ray.config import ConfigError  # noqa: E402
 
 
 def main() -> None:
+    started = time.time()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(p)
     add_ray_flags(p)
@@ -34,6 +37,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
     p.add_argument("--smoke", action="store_true", help="smoke preset and a few steps: checks the machinery")
     add_target_flags(p)
+    add_search_flags(p)
     p.add_argument("--warm-start-steps", type=int, default=None,
                    help="trials start from the baseline and train this many steps (default: optim.steps // 4; "
                         "0: every trial trains from scratch)")
@@ -50,6 +54,10 @@ def main() -> None:
         args.overrides = SWEEP_CPU + args.overrides
     if args.num_samples < 1:
         fail(ConfigError(f"--num-samples: {args.num_samples} must be >= 1"))
+    try:
+        budget = time_budget(args, on_cpu=not args.gpu and gpus == 0)
+    except ConfigError as e:
+        fail(e)
     cfg = config_from_args(args)
     if args.name is None:
         cfg.name = cfg.name.replace("-constrained-", "-sweep-")
@@ -64,7 +72,8 @@ def main() -> None:
         if warm < 0:
             raise ConfigError(f"--warm-start-steps: {warm} must be >= 0")
         res = run_sweep(cfg, space, args.num_samples, resume=args.resume, seed=args.seed, warm_start_steps=warm,
-                        objectives=(args.quality, args.fairness), limits=sweep_limits(args))
+                        objectives=(args.quality, args.fairness), limits=sweep_limits(args), sampler=args.sampler,
+                        time_budget_s=budget, started=started)
     print()
     print(report(res))
     print(f"MLflow store: {tracking_uri()}; open the UI: mlflow ui --backend-store-uri sqlite:///mlflow.db "
