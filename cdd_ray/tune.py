@@ -493,6 +493,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
             raise
         close_stopped_children(uri, parent)
         rows = trial_rows(results, Path(sweep_cfg["outputs"]), list(space.params), objectives)
+        mark_stopped_killed(uri, rows, Path(sweep_cfg["outputs"]))
         front = pareto_front(rows, objectives)
         feasible = feasibility(rows, limits, objectives[0]) if limits else {}
         write_front(sweep_dir / "front", rows, front, references, objectives, SWEEP_METRICS)
@@ -507,6 +508,15 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     return SweepResult(parent_run_id=parent, rows=rows, front=front, baseline=baseline, out=sweep_dir,
                        objectives=objectives, references=references, limits=limits, feasible=feasible,
                        plan=sweep_plan, wall_s=clock.elapsed())
+
+
+def mark_stopped_killed(uri: str, rows: list[dict[str, Any]], outputs: Path) -> None:
+    """A trial ASHA stopped is KILLED: depending on where Ray's stop lands, its own process may have ended its run
+    FAILED (seen in the smoke sweep test)."""
+    for r in rows:
+        f = outputs / str(r.get("trial_id")) / "mlflow_run_id"
+        if r["status"] == "stopped early" and f.exists():
+            tracking.end_run(uri, f.read_text().strip(), "KILLED")
 
 
 def trial_rows(results, outputs: Path, param_keys: list[str], objectives: tuple[str, str]) -> list[dict[str, Any]]:
