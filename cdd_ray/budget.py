@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -123,19 +122,10 @@ def plan(budget_s: float, used_s: float, tp: Throughput, *, steps: int, trials: 
         fixed = (references + math.ceil(trials / parallel)) * tp.fixed_s
         w = max(min(steps, int((left - fixed) / per_step)) if per_step > 0 else steps, min(min_steps, steps))
     over = cost(trials, w) - left / MARGIN
-    cut = (f"cut: trials and references train {w} steps instead of {steps}." if w < steps else "")
+    cut = (f"cut: trials and references train {w} steps instead of {steps}." if w < steps else "nothing cut.")
     if over > 0:
         why = "" if cut_steps else " (trials that train from scratch keep their steps: their reference is the baseline)"
-        cut = (cut + f" Even so the budget is exceeded by about {over / 60:.1f} min{why}: "
-               f"give a longer --time-budget, fewer --num-samples or a smaller model.").strip()
+        cut = ("" if w == steps else cut) + (f" Even so the budget is exceeded by about {over / 60:.1f} min{why}: "
+               f"give a longer --time-budget, fewer --num-samples or a smaller model.")
+        cut = cut.strip()
     return Plan(trial_steps=w, num_trials=trials, estimate_s=cost(trials, w), cut=cut, **common)
-
-
-class Clock:
-    """Seconds since the sweep started (the job's start when it passes one)."""
-
-    def __init__(self, started: float | None = None):
-        self.started = time.time() if started is None else started
-
-    def elapsed(self) -> float:
-        return time.time() - self.started

@@ -23,7 +23,7 @@ import yaml
 from ray.tune.search.optuna import OptunaSearch
 
 from cdd_ray import tracking
-from cdd_ray.budget import Clock, Plan, Throughput, plan
+from cdd_ray.budget import Plan, Throughput, plan
 from cdd_ray.config import Config, ConfigError, allowed_keys, apply_overrides, config_from_dict, flatten, validate
 from cdd_ray.front import MAXIMISED, feasibility, format_feasibility, format_front, pareto_front, write_front
 
@@ -345,7 +345,7 @@ def largest_trial_images(space: SearchSpace, cfg: Config) -> int:
     return int(space.max_value("optim.batch_size", cfg.optim.batch_size)) + k * c
 
 
-def budget_plan(base: Config, space: SearchSpace, pre: dict[str, Any], driver_s: float, clock: Clock,
+def budget_plan(base: Config, space: SearchSpace, pre: dict[str, Any], driver_s: float, used_s: float,
                 time_budget_s: float, num_samples: int, warm_start_steps: int, monitored: bool, conc: int) -> Plan:
     """Size the trials from what the baseline measured (cdd_ray.budget)."""
     k = len(base.constraint_names())
@@ -353,7 +353,7 @@ def budget_plan(base: Config, space: SearchSpace, pre: dict[str, Any], driver_s:
     tp = Throughput.from_baseline(pre, max(driver_s, float(pre.get("wall_s") or 0.0)), base_images)
     steps = warm_start_steps or base.optim.steps
     every = base.ray.report_every
-    return plan(time_budget_s, clock.elapsed(), tp, steps=steps, trials=num_samples,
+    return plan(time_budget_s, used_s, tp, steps=steps, trials=num_samples,
                 min_steps=max(2 * every, steps // 3), trial_images=largest_trial_images(space, base),
                 reference_images=base.optim.batch_size,
                 references=int(warm_start_steps > 0) + int(not base.is_finetune),
@@ -379,7 +379,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     the baseline measures the machine and ``cdd_ray.budget.plan`` sizes the trials' steps and count (printed
     before the trials start, kept in plan.json so that --resume keeps it, and reported with the front).
     """
-    clock = Clock(started)
+    started = time.time() if started is None else started
     limits = dict(limits or {})
     bad = [o for o in objectives if o not in OBJECTIVE_METRICS]
     if bad or len(objectives) != 2 or objectives[0] == objectives[1]:
@@ -433,7 +433,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
                 print(f"time budget: the interrupted sweep's plan: {sweep_plan['num_trials']} trials of "
                       f"{sweep_plan['trial_steps']} steps. {sweep_plan['cut']}", flush=True)
             else:
-                p = budget_plan(base, space, pre, time.time() - t_base, clock, time_budget_s, num_samples,
+                p = budget_plan(base, space, pre, time.time() - t_base, time.time() - started, time_budget_s, num_samples,
                                 warm_start_steps, relative, conc)
                 sweep_plan = p.to_dict()
                 plan_file.write_text(json.dumps(sweep_plan, indent=2))
@@ -507,7 +507,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
             f"max_{m}": str(x) for m, x in limits.items()}})
     return SweepResult(parent_run_id=parent, rows=rows, front=front, baseline=baseline, out=sweep_dir,
                        objectives=objectives, references=references, limits=limits, feasible=feasible,
-                       plan=sweep_plan, wall_s=clock.elapsed())
+                       plan=sweep_plan, wall_s=time.time() - started)
 
 
 def mark_stopped_killed(uri: str, rows: list[dict[str, Any]], outputs: Path) -> None:
