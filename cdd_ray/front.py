@@ -37,7 +37,25 @@ def sign(metric: str) -> float:
 
 
 def _ok(r: dict[str, Any], objectives: tuple[str, ...]) -> bool:
-    return all(isinstance(r.get(o), (int, float)) and math.isfinite(r[o]) for o in objectives)
+    return not r.get("refused") and all(isinstance(r.get(o), (int, float)) and math.isfinite(r[o]) for o in objectives)
+
+
+# What makes two points comparable at all: the same images and the same features under the FID.
+EVALUATED_ON = ("data_source", "fid_features")
+
+
+def refuse_incomparable(rows: list[dict[str, Any]], references: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows evaluated on other data or features than the first reference are refused: marked (``refused``,
+    ``status``) and kept off the front and the best configs. Returns the refused rows."""
+    ref = references[0] if references else {}
+    refused = []
+    for r in [*references[1:], *rows]:
+        diff = [f"{k} {r[k]!r}, not {ref[k]!r}" for k in EVALUATED_ON if r.get(k) and ref.get(k) and r[k] != ref[k]]
+        if diff:
+            r["refused"] = "; ".join(diff)
+            r["status"] = f"refused: {r['refused']} (as {name_of(ref)})"
+            refused.append(r)
+    return refused
 
 
 def pareto_front(rows: list[dict[str, Any]], objectives: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from cdd_ray import checkpoint, tracking
+from cdd_ray import checkpoint, preflight, tracking
 from cdd_ray.config import Config, ConfigError
 from cdd_ray.data import check_source, prepare_split
 from cdd_ray.evaluation import evaluate
@@ -34,7 +34,9 @@ FINETUNE_METRICS = ("new_share", "old_share", "forgetting", "old_tv_to_pretraine
 
 def run_local(cfg: Config, out: str | Path, progress: bool = True, track: bool = True) -> dict[str, Any]:
     """Train and evaluate in this process (one worker, no Ray); return the summary."""
-    uri = tracking.tracking_uri()
+    cfg = preflight.resolve(cfg)
+    out = preflight.check_out(out)
+    uri = preflight.check_tracking(tracking.tracking_uri())
     run_id = tracking.start_run(cfg, uri) if track else None
     with tracked(uri, run_id):
         buffer = tracking.MetricBuffer(uri, run_id) if run_id else None
@@ -230,27 +232,39 @@ def check_run_name(storage: str, name: str, resume: bool) -> None:
 def run_ray(cfg: Config, out: str | Path, resume: bool = False, track: bool = True) -> dict[str, Any]:
     """Train on Ray Train workers (``cfg.ray``), then copy the final outputs and checkpoint to ``out``.
 
-    Checked before an MLflow run or a Ray run is created: the run name, the data source and that the
-    cluster can hold the workers.
+    Checked before an MLflow run or a Ray run is created: ``out`` and the storage are writable, the run name,
+    the data source and that the cluster can hold the workers; ``auto`` choices and paths are decided here
+    (``cdd_ray.preflight``), not on the workers.
     """
-    storage = resolve_storage(cfg.ray.storage)
+    out = preflight.check_out(out)
+    storage = preflight.check_storage(resolve_storage(cfg.ray.storage))
     check_run_name(storage, cfg.name, resume)
     check_source(cfg.data)
+    cfg = preflight.resolve(cfg)
+    uri = preflight.check_tracking(tracking.tracking_uri())
     init_ray(cfg.ray.address)
     resources = worker_resources(cfg)
-    uri = tracking.tracking_uri()
     run_id = mlflow_run_for(cfg, storage, uri, resume) if track else None
     with tracked(uri, run_id):
         trainer = make_trainer(cfg, storage, cfg.name, resources,
                                mlflow={"uri": uri, "run_id": run_id} if run_id else None)
         result = fit(trainer)
         if result.error is not None:
-            raise result.error
-        out = Path(out).resolve()
+            raise worker_input_error(result.error) or result.error
         summary = collect_outputs(result.checkpoint, out)
         if run_id:
             finish_tracking(uri, run_id, out, summary)
     return summary
+
+
+def worker_input_error(error: BaseException) -> ConfigError | None:
+    """A ``ConfigError`` a worker raised (a path or file missing on its node), to exit 2 like any bad input."""
+    for e in getattr(error, "worker_failures", {}).values():
+        while e is not None:
+            if isinstance(e, ConfigError):
+                return ConfigError(str(e).strip().splitlines()[-1].removeprefix("cdd_ray.config.ConfigError: "))
+            e = e.__cause__
+    return None
 
 
 def fit(trainer):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from cdd_ray.checkpoint import Snapshot
-from cdd_ray.config import Config
+from cdd_ray.config import Config, ConfigError
 from cdd_ray.data import Split
 from cdd_ray.dual import DualState
 from cdd_ray.model import add_noise, autocast_for, build_ema, build_noise_scheduler, unet_for
@@ -534,6 +534,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from cdd_ray.evaluation import evaluate
     from cdd_ray.model import build_noise_scheduler
     from cdd_ray.outputs import build_summary, write_outputs
+    from cdd_ray.preflight import check_node_files, on_node
 
     t0 = time.perf_counter()
     cfg = config_from_dict(config["cfg"])
@@ -541,7 +542,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     worker = Worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
     if cfg.optim.threads > 0:
         torch.set_num_threads(cfg.optim.threads)
-    split = prepare_split(cfg)
+    try:  # the driver decided the source and the paths (cdd_ray.preflight): honour them or say where not
+        split = prepare_split(cfg)
+        if worker.rank == 0:
+            check_node_files(cfg)
+    except ConfigError as e:
+        raise on_node(e) from None
     resume = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:

@@ -22,10 +22,12 @@ from typing import Any
 import yaml
 from ray.tune.search.optuna import OptunaSearch
 
-from cdd_ray import tracking
+from cdd_ray import preflight, tracking
 from cdd_ray.budget import Plan, Throughput, plan
 from cdd_ray.config import Config, ConfigError, allowed_keys, apply_overrides, config_from_dict, flatten, validate
-from cdd_ray.front import MAXIMISED, feasibility, format_feasibility, format_front, pareto_front, write_front
+from cdd_ray.data import check_source
+from cdd_ray.front import (MAXIMISED, feasibility, format_feasibility, format_front, name_of, pareto_front,
+                           refuse_incomparable, write_front)
 
 # The quality objective: precision (default; maximised), the share of generated samples inside the k-NN
 # manifold of real held-out digits in the FID feature space. It is per sample, so it does not move with the
@@ -147,7 +149,7 @@ def run_trial(config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cdd_ray.runner import collect_outputs, finish_tracking, make_trainer, tracked
+    from cdd_ray.runner import collect_outputs, finish_tracking, make_trainer, tracked, worker_input_error
 
     sweep = config["sweep"]
     params = {k: config[k] for k in sweep["param_keys"]}
@@ -174,7 +176,7 @@ def run_trial(config: dict[str, Any]) -> None:
                                mlflow={"uri": uri, "run_id": run_id})
         result = trainer.fit()
         if result.error is not None:
-            raise result.error
+            raise worker_input_error(result.error) or result.error
         summary = collect_outputs(result.checkpoint, out)
         finish_tracking(uri, run_id, out, summary)
         (out / "trial.json").write_text(json.dumps({"trial_id": trial_id, "run_id": run_id, "params": params}))
@@ -237,7 +239,8 @@ def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_ru
                       steps: int, init_from: str = "", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """An unconstrained reference run (a child of the sweep, MLflow tag ``role``); reused when the sweep is
     resumed. ``overrides``: config keys for this run only (e.g. ``optim.balanced`` for the rebalanced one)."""
-    from cdd_ray.runner import collect_outputs, finish_tracking, fit, make_trainer, tracked, worker_resources
+    from cdd_ray.runner import (collect_outputs, finish_tracking, fit, make_trainer, tracked, worker_input_error,
+                                worker_resources)
 
     if (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
@@ -255,7 +258,7 @@ def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_ru
         result = fit(make_trainer(cfg, storage, cfg.name, worker_resources(cfg),
                                   mlflow={"uri": uri, "run_id": run_id}))
         if result.error is not None:
-            raise result.error
+            raise worker_input_error(result.error) or result.error
         summary = collect_outputs(result.checkpoint, out)
         finish_tracking(uri, run_id, out, summary)
     summary.update(run_id=run_id, role=role)
@@ -397,7 +400,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     # Ctrl-C raises KeyboardInterrupt here (Tune's own handler would end the sweep as if it had finished);
     # the sweep state saved every few seconds is what --resume continues from.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    storage = resolve_storage(base.ray.storage)
+    storage = preflight.check_storage(resolve_storage(base.ray.storage))
     sweep_dir = Path(storage) / base.name if "://" not in storage else Path("runs") / base.name
     exists = (sweep_dir / "mlflow_parent_run_id").exists()
     if exists and not resume:
@@ -406,7 +409,9 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
         raise ConfigError(f"--resume: no sweep {base.name!r} under {storage!r}")
     apply_overrides(base, space.fixed)
     validate(base)
-    uri = tracking.tracking_uri()
+    check_source(base.data)
+    base = preflight.resolve(base)  # every trial, reference and worker gets the driver's choices
+    uri = preflight.check_tracking(tracking.tracking_uri())
     init_ray(base.ray.address)
     conc, resources = plan_resources(base)
     parent_file = sweep_dir / "mlflow_parent_run_id"
@@ -493,6 +498,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
             raise
         close_stopped_children(uri, parent)
         rows = trial_rows(results, Path(sweep_cfg["outputs"]), list(space.params), objectives)
+        refuse_incomparable(rows, references)
         mark_stopped_killed(uri, rows, Path(sweep_cfg["outputs"]))
         front = pareto_front(rows, objectives)
         feasible = feasibility(rows, limits, objectives[0]) if limits else {}
@@ -531,7 +537,8 @@ def trial_rows(results, outputs: Path, param_keys: list[str], objectives: tuple[
         rows.append({"role": "trial", "trial_id": m.get("trial_id"),
                      **{k: summary.get(k) for k in SWEEP_METRICS},
                      **{f"{k}_ci": summary[f"{k}_ci"] for k in SWEEP_METRICS if summary.get(f"{k}_ci")},
-                     "fid_features": summary.get("fid_features"), "run_id": info.get("run_id"),
+                     "fid_features": summary.get("fid_features"), "data_source": summary.get("data_source"),
+                     "run_id": info.get("run_id"),
                      "status": "error" if r.error else ("done" if info else "stopped early"),
                      "params": {k: (r.config or {}).get(k) for k in param_keys}})
     return rows
@@ -550,6 +557,10 @@ def report(res: SweepResult) -> str:
     floor = next((r.get("tv_floor") for r in res.references if r.get("tv_floor") is not None), None)
     if floor is not None:
         lines.append(f"tv_floor {floor:.3f}: the tv_to_uniform of an exactly uniform generator with this many samples.")
+    refused = [r for r in res.rows if r.get("refused")]
+    if refused:
+        lines.append(f"refused (evaluated on other data or features than the references, kept off the front): "
+                     + ", ".join(f"{name_of(r)} ({r['refused']})" for r in refused))
     if res.limits:
         lines.append(format_feasibility(res.feasible, res.limits, q))
     if res.plan:

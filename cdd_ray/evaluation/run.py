@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cdd_ray.config import Config
+from cdd_ray.config import Config, ConfigError
 from cdd_ray.data import Split, to_uint8
 from cdd_ray.dual import predicted_shares
 from cdd_ray.evaluation.fairness import class_shares, fairness_metrics, tv_between
@@ -56,6 +56,9 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
     fairness = fairness_metrics(pos, k, minority_pos, e.bootstrap, cfg.optim.seed + 3)
     images = to_uint8(x)
     weights = inception_weights(e) if e.fid_features in ("auto", "inception") else None
+    if e.fid_features == "inception" and weights is None:  # chosen by the driver: never other features here
+        raise ConfigError(f"eval.fid_features=inception: no Inception weights at eval.inception_path="
+                          f"{e.inception_path!r} (nor clean-fid's default place)")
     if weights is not None:
         gen_f, ref_f = inception_features(images, weights, device), inception_features(to_uint8(split.reference), weights, device)
         fid_features = "inception"

