@@ -6,7 +6,7 @@ trials of --trial-steps steps. Measured: the trials phase (first trial start to 
 wall time in its worker, its training steps/s and fixed cost (wall minus training: data, evaluation,
 MLflow), and the time a trial spends outside its worker (Ray Train start-up, Tune). From these the trial
 throughput at the default sweep's trial budget (300 steps) is computed: 3600 * concurrency /
-(outside + fixed + 300 / steps_per_s). Then the concurrency chosen for a few cluster shapes (``tune.concurrency``).
+(outside + fixed + 300 / steps_per_s). Then the concurrency chosen for a few cluster shapes (``placement.sweep_resources``).
 
     python benchmarks/tuning.py                    # about 6 minutes on 2 cores
 """
@@ -26,7 +26,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from cdd_ray.config import build_config  # noqa: E402
-from cdd_ray.tune import concurrency, load_space, run_sweep  # noqa: E402
+from cdd_ray.placement import Node, cluster_nodes, sweep_resources  # noqa: E402
+from cdd_ray.tune import load_space, run_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRIAL_STEPS = 300  # jobs/tune_mnist.py: optim.steps=1200, warm start = steps // 4
@@ -57,7 +58,7 @@ def main() -> None:
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 0)
-    conc, per = concurrency(cpus, ray.cluster_resources().get("GPU", 0), base)
+    conc, per = sweep_resources(cluster_nodes(), base)
     print(f"machine: {os.cpu_count()} CPUs visible, Ray cluster {cpus:g} CPUs; concurrency {conc}, "
           f"{per} per worker")
     print(f"sweep wall {wall:.0f} s: baseline {args.baseline_steps} steps, baseline-continued and "
@@ -88,14 +89,14 @@ def main() -> None:
     print(f"default sweep (trials of {DEFAULT_TRIAL_STEPS} steps, the same per-step rate and fixed costs): "
           f"{3600 * conc / default:.1f} trials/hour ({default:.0f} s per trial, {conc} at a time)")
     print()
-    print("concurrency chosen by tune.concurrency (every trial's workers must fit at once; 0.1 CPU per trial "
-          "driver):")
+    print("concurrency chosen by placement.sweep_resources (every trial's workers must fit at once, each on one "
+          "node; 0.1 CPU per trial driver):")
     print("| cluster | ray.workers | ray.gpu | concurrent trials | per worker |")
     print("|---|---|---|---|---|")
     for c, g, w, gpu in ((2, 0, 1, False), (16, 0, 1, False), (16, 0, 2, False), (64, 8, 1, True),
                          (64, 8, 2, True)):
         cfg = build_config("cpu", overrides={"ray.workers": w, "ray.gpu": gpu})
-        n, r = concurrency(c, g, cfg)
+        n, r = sweep_resources([Node(c, g)], cfg)
         print(f"| {c} CPUs, {g} GPUs | {w} | {gpu} | {n} | {', '.join(f'{k} {v:.2f}' for k, v in r.items())} |")
 
 

@@ -222,9 +222,9 @@ def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
     started = time.time()
     with job_errors() as guard:
         check_resume(args)
-        import torch
+        from cdd_ray.placement import cluster_gpus
 
-        budget = time_budget(args, on_cpu=not args.gpu and torch.cuda.device_count() == 0)
+        budget = time_budget(args, on_cpu=not args.gpu and cluster_gpus(args.address or "") == 0)
         if args.num_samples < 1:
             raise ConfigError(f"--num-samples: {args.num_samples} must be >= 1")
         preset = "smoke" if args.smoke and args.preset is None else args.preset

@@ -170,23 +170,12 @@ def init_ray(address: str = "", dashboard_host: str = "127.0.0.1") -> None:
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
-    """CPUs (and GPU) per worker; fails with a clear error when the cluster cannot hold the workers."""
-    import ray
+    """CPUs (and GPU) per worker, from the connected cluster's nodes (``cdd_ray.placement``); a clear error when
+    the cluster cannot hold the workers."""
+    from cdd_ray.placement import cluster_nodes
+    from cdd_ray.placement import worker_resources as per_worker
 
-    total = ray.cluster_resources()
-    cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
-    r = cfg.ray
-    if r.gpu and gpus < r.workers:
-        raise ConfigError(f"ray.workers={r.workers} with ray.gpu=true needs {r.workers} GPUs; the cluster has "
-                          f"{gpus:g}")
-    per = r.cpus_per_worker or max(cpus / r.workers, 0.0)
-    if per * r.workers > cpus + 1e-9:
-        raise ConfigError(f"ray.workers={r.workers} x ray.cpus_per_worker={per:g} = {per * r.workers:g} CPUs; the "
-                          f"cluster has {cpus:g} CPUs")
-    if per <= 0 or (not r.gpu and per < 0.5):
-        raise ConfigError(f"ray.workers={r.workers}: {per:g} CPUs per worker on the cluster's {cpus:g} CPUs; a CPU "
-                          f"worker needs >= 0.5 (at most {int(cpus * 2)} workers here)")
-    return {"CPU": per, **({"GPU": 1.0} if r.gpu else {})}
+    return per_worker(cluster_nodes(), cfg)
 
 
 def make_trainer(cfg: Config, storage: str, name: str, resources: dict[str, float], callbacks: list | None = None,

@@ -201,38 +201,11 @@ class SweepResult:
 
 
 def plan_resources(cfg: Config) -> tuple[int, dict[str, float]]:
-    """Concurrent trials and per-worker resources for the connected Ray cluster (see ``concurrency``)."""
-    import ray
+    """Concurrent trials and per-worker resources for the connected Ray cluster's nodes
+    (``cdd_ray.placement.sweep_resources``)."""
+    from cdd_ray.placement import cluster_nodes, sweep_resources
 
-    total = ray.cluster_resources()
-    return concurrency(float(total.get("CPU", 0)), float(total.get("GPU", 0)), cfg)
-
-
-def concurrency(cpus: float, gpus: float, cfg: Config) -> tuple[int, dict[str, float]]:
-    """Concurrent trials and per-worker resources: every trial's ``ray.workers`` must fit at once.
-
-    GPU trials: one GPU per worker, so ``gpus // workers`` trials, the CPUs shared among their workers.
-    CPU trials: ``cpus // workers`` trials; each trial's driver holds 0.1 CPU and its workers share the rest
-    (a whole CPU per worker at least 0.5: Ray Train deadlocks when the trial drivers take it all).
-    """
-    w, fixed = cfg.ray.workers, cfg.ray.cpus_per_worker
-    if fixed and w * fixed + 0.1 > cpus:
-        raise ConfigError(f"ray.workers={w} x ray.cpus_per_worker={fixed:g} + 0.1 for the trial does not fit the "
-                          f"cluster's {cpus:g} CPUs")
-    if cfg.ray.gpu:
-        if gpus < w:
-            raise ConfigError(f"ray.workers={w} with ray.gpu=true needs {w} GPUs; the cluster has {gpus:g}")
-        conc = int(gpus // w)
-        if fixed:
-            return min(conc, int(cpus // (w * fixed + 0.1))), {"CPU": fixed, "GPU": 1.0}
-        return conc, {"CPU": max(1.0, (cpus - 0.1 * conc) / (conc * w)), "GPU": 1.0}
-    if fixed:
-        return int(cpus // (w * fixed + 0.1)), {"CPU": fixed}
-    conc = max(1, int(cpus // w))
-    per_cpu = (cpus - 0.1 * conc) / (conc * w)
-    if per_cpu < 0.5:
-        raise ConfigError(f"ray.workers={w} does not fit the cluster's {cpus:g} CPUs (a CPU worker needs >= 0.5)")
-    return conc, {"CPU": per_cpu}
+    return sweep_resources(cluster_nodes(), cfg)
 
 
 def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_run_id: str, role: str,

@@ -42,9 +42,12 @@ def main() -> None:
                    help="trials start from the baseline and train this many steps (default: optim.steps // 4; "
                         "0: every trial trains from scratch)")
     args = p.parse_args()
-    import torch
+    from cdd_ray.placement import cluster_gpus
 
-    gpus = torch.cuda.device_count()
+    try:
+        gpus = cluster_gpus(args.address or "")  # the cluster's, not this driver's (a CPU head of a GPU cluster)
+    except ConfigError as e:
+        fail(e)
     if args.smoke:
         args.preset = args.preset or "smoke"
         args.overrides = SWEEP_SMOKE + args.overrides

