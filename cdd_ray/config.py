@@ -84,6 +84,9 @@ class OptimConfig:
     init_from: str = ""  # warm start: a checkpoint folder whose UNet weights start this run (not its optimiser)
     channels_last: bool = False  # UNet weights and activations in channels_last (may help convolutions on GPUs)
     compile: bool = False  # torch.compile the training forward (see BENCHMARKS.md before turning it on)
+    # Training autocast: auto = bf16 on GPUs that support it, fp16 + grad scaler on older GPUs, fp32 on CPU;
+    # fp32 = none; bf16 = bf16 autocast on any device (on CPU: the GPU path's dtype, exercised without a GPU).
+    precision: str = "auto"
     # Class-balanced objective batches (a rival baseline): each draw picks one of the objective's classes
     # uniformly, then an image of that class uniformly, with replacement (minority images re-used).
     balanced: bool = False
@@ -200,6 +203,8 @@ class Config:
         b = list(self.dual.b)
         return b * n if len(b) == 1 else b
 
+
+PRECISIONS = ("auto", "fp32", "bf16")
 
 # Presets set model size, resolution and budgets; anything can still be overridden.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -524,6 +529,8 @@ def validate(cfg: Config) -> None:
     _require(o.weight_decay >= 0, f"optim.weight_decay: {o.weight_decay} must be >= 0")
     _require(o.grad_clip > 0, f"optim.grad_clip: {o.grad_clip} must be > 0")
     _require(o.threads >= 0, f"optim.threads: {o.threads} must be >= 0")
+    _require(o.precision in PRECISIONS, f"optim.precision: {o.precision!r} not allowed; allowed: "
+             f"{', '.join(PRECISIONS)}")
     _require(not o.init_from or "://" in o.init_from or (Path(o.init_from).expanduser() / "unet").is_dir(),
              f"optim.init_from: {o.init_from!r} is not a checkpoint folder (no unet/ inside)")
 

@@ -61,8 +61,14 @@ def add_noise(noise_scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Ten
     return (abar.sqrt() * x0 + (1 - abar).sqrt() * noise).to(x0.dtype)
 
 
-def autocast_for(device: torch.device) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler | None]:
-    """bf16 autocast on GPUs that support it, fp16 + grad scaler on older GPUs, fp32 on CPU."""
+def autocast_for(device: torch.device, precision: str = "auto"
+                 ) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler | None]:
+    """``optim.precision``: auto = bf16 autocast on GPUs that support it, fp16 + grad scaler on older GPUs, fp32
+    on CPU; fp32 = no autocast; bf16 = bf16 autocast on any device (CPU included, no scaler needed)."""
+    if precision == "fp32":
+        return contextlib.nullcontext(), None
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16), None
     if device.type != "cuda":
         return contextlib.nullcontext(), None
     if torch.cuda.is_bf16_supported():

@@ -4,8 +4,9 @@ Per primal step: one batch from the objective dataset and one from every constra
 **one** UNet forward over their concatenation, per-sample denoising losses, per-dataset means,
 Lagrangian L0 + sum_i lambda_i L_i, one AdamW step. Every ``dual.primal_steps`` steps the mean
 constraint losses of the block are averaged over ranks and one dual step updates lambda, which is
-therefore identical on every rank. Host-device syncs happen only at these block boundaries and,
-when ``ray.report_every`` > 0 and an ``on_report`` callback is given, once per report window.
+therefore identical on every rank. Host-device syncs: one boolean per primal step (the non-finite guard,
+before the optimiser step), the block means at these block boundaries and, when ``ray.report_every`` > 0 and
+an ``on_report`` callback is given, the window means once per report window.
 """
 
 from __future__ import annotations
@@ -143,6 +144,16 @@ def _full(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.element_size() < 4 else x
 
 
+NOISE_STREAM, MONITOR_STREAM = 997, 1999  # stream ids of the noise generators (datasets are 0, 1, ...)
+
+
+def stream_seed(seed: int, rank: int, stream: int, joined_at: int = 0) -> int:
+    """The seed of one random stream of one rank. ``joined_at`` > 0: the step at which this rank joined a run
+    resumed with more workers than its checkpoint had, so that it never replays a stream any rank drew before
+    (not even its own namesake's from before a resume with fewer workers)."""
+    return seed * 1_000_003 + rank * 7919 + stream + joined_at * 1_000_000_007
+
+
 class BatchSampler:
     """Uniform sampling with replacement from device-resident tensors, one generator per dataset.
 
@@ -152,9 +163,9 @@ class BatchSampler:
     """
 
     def __init__(self, datasets: list[torch.Tensor], sizes: list[int], seed: int, rank: int,
-                 balanced_labels: torch.Tensor | None = None):
+                 balanced_labels: torch.Tensor | None = None, joined_at: int = 0):
         self.datasets, self.sizes = datasets, sizes
-        self.generators = [torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + i)
+        self.generators = [torch.Generator().manual_seed(stream_seed(seed, rank, i, joined_at))
                            for i in range(len(datasets))]
         self.balanced = None
         if balanced_labels is not None:
@@ -245,35 +256,41 @@ def train(
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     lr_sched = get_cosine_schedule_with_warmup(optimizer, o.warmup, o.steps)
-    amp, scaler = autocast_for(dev)
+    amp, scaler = autocast_for(dev, o.precision)
 
     constraint_sets = [] if cfg.is_finetune else names
     n_train = 1 + len(constraint_sets)  # the sampler's datasets that carry gradient; monitor_sets follow
     datasets = [split.objective.to(dev)] + [split.constraints[n].to(dev) for n in constraint_sets + monitor_sets]
     sizes = [o.batch_size] + [o.constraint_batch_size] * (len(constraint_sets) + len(monitor_sets))
-    sampler = BatchSampler(datasets, sizes, o.seed, worker.rank,
-                           balanced_labels=split.objective_labels if o.balanced else None)
-    noise_gen = torch.Generator(device=dev).manual_seed(o.seed * 1_000_003 + worker.rank * 7919 + 997)
-    # The monitored batches' noise and timesteps: their own stream, so the training's draws are unchanged.
-    monitor_gen = (torch.Generator(device=dev).manual_seed(o.seed * 1_000_003 + worker.rank * 7919 + 1999)
-                   if monitor_sets else None)
     dual = DualState.create(names, cfg.thresholds(), cfg.dual.kind, cfg.dual.eta, cfg.dual.gamma,
                             cfg.dual.lambda_init)
-    step = 0
+    step = int(resume.meta["step"]) if resume is not None else 0
+    rng = resume.trainer_state["rng"] if resume is not None else None
+    # A rank the checkpoint has no streams for (resumed with more workers) starts new ones of its own.
+    joined_at = max(step, 1) if rng is not None and worker.rank >= len(rng["batches"]) else 0
+    if joined_at:
+        log.warning("rank %d: the checkpoint holds the random streams of %d rank(s); this rank starts new streams "
+                    "(seeded from the step it joined at, %d)", worker.rank, len(rng["batches"]), step)
+    sampler = BatchSampler(datasets, sizes, o.seed, worker.rank,
+                           balanced_labels=split.objective_labels if o.balanced else None, joined_at=joined_at)
+    noise_gen = torch.Generator(device=dev).manual_seed(stream_seed(o.seed, worker.rank, NOISE_STREAM, joined_at))
+    # The monitored batches' noise and timesteps: their own stream, so the training's draws are unchanged.
+    monitor_gen = (torch.Generator(device=dev).manual_seed(stream_seed(o.seed, worker.rank, MONITOR_STREAM,
+                                                                       joined_at)) if monitor_sets else None)
     if resume is not None:
         ts = resume.trainer_state
         optimizer.load_state_dict(ts["optimizer"])
         lr_sched.load_state_dict(ts["lr_scheduler"])
         ema.load_state_dict(ts["ema"])
         ema.to(dev)
-        sampler.load_state(ts["rng"]["batches"][worker.rank % len(ts["rng"]["batches"])])
-        noise_gen.set_state(ts["rng"]["noise"][worker.rank % len(ts["rng"]["noise"])])
-        if monitor_gen is not None and ts["rng"].get("monitor_noise"):
-            monitor_gen.set_state(ts["rng"]["monitor_noise"][worker.rank % len(ts["rng"]["monitor_noise"])])
+        if not joined_at:
+            sampler.load_state(rng["batches"][worker.rank])
+            noise_gen.set_state(rng["noise"][worker.rank])
+            if monitor_gen is not None and rng.get("monitor_noise"):
+                monitor_gen.set_state(rng["monitor_noise"][worker.rank])
         if scaler is not None and ts.get("scaler"):
             scaler.load_state_dict(ts["scaler"])
         dual = DualState.from_dict(resume.dual.to_dict())
-        step = int(resume.meta["step"])
 
     history: list[dict[str, float]] = list(resume.meta.get("history", [])) if resume is not None else []
 
@@ -306,7 +323,11 @@ def train(
             scaler.unscale_(optimizer)
         else:
             lagrangian.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), o.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), o.grad_clip)
+        # The guard, every primal step before the optimiser applies it: one boolean to the host. DDP has averaged
+        # the gradients, so a non-finite loss on any rank makes every rank's gradient non-finite and all ranks stop
+        # at the same step. (With fp16's grad scaler an overflowing gradient is normal: the scaler skips it.)
+        _check_step(step + 1, stacked.detach(), norm if scaler is None else None, names + monitored)
         block += stacked.detach()
         block_n += 1
         step += 1
@@ -326,7 +347,7 @@ def train(
             lr_sched.step()
             ema.step(unet.parameters())
             continue
-        # Block boundary: the loop's only host-device sync besides the report windows'.
+        # Block boundary: the block means come to the host (all-reduced over ranks).
         means = worker.all_reduce_mean(block / block_n).tolist()
         _check_finite(step, means, names + monitored)
         _optimizer_step(optimizer, scaler)
@@ -391,6 +412,20 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
         scaler.update()
     else:
         optimizer.step()
+
+
+def _check_step(step: int, losses: torch.Tensor, grad_norm: torch.Tensor | None, names: list[str]) -> None:
+    """Primal step ``step`` (1-based) is applied only when its losses and gradient are finite."""
+    checked = losses if grad_norm is None else torch.cat([losses, grad_norm.detach().reshape(1).to(losses)])
+    if bool(torch.isfinite(checked).all()):
+        return
+    values = losses.tolist()
+    what = "loss" if not all(math.isfinite(v) for v in values) else "gradient (another rank's loss or an overflow)"
+    raise NonFiniteLossError(
+        f"non-finite {what} at step {step}: objective {values[0]}, constraints {dict(zip(names, values[1:]))}, "
+        f"gradient norm {float(grad_norm) if grad_norm is not None else 'unchecked'}; the optimiser did not apply "
+        "this step and lambda was not updated from it"
+    )
 
 
 def _check_finite(step: int, means: list[float], names: list[str]) -> None:

@@ -147,6 +147,40 @@ def test_finetune_step_is_one_trained_forward_plus_one_frozen(monkeypatch, pretr
     assert all(h["lambda_pretrained"] >= 0 and "loss_pretrained" in h for h in result.history)
 
 
+def test_finetune_under_cpu_bf16_autocast_starts_at_exactly_zero_constraint(monkeypatch, pretrained):
+    """optim.precision=bf16 on CPU (the GPU path's dtype): the UNet forwards run in bf16, the losses are fp32,
+    and while theta = the pre-trained model the constraint is exactly 0; then it grows."""
+    from diffusers import UNet2DModel
+
+    import cdd_ray.train_loop as tl
+    from cdd_ray.data import prepare_split
+
+    cfg = finetune_config(resolve_pretrained(str(pretrained)), None, None,
+                          {"optim.steps": 4, "optim.precision": "bf16"}, None)
+    dtypes, losses = [], []
+    forward, fused = UNet2DModel.forward, tl.fused_losses
+
+    def forward_rec(self, *a, **k):
+        out = forward(self, *a, **k)
+        dtypes.append(out.sample.dtype)
+        return out
+
+    def fused_rec(*a, **k):
+        out = fused(*a, **k)
+        losses.append(out)
+        return out
+
+    monkeypatch.setattr(UNet2DModel, "forward", forward_rec)
+    monkeypatch.setattr(tl, "fused_losses", fused_rec)
+    result = train(cfg, prepare_split(cfg))
+    assert len(dtypes) == 8 and set(dtypes) == {torch.bfloat16}  # 4 trained + 4 frozen forwards
+    assert all(v.dtype == torch.float32 for step in losses for v in step)
+    # Steps 1 and 2 see theta = the pre-trained model (warm-up: the first step's learning rate is 0); then it moved.
+    assert [step[-1].item() for step in losses[:2]] == [0.0, 0.0]
+    assert all(step[-1].item() > 0 for step in losses[2:])
+    assert all(p.dtype == torch.float32 for p in result.unet.parameters())
+
+
 def test_finetune_jobs_end_to_end(pretrained, tmp_path):
     out = tmp_path / "ft"
     p = job("train_finetune.py", "--pretrained", str(pretrained), "--local", "--out", str(out),

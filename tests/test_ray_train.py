@@ -77,8 +77,18 @@ def test_resume_continues_a_stopped_run(ray_session, tmp_path):
     assert not (tmp_path / "out" / "summary.json").exists()
     with pytest.raises(ConfigError, match="already exists"):
         run_ray(cfg, tmp_path / "out")  # same name without --resume: refused, nothing overwritten
-    summary = run_ray(cfg, tmp_path / "out", resume=True)
+    # Resumed with 2 workers (the checkpoint holds 1 rank's streams): rank 1 gets streams of its own; both ranks
+    # continue lambda from the checkpoint, bitwise equal.
+    dump = tmp_path / "dual"
+    wider = smoke(tmp_path, **{"name": "stopped", "ray.workers": 2, "fault.dump_dual_dir": str(dump),
+                               "fault.fail_at_step": 6, "ray.max_failures": 0})
+    summary = run_ray(wider, tmp_path / "out", resume=True)
     assert summary["resumed_from_step"] == 4 and summary["steps"] == 12 and summary["dual_steps"] == 6
+    assert summary["workers"] == 2
+    r0, r1 = read_dump(dump / "rank0.jsonl"), read_dump(dump / "rank1.jsonl")
+    assert [r["dual_step"] for r in r0] == [3, 4, 5, 6] and r0 == r1
+    dual = json.loads((tmp_path / "out" / "checkpoint" / "dual_state.json").read_text())
+    assert [float.fromhex(h) for h in r0[-1]["lam"]] == dual["lam"] and len(dual["lam_history"]) == 6
 
 
 def test_storage_paths_and_names(tmp_path, monkeypatch):
@@ -93,8 +103,8 @@ def test_storage_paths_and_names(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"ray.workers": 5}, "ray.workers=5: 0.4 CPUs per worker on the cluster's 2 CPUs; a CPU worker needs >= 0.5"),
-    ({"ray.workers": 1, "ray.cpus_per_worker": 4}, "ray.cpus_per_worker=4 = 4 CPUs; the cluster has 2 CPUs"),
+    ({"ray.workers": 5}, "ray.workers=5 does not fit the cluster's nodes (2 CPUs): a CPU worker needs >= 0.5 CPUs"),
+    ({"ray.workers": 1, "ray.cpus_per_worker": 4}, "ray.cpus_per_worker=4 does not fit the cluster's nodes (2 CPUs)"),
     ({"ray.gpu": True}, "ray.workers=1 with ray.gpu=true needs 1 GPUs; the cluster has 0"),
 ])
 def test_more_workers_or_gpus_than_the_cluster_fail_before_any_run(ray_session, tmp_path, overrides, message):

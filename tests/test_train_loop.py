@@ -132,6 +132,120 @@ def test_non_finite_loss_stops_before_lambda_update(smoke_split, tmp_path):
     assert all(torch.isfinite(p).all() for p in last.unet.parameters())
 
 
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_a_non_finite_step_in_the_middle_of_a_block_is_never_applied(monkeypatch, smoke_split, poison):
+    """dual.primal_steps=3: the 5th primal step (the middle of the block [4, 6]) gets a NaN constraint loss, or a
+    NaN gradient with finite losses (what another rank's NaN does through DDP). The run stops at step 5 with the
+    weights as they were after step 4, not at the block boundary with steps 5 and 6 applied."""
+    import cdd_ray.train_loop as tl
+
+    cfg = build_config("smoke", overrides={"optim.steps": 9, "dual.primal_steps": 3})
+    calls, before, seen = {"n": 0}, {}, {}
+    original_fused, original_unet_for = tl.fused_losses, tl.unet_for
+
+    def unet_for(*a, **k):
+        m = original_unet_for(*a, **k)
+        seen.setdefault("unet", m)  # the first one built is the trained one
+        return m
+
+    def fused(*a, **k):
+        calls["n"] += 1
+        out = original_fused(*a, **k)
+        if calls["n"] == 5:
+            if poison == "loss":
+                out[1] = out[1] * math.nan
+            else:
+                seen["unet"].conv_in.weight.register_hook(lambda g: g * math.nan if calls["n"] == 5 else g)
+        return out
+
+    def fault(step):
+        if step == 4:  # before the 5th primal step: the weights it must leave untouched
+            before.update({k: v.detach().clone() for k, v in seen["unet"].state_dict().items()})
+
+    monkeypatch.setattr(tl, "fused_losses", fused)
+    monkeypatch.setattr(tl, "unet_for", unet_for)
+    with pytest.raises(NonFiniteLossError, match=f"non-finite {poison} .*at step 5:.*the optimiser did not apply"):
+        train(cfg, smoke_split, fault=fault)
+    assert calls["n"] == 5  # stopped at once, not at the block boundary (step 6)
+    after = seen["unet"].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_with_more_workers_gives_the_new_rank_its_own_streams(monkeypatch, smoke_split):
+    """A 1-worker checkpoint at step 4 resumed by 2 ranks: rank 0 continues its saved streams (the same draws as
+    the uninterrupted run), rank 1 draws batches and noise of its own (not rank 0's, not a fresh rank 1's from
+    step 0), and both continue lambda from the checkpoint."""
+    import cdd_ray.train_loop as tl
+
+    cfg = build_config("smoke", overrides={"optim.steps": 8})
+    draws: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+    original = tl.fused_losses
+
+    def recorded(unet, sched, batches, generator, *a, **k):
+        draws.append(([b.clone() for b in batches], generator.get_state().clone()))
+        return original(unet, sched, batches, generator, *a, **k)
+
+    monkeypatch.setattr(tl, "fused_losses", recorded)
+    snaps: dict[int, Snapshot] = {}
+    full = train(cfg, smoke_split, on_block=lambda m, s: snaps.setdefault(int(m["step"]), s()))
+    uninterrupted = draws[4:]
+    draws.clear()
+    fresh_rank1 = train(dataclasses.replace(cfg), smoke_split, worker=tl.Worker(rank=1))
+    fresh = draws[:4]
+    runs = {}
+    for rank in (0, 1):  # each rank's own computation (world size 1: the ranks' all-reduce left out)
+        draws.clear()
+        runs[rank] = (train(cfg, smoke_split, worker=tl.Worker(rank=rank), resume=snaps[4]), list(draws))
+    (r0, d0), (r1, d1) = runs[0], runs[1]
+    assert len(d0) == len(d1) == 4
+    for (b0, g0), (bu, gu) in zip(d0, uninterrupted):
+        assert all(torch.equal(x, y) for x, y in zip(b0, bu)) and torch.equal(g0, gu)
+    for (b0, g0), (b1, g1), (bf, gf) in zip(d0, d1, fresh):
+        assert not torch.equal(g1, g0) and not torch.equal(g1, gf)
+        for x, y, z in zip(b0, b1, bf):
+            assert not torch.equal(x, y) and not torch.equal(y, z)
+    for r in (r0, r1):
+        assert r.start_step == 4 and r.step == 8 and r.dual.step == 4
+        assert r.dual.lam_history[:2] == snaps[4].dual.lam_history == full.dual.lam_history[:2]
+    assert fresh_rank1.step == 8
+
+
+def test_cpu_bf16_autocast_runs_the_gpu_dtype_with_fp32_losses(monkeypatch, smoke_split):
+    """optim.precision=bf16 on CPU: every training forward outputs bf16, the losses and weights stay fp32, and
+    the first step's losses (same weights, same inputs) are within bf16's error of the fp32 run's."""
+    from diffusers import UNet2DModel
+
+    import cdd_ray.train_loop as tl
+
+    runs = {}
+    forward, fused = UNet2DModel.forward, tl.fused_losses
+    for precision in ("fp32", "bf16"):
+        rec = {"dtypes": [], "losses": []}
+
+        def forward_rec(self, *a, rec=rec, **k):
+            out = forward(self, *a, **k)
+            rec["dtypes"].append(out.sample.dtype)
+            return out
+
+        def fused_rec(*a, rec=rec, **k):
+            out = fused(*a, **k)
+            rec["losses"].append(out)
+            return out
+
+        monkeypatch.setattr(UNet2DModel, "forward", forward_rec)
+        monkeypatch.setattr(tl, "fused_losses", fused_rec)
+        cfg = build_config("smoke", overrides={"optim.steps": 4, "optim.precision": precision})
+        runs[precision] = (train(cfg, smoke_split), rec)
+    (r32, rec32), (r16, rec16) = runs["fp32"], runs["bf16"]
+    assert set(rec32["dtypes"]) == {torch.float32} and set(rec16["dtypes"]) == {torch.bfloat16}
+    assert len(rec16["dtypes"]) == 4
+    assert all(v.dtype == torch.float32 for step in rec16["losses"] for v in step)
+    first32, first16 = [v.item() for v in rec32["losses"][0]], [v.item() for v in rec16["losses"][0]]
+    assert first16 != first32 and first16 == pytest.approx(first32, rel=0.03)
+    assert all(p.dtype == torch.float32 for p in r16.unet.parameters())
+    assert all(math.isfinite(v) for lam in r16.dual.lam_history for v in lam) and r16.dual.step == 2
+
+
 def test_channels_last_trains_the_same_model(smoke_split):
     a = train(build_config("smoke", overrides={"optim.steps": 4}), smoke_split)
     b = train(build_config("smoke", overrides={"optim.steps": 4, "optim.channels_last": True}), smoke_split)
