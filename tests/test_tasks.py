@@ -69,6 +69,31 @@ def tiny_vae(tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize("preset", ["smoke", "cpu", "paper"])
+@pytest.mark.parametrize("task", ["mnist", "celeba", "imagenet"])
+def test_every_task_and_preset_validates(task, preset, celeba_root, imagefolder_root, tmp_path):
+    """Every task x preset the README offers resolves to a valid config; ImageNet's latent geometry is that of an
+    8x VAE (sd-vae-ft-mse's config), so the paper preset denoises the authors' 32x32 latents."""
+    from cdd_ray.config import PRESETS
+
+    assert set(PRESETS) == {"smoke", "cpu", "paper"}  # a new preset joins this test
+    sd_vae = tmp_path / "sd-vae-ft-mse"
+    sd_vae.mkdir()
+    (sd_vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "latent_channels": 4,
+                                                    "block_out_channels": [128, 256, 512, 512]}))
+    if task == "mnist":
+        cfg = build_config(preset)
+    else:
+        flags = ({"data.root": str(celeba_root)} if task == "celeba"  # pixels, as the README runs it
+                 else {"data.root": str(imagefolder_root), "model.vae": str(sd_vae)})
+        cfg = task_config(task, preset, None, flags)
+    channels, side = cfg.unet_shape()
+    levels = len(cfg.model.channels)
+    assert side % 2 ** (levels - 1) == 0 and side >= 2 ** (levels - 1)
+    if task == "imagenet" and preset == "paper":
+        assert (cfg.data.image_size, channels, side, levels) == (256, 4, 32, 6)
+
+
 def test_celeba_source_reads_the_layout(celeba_root):
     cfg = task_config("celeba", "smoke", None, {"data.root": str(celeba_root)})
     src = load_source(cfg.data)
