@@ -17,16 +17,13 @@ import tempfile
 from pathlib import Path
 
 from cdd_ray.config import Config, ConfigError
+from cdd_ray.storage import is_uri
 
 log = logging.getLogger(__name__)
 
 # Local paths a worker reads or writes, made absolute on the driver (caches stay per node: "~" is the node's).
 PATH_FIELDS = (("data", "root"), ("model", "vae"), ("optim", "init_from"), ("eval", "inception_path"),
                ("eval", "classifier_path"), ("finetune", "pretrained"), ("fault", "dump_dual_dir"))
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def absolute(path: str) -> str:
@@ -78,16 +75,28 @@ def check_out(path: str | Path, flag: str = "--out") -> Path:
 
 
 def check_storage(storage: str, flag: str = "--storage") -> str:
-    """A local Ray storage must be writable here; a URI must name a file system pyarrow knows."""
+    """A local Ray storage must be writable here; a URI must name a file system pyarrow knows and take a small
+    file now (bucket, credentials and endpoint checked before any work)."""
     if not is_uri(storage):
         return str(check_out(storage, flag))
+    import uuid
+
     import pyarrow.fs
 
+    from cdd_ray import storage as storage_io
+
     try:
-        pyarrow.fs.FileSystem.from_uri(storage)
+        fs, _ = pyarrow.fs.FileSystem.from_uri(storage)
     except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, ArrowNotImplementedError, ...
         raise ConfigError(f"{flag}: {storage!r} is not a storage URI pyarrow can open ({e}); use an absolute path, "
                           "s3://bucket/prefix or gs://bucket/prefix (docs/CLUSTER.md)") from None
+    probe = storage_io.join(storage, f".cdd-write-check-{uuid.uuid4().hex}")
+    try:
+        storage_io.write_text(probe, "")
+        fs.delete_file(storage_io.filesystem(probe)[1])
+    except Exception as e:  # noqa: BLE001 - OSError from pyarrow: no bucket, no credentials, endpoint away
+        raise ConfigError(f"{flag}: cannot write to {storage!r}: {str(e).splitlines()[0]} (the bucket must exist; "
+                          "credentials and endpoint come from the AWS_* environment, docs/CLUSTER.md)") from None
     return storage
 
 

