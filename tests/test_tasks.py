@@ -190,13 +190,23 @@ def test_train_jobs_end_to_end(celeba_root, imagefolder_root, tiny_vae, tmp_path
     assert p.returncode == 2 and "data.root:" in p.stderr and "nope" in p.stderr
 
 
-@pytest.mark.parametrize("task", ["celeba", "imagenet"])
-def test_tune_jobs_smoke(task, celeba_root, imagefolder_root, tiny_vae, tmp_path):
-    args = ["--root", str(celeba_root)] if task == "celeba" else ["--root", str(imagefolder_root), "--vae",
-                                                                  str(tiny_vae)]
-    p = job(f"tune_{task}.py", *args, "--smoke", "--num-samples", "1", "--warm-start-steps", "0", "--storage",
-            str(tmp_path / "ray"), "--name", f"{task}-sweep", cwd=tmp_path)
-    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
-    assert "Pareto front (precision higher is better, tv_to_uniform lower is better" in p.stdout
-    assert "| baseline-rebalanced |" in p.stdout and "tv_floor" in p.stdout
-    assert (tmp_path / "ray" / f"{task}-sweep" / "front" / "pareto.csv").exists()
+def test_tune_jobs_smoke(celeba_root, imagefolder_root, tiny_vae, tmp_path):
+    """Both tasks' sweep jobs, started together (each job keeps to its own local Ray: two jobs at once are fine)."""
+    args = {"celeba": ["--root", str(celeba_root)],
+            "imagenet": ["--root", str(imagefolder_root), "--vae", str(tiny_vae)]}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+    procs = {task: subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs" / f"tune_{task}.py"), *a, "--smoke", "--num-samples", "1",
+         "--warm-start-steps", "0", "--storage", str(tmp_path / "ray"), "--name", f"{task}-sweep"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env) for task, a in args.items()}
+    try:
+        outs = {task: p.communicate(timeout=900) for task, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    for task, (stdout, stderr) in outs.items():
+        assert procs[task].returncode == 0, (task, stdout[-3000:], stderr[-3000:])
+        assert "Pareto front (precision higher is better, tv_to_uniform lower is better" in stdout
+        assert "| baseline-rebalanced |" in stdout and "tv_floor" in stdout
+        assert (tmp_path / "ray" / f"{task}-sweep" / "front" / "pareto.csv").exists()

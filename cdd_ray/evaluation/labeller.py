@@ -72,25 +72,29 @@ def classifier_features(clf: DigitClassifier, x: torch.Tensor) -> np.ndarray:
     return _batched(clf.features, x).double().numpy()
 
 
-def train_classifier(split: Split, epochs: int, seed: int = 0) -> tuple[DigitClassifier, float]:
-    """Train on every real image outside the classifier-test split; return the model and its test accuracy."""
+def train_classifier(split: Split, epochs: int, seed: int = 0,
+                     device: torch.device | str = "cpu") -> tuple[DigitClassifier, float]:
+    """Train on ``device`` (the evaluating worker's) on the classifier-training split; return the model (on the
+    CPU) and its accuracy on the classifier-test split."""
+    dev = torch.device(device)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    clf = DigitClassifier(len(split.classes), split.clf_train.shape[1])
+    clf = DigitClassifier(len(split.classes), split.clf_train.shape[1]).to(dev)
     opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
-    x, y = split.clf_train, split.clf_train_labels
+    x, y = split.clf_train.to(dev), split.clf_train_labels.to(dev)
     n_batches = max(1, x.shape[0] // 64)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * n_batches)
     for _ in range(epochs):
         clf.train()
         perm = torch.randperm(x.shape[0], generator=g)
         for i in range(n_batches):
-            idx = perm[i * 64:(i + 1) * 64]
+            idx = perm[i * 64:(i + 1) * 64].to(dev)
             loss = F.cross_entropy(clf(_augment(x[idx], g)), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
+    clf.cpu()
     acc = (predict(clf, split.clf_test) == split.clf_test_labels).float().mean().item()
     return clf, acc
 
@@ -126,8 +130,11 @@ def _cache_dir(cfg: EvalConfig) -> Path:
     return Path(root).expanduser() / "classifiers"
 
 
-def get_classifier(split: Split, cfg: Config) -> tuple[DigitClassifier, float]:
-    """The classifier for this data source, resolution and split, trained once and cached on disk."""
+def get_classifier(split: Split, cfg: Config, device: torch.device | str = "cpu") -> tuple[DigitClassifier, float]:
+    """The classifier for this data source, resolution and split, trained once (on ``device``) and cached on
+    disk."""
+    if split.clf_train.shape[0] == 0:
+        raise ValueError("the split has no classifier data: build it with evaluation=True on the evaluating rank")
     key = json.dumps({"source": split.source, "size": cfg.data.image_size, "classes": split.classes,
                       "n_train": int(split.clf_train.shape[0]), "n_test": int(split.clf_test.shape[0]),
                       "train_sum": round(float(split.clf_train.sum()), 3),
@@ -142,7 +149,7 @@ def get_classifier(split: Split, cfg: Config) -> tuple[DigitClassifier, float]:
             return clf, float(blob["accuracy"])
         except Exception as e:  # noqa: BLE001 - a bad cache entry is retrained, not fatal
             log.warning("classifier cache %s unreadable (%s); retraining", path, e)
-    clf, acc = train_classifier(split, cfg.eval.classifier_epochs, cfg.optim.seed)
+    clf, acc = train_classifier(split, cfg.eval.classifier_epochs, cfg.optim.seed, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     torch.save({"state_dict": clf.state_dict(), "accuracy": acc, "key": key}, tmp)

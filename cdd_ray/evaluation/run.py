@@ -40,7 +40,7 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
     """Sample ``eval.n_samples`` images, label them, and measure fairness and quality (see the module doc)."""
     e = cfg.eval
     t0 = time.perf_counter()
-    clf, acc = get_classifier(split, cfg)
+    clf, acc = get_classifier(split, cfg, device)
     t_clf = time.perf_counter() - t0
     x = sample(ema_unet, noise_scheduler, e.n_samples, e.sampler_steps, e.batch_size, cfg.optim.seed + 1, device)
     if cfg.model.vae:  # latent diffusion: classify and compare decoded images
