@@ -56,7 +56,7 @@ def stop(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.time() + 10
+    deadline = time.time() + 5
     for p in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(timeout=max(0.1, deadline - time.time()))

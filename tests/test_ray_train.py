@@ -35,29 +35,6 @@ def read_dump(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_two_workers_hold_bitwise_equal_multipliers(ray_session, tmp_path):
-    dump = tmp_path / "dual"
-    cfg = smoke(tmp_path, **{"name": "two-workers", "ray.workers": 2, "fault.dump_dual_dir": str(dump)})
-    summary = run_ray(cfg, tmp_path / "out")
-    r0, r1 = read_dump(dump / "rank0.jsonl"), read_dump(dump / "rank1.jsonl")
-    assert [r["dual_step"] for r in r0] == list(range(1, 7))
-    assert r0 == r1  # hex floats: bitwise equality at every dual step
-    assert summary["workers"] == 2 and summary["steps"] == 12 and summary["dual_steps"] == 6
-    final = [float.fromhex(h) for h in r0[-1]["lam"]]
-    assert [summary["lambda"][n] for n in ("class_4", "class_5", "class_7")] == final
-    for f in ("summary.json", "samples.npz", "samples.png", "checkpoint/dual_state.json", "checkpoint/unet_ema"):
-        assert (tmp_path / "out" / f).exists(), f
-    # rank 0 logged every dual step to MLflow; the driver logged the outputs and closed the run
-    uri = os.environ["MLFLOW_TRACKING_URI"]
-    client = tracking.client(uri)
-    run_id = (tmp_path / "ray" / "two-workers" / "mlflow_run_id").read_text()
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.params["ray.workers"] == "2"
-    points = sorted(client.get_metric_history(run_id, "lambda_class_5"), key=lambda m: m.step)
-    assert [m.value for m in points] == [float.fromhex(r["lam"][1]) for r in r0]
-    assert "model" in {a.path for a in client.list_artifacts(run_id)}
-
-
 def test_worker_fault_restarts_and_matches_uninterrupted_run(ray_session, tmp_path):
     cfg = smoke(tmp_path, **{"name": "fault", "fault.fail_at_step": 6, "ray.max_failures": 1})
     summary = run_ray(cfg, tmp_path / "out")

