@@ -8,7 +8,6 @@ S3-compatible endpoint can also come from ``AWS_ENDPOINT_URL`` (docs/CLUSTER.md)
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -66,16 +65,10 @@ def write_text(path: str, text: str) -> None:
 
 
 def upload(local: str | Path, dst: str) -> None:
-    """Copy a local folder to ``dst`` (a folder in storage), replacing what is there."""
+    """Copy a local folder's files into ``dst`` (a folder in storage); files already there and not in ``local``
+    stay."""
     import pyarrow.fs
 
-    if not is_uri(dst):
-        tmp = f"{dst}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(local, tmp)
-        shutil.rmtree(dst, ignore_errors=True)
-        os.replace(tmp, dst)
-        return
     fs, p = filesystem(dst)
     pyarrow.fs.copy_files(str(local), p, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
 
