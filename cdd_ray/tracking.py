@@ -98,7 +98,38 @@ def client(uri: str | None = None):
     # (MLflow's default: 7 retries with backoff) nor wait 120 s on a server that accepts but never answers.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    return MlflowClient(tracking_uri=uri or tracking_uri())
+    uri = uri or tracking_uri()
+    _create_sqlite_store_once(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+_OPENED: set[str] = set()
+
+
+def _create_sqlite_store_once(uri: str) -> None:
+    """Open a SQLite store the first time in this process under a lock shared by every process on the machine.
+
+    MLflow creates a new SQLite store's tables and runs its migrations without a lock, so two jobs that open
+    one fresh ``mlflow.db`` at once break each other's migrations ("table _alembic_tmp_tags already exists",
+    "Online migration expected to match one row"). Under the lock the first opener creates the tables; the
+    others find them.
+    """
+    if not uri.startswith("sqlite:///") or uri in _OPENED:
+        return
+    import fcntl
+    import hashlib
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    key = hashlib.sha256(str(Path(uri.removeprefix("sqlite:///")).resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"cdd-ray-sqlite-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates the tables if none
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _OPENED.add(uri)
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:

@@ -116,6 +116,33 @@ def test_concurrent_writers_lose_nothing(tmp_path):
         assert [a.path for a in client.list_artifacts(r.info.run_id)] == ["a.txt"]
 
 
+OPEN_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from cdd_ray import tracking
+uri, ready, k, n = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+(ready / k).touch()
+while len(list(ready.iterdir())) < n:  # all imported: open the store together
+    time.sleep(0.005)
+print(tracking.get_or_create_experiment(uri))
+"""
+
+
+def test_jobs_opening_a_fresh_sqlite_store_at_once_all_start(tmp_path):
+    """Two jobs started together on a new mlflow.db (the README's default store) both run: MLflow creates a new
+    SQLite store's tables without a lock, and without cdd_ray's lock these openers break each other's
+    migrations."""
+    uri, ready = f"sqlite:///{tmp_path / 'fresh.db'}", tmp_path / "ready"
+    ready.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, uri, str(ready), str(k), "4"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(4)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-1500:] for _, err in outs]
+    ids = {out.split()[-1] for out, _ in outs}
+    assert len(ids) == 1 and tracking.client(uri).get_experiment(ids.pop()).name == tracking.DEFAULT_EXPERIMENT
+
+
 def test_unreachable_server_fails_fast_with_the_uri():
     t0 = time.perf_counter()
     with pytest.raises(tracking.TrackingError, match="http://127.0.0.1:9/ is unreachable|'http://127.0.0.1:9'"):
