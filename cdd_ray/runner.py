@@ -153,15 +153,18 @@ def resolve_storage(storage: str) -> str:
     return str(Path(storage).expanduser().resolve())
 
 
-def init_ray(address: str = "", dashboard_host: str = "127.0.0.1") -> None:
-    """Connect to ``address`` / RAY_ADDRESS, or start a local Ray with the dashboard on localhost."""
+def init_ray(address: str = "", dashboard_host: str = "127.0.0.1", *, num_cpus: int | None = None,
+             include_dashboard: bool | None = None, log_to_driver: bool = True,
+             env_vars: dict[str, str] | None = None) -> None:
+    """Connect to ``address`` / RAY_ADDRESS, or start a local Ray with the dashboard on localhost. ``num_cpus``,
+    ``include_dashboard`` and ``env_vars`` (for every Ray process of the job) shape the local Ray only."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
         log.info("connected to Ray cluster at %s", address)
         return
     # A Ray of its own, on loopback, whose processes are told its address: Ray's own actors that look their
@@ -171,9 +174,9 @@ def init_ray(address: str = "", dashboard_host: str = "127.0.0.1") -> None:
     previous = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the local head Ray starts here
     try:
-        ctx = ray.init(dashboard_host=dashboard_host, include_dashboard=None, log_to_driver=True,
-                       _node_ip_address="127.0.0.1",
-                       runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
+        ctx = ray.init(num_cpus=num_cpus, dashboard_host=dashboard_host, include_dashboard=include_dashboard,
+                       log_to_driver=log_to_driver, _node_ip_address="127.0.0.1",
+                       runtime_env={"env_vars": {**(env_vars or {}), "RAY_ADDRESS": f"127.0.0.1:{port}"}})
     finally:
         if previous is None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)

@@ -9,7 +9,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="cdd-mpl-"))
+if "MPLCONFIGDIR" not in os.environ:
+    os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="cdd-mpl-")
 
 torch.set_num_threads(2)
 
@@ -42,8 +43,22 @@ def ray_session():
     """One local Ray per test module (a module's leftovers, e.g. an ASHA-stopped trial's placement group, cannot
     starve the next module's runs)."""
     ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"CDD_RAY_CACHE": os.environ["CDD_RAY_CACHE"], "OMP_NUM_THREADS": "1"}})
+    from cdd_ray.runner import init_ray
+
+    # init_ray's own-address local Ray: modules running at once (pytest -n 2) each keep their own Ray.
+    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             env_vars={"CDD_RAY_CACHE": os.environ["CDD_RAY_CACHE"], "OMP_NUM_THREADS": "1"})
     yield
     ray.shutdown()
+
+
+# `pytest -n 2 --dist loadfile --no-loadscope-reorder` (pyproject) hands whole modules to its two workers in
+# collection order: the modules with the longest end-to-end tests go first, so both workers end together
+# instead of one running a 5-minute module alone at the end.
+LONGEST_FIRST = ("test_cluster.py", "test_tune_resume.py", "test_tasks.py", "test_tune.py", "test_finetune.py",
+                 "test_runner.py", "test_ray_train.py", "test_tracking.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

@@ -46,8 +46,10 @@ def ray_train_worker_nodes(address: str) -> list[str]:
             "ray.init(address=sys.argv[1], log_to_driver=False); "
             "print(json.dumps([a.node_id for a in list_actors(filters=[('class_name', '=', 'RayTrainWorker')], "
             "detail=True, limit=1000)]))")
+    # RAY_ADDRESS too: the state API looks its cluster up itself ("auto"), which fails while other local Rays
+    # run on the machine ("Found multiple active Ray instances").
     out = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, **BASE_ENV})
+                         env={**os.environ, **BASE_ENV, "RAY_ADDRESS": address})
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -9,7 +9,7 @@ import pytest
 from cdd_ray import tracking
 from cdd_ray.config import ConfigError, build_config
 from cdd_ray.data import prepare_split
-from cdd_ray.runner import check_run_name, resolve_storage, run_ray
+from cdd_ray.runner import check_run_name, init_ray, resolve_storage, run_ray
 from cdd_ray.train_loop import train
 
 ray = pytest.importorskip("ray")
@@ -18,8 +18,8 @@ ray = pytest.importorskip("ray")
 @pytest.fixture(scope="module")
 def ray_session(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "cdd_ray_cache"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"CDD_RAY_CACHE": str(cache), "OMP_NUM_THREADS": "1"}})
+    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             env_vars={"CDD_RAY_CACHE": str(cache), "OMP_NUM_THREADS": "1"})
     yield
     ray.shutdown()
 
