@@ -45,8 +45,11 @@ def ray_session():
     ray = pytest.importorskip("ray")
     from cdd_ray.runner import init_ray
 
-    # init_ray's own-address local Ray: modules running at once (pytest -n 2) each keep their own Ray.
-    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    # init_ray's own-address local Ray: modules running at once (pytest -n 2) each keep their own Ray. With its
+    # dashboard: Ray Train's placement-group cleaner asks the state API whether the run's controller lives, and
+    # a Ray without a dashboard sends it to 127.0.0.1:8265, where another Ray's dashboard answers "no such
+    # actor": the cleaner then removes the running fit's placement group and its workers die.
+    init_ray(num_cpus=2, include_dashboard=True, log_to_driver=False,
              env_vars={"CDD_RAY_CACHE": os.environ["CDD_RAY_CACHE"], "OMP_NUM_THREADS": "1"})
     yield
     ray.shutdown()

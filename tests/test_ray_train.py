@@ -17,8 +17,8 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def ray_session(tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp() / "cdd_ray_cache"
-    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    cache = tmp_path_factory.getbasetemp() / "cdd_ray_cache"  # dashboard on: see conftest.ray_session
+    init_ray(num_cpus=2, include_dashboard=True, log_to_driver=False,
              env_vars={"CDD_RAY_CACHE": str(cache), "OMP_NUM_THREADS": "1"})
     yield
     ray.shutdown()
