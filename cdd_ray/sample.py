@@ -1,6 +1,7 @@
-"""Sample from a trained model logged to MLflow (or from a checkpoint folder).
+"""Sample from a trained model logged to MLflow, a registered model, or a checkpoint folder.
 
     python -m cdd_ray.sample --run-id 3f2a... --n 64 --out grid.png
+    python -m cdd_ray.sample --model models:/cdd-ray-mnist@champion --n 64 --out grid.png
     python -m cdd_ray.sample --checkpoint runs/constrained/checkpoint --n 64 --out grid.png --npz samples.npz
 """
 
@@ -50,10 +51,25 @@ def generate(ckpt_dir: str | Path, n: int, steps: int | None, seed: int, device:
     return to_uint8(x)
 
 
+def generate_registered(model_uri: str, n: int, steps: int | None, seed: int, uri: str | None) -> np.ndarray:
+    """Images from a registered pyfunc model (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``)."""
+    import mlflow
+
+    from cdd_ray import tracking
+
+    mlflow.set_tracking_uri(uri or tracking.tracking_uri())
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except Exception as e:  # noqa: BLE001 - MLflow's errors for a missing name, alias or version
+        raise SystemExit(f"error: --model {model_uri!r}: {str(e)[:300]}") from None
+    return model.predict({"n": n, "seed": seed, **({"steps": steps} if steps else {})})["images"]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run-id", help="MLflow run id of a training run")
+    src.add_argument("--model", help="a registered model (cdd_ray.register), e.g. models:/cdd-ray-mnist@champion")
     src.add_argument("--checkpoint", help="a checkpoint folder (unet_ema/, config.json, ...)")
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     p.add_argument("--n", type=int, default=64)
@@ -65,12 +81,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.n <= 0:
         p.error(f"--n: {args.n} must be > 0")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            ckpt = download_model(args.run_id, args.tracking_uri, tmp) if args.run_id else Path(args.checkpoint)
-            images = generate(ckpt, args.n, args.steps, args.seed, args.device)
-        except (ConfigError, checkpoint.CheckpointError) as e:
-            raise SystemExit(f"error: {e}") from None
+    if args.model:
+        images = generate_registered(args.model, args.n, args.steps, args.seed, args.tracking_uri)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                ckpt = download_model(args.run_id, args.tracking_uri, tmp) if args.run_id else Path(args.checkpoint)
+                images = generate(ckpt, args.n, args.steps, args.seed, args.device)
+            except (ConfigError, checkpoint.CheckpointError) as e:
+                raise SystemExit(f"error: {e}") from None
     save_grid(images, args.out)
     if args.npz:
         np.savez_compressed(args.npz, images=images)

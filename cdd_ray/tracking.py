@@ -211,6 +211,13 @@ def start_run(cfg: Config, uri: str, experiment: str = DEFAULT_EXPERIMENT, paren
     return run_id
 
 
+def create_run(uri: str, experiment_id: str, name: str, tags: dict[str, str]) -> str:
+    """A run that is not a training run (e.g. a model registration): a name and tags, no config params."""
+    c = client(uri)
+    run = with_retries(lambda: c.create_run(experiment_id, tags=tags, run_name=name), "create run", uri)
+    return run.info.run_id
+
+
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     from mlflow.entities import RunTag
 
