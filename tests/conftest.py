@@ -59,7 +59,7 @@ def ray_session():
 # collection order: the modules with the longest end-to-end tests go first, so both workers end together
 # instead of one running a 5-minute module alone at the end.
 LONGEST_FIRST = ("test_cluster.py", "test_tune_resume.py", "test_tasks.py", "test_tune.py", "test_finetune.py",
-                 "test_runner.py", "test_register.py", "test_ray_train.py", "test_tracking.py")
+                 "test_runner.py", "test_ray_train.py", "test_tracking.py")
 
 
 def pytest_collection_modifyitems(items):

