@@ -145,20 +145,28 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise TrackingError(f"MLflow tracking server {uri!r} is unreachable: {e}") from None
 
 
+# MLflow 3's UI opens an experiment by its kind: without this tag it may land on the GenAI overview (traces)
+# instead of the runs table; "custom_model_development" is the UI's "Model training".
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def get_or_create_experiment(uri: str, name: str = DEFAULT_EXPERIMENT) -> str:
+    """The experiment's id, created if needed, marked as model training unless it already has a kind."""
     c = client(uri)
 
     def go() -> str:
         exp = c.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            return c.create_experiment(name, artifact_location=artifact_root(uri))
-        except Exception:  # noqa: BLE001 - another process created it first
+        if exp is None:
+            try:
+                c.create_experiment(name, artifact_location=artifact_root(uri), tags=EXPERIMENT_KIND)
+            except Exception:  # noqa: BLE001 - another process created it first, or the store failed (retried)
+                if c.get_experiment_by_name(name) is None:
+                    raise
             exp = c.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            return exp.experiment_id
+        for k, v in EXPERIMENT_KIND.items():
+            if k not in exp.tags:  # a kind the user chose stays
+                c.set_experiment_tag(exp.experiment_id, k, v)
+        return exp.experiment_id
 
     return with_retries(go, f"get or create experiment {name!r}", uri)
 

@@ -166,6 +166,19 @@ def test_default_store_is_sqlite_in_the_working_dir(monkeypatch, tmp_path):
     assert tracking.artifact_root(uri) == (tmp_path / "mlartifacts").as_uri()
 
 
+def test_the_experiment_opens_as_model_training_unless_its_kind_was_chosen(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'kind.db'}"
+    c = tracking.client(uri)
+    exp = c.get_experiment(tracking.get_or_create_experiment(uri))
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    old = c.create_experiment("made-before", artifact_location=tracking.artifact_root(uri))  # by an older cdd-ray
+    assert tracking.get_or_create_experiment(uri, "made-before") == old
+    assert c.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    mine = c.create_experiment("mine", tags={"mlflow.experimentKind": "genai_development"})
+    tracking.get_or_create_experiment(uri, "mine")
+    assert c.get_experiment(mine).tags["mlflow.experimentKind"] == "genai_development"
+
+
 def test_points_a_worker_could_not_send_reach_the_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'pending.db'}"
     run_id = tracking.start_run(build_config("smoke"), uri)
