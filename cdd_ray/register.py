@@ -65,14 +65,10 @@ class DiffusionModel(mlflow.pyfunc.PythonModel):
         """``{"images": uint8 N x S x S (x 3), "labels": int64 N}`` for ``{"n", "seed", "steps"}``."""
         from cdd_ray.data import to_uint8
         from cdd_ray.evaluation.labeller import predict
-        from cdd_ray.evaluation.sampling import sample
-        from cdd_ray.model import build_noise_scheduler, decode
+        from cdd_ray.sample import draw
 
         n, seed, steps = _request(model_input)
-        x = sample(self.unet, build_noise_scheduler(self.cfg.model), n, steps or self.cfg.eval.sampler_steps,
-                   self.cfg.eval.batch_size, seed, self.device)
-        if self.vae is not None:
-            x = decode(self.vae, x)
+        x = draw(self.unet, self.cfg, n, steps, seed, self.device, self.vae)  # as cdd_ray.sample --run-id does
         pos = predict(self.labeller, x.cpu()).numpy()
         return {"images": to_uint8(x), "labels": np.array([self.classes[i] for i in pos], dtype=np.int64)}
 

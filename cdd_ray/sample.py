@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cdd_ray import checkpoint
-from cdd_ray.config import ConfigError, config_from_dict
+from cdd_ray.config import Config, ConfigError, config_from_dict
 from cdd_ray.data import to_uint8
 from cdd_ray.evaluation.sampling import sample
 from cdd_ray.model import build_noise_scheduler, decode, load_vae
@@ -38,17 +38,24 @@ def download_model(run_id: str, uri: str | None, dst: str) -> Path:
     return Path(c.download_artifacts(run_id, MODEL_ARTIFACT, dst))
 
 
+def draw(unet, cfg: Config, n: int, steps: int | None, seed: int, device: str, vae=None) -> torch.Tensor:
+    """``n`` images in [-1, 1] from ``seed`` with the run's sampler (``steps`` DDIM steps, default the run's
+    eval.sampler_steps); ``vae`` decodes latent samples."""
+    x = sample(unet.to(device), build_noise_scheduler(cfg.model), n, steps or cfg.eval.sampler_steps,
+               cfg.eval.batch_size, seed, device)
+    return decode(vae, x) if vae is not None else x
+
+
 def generate(ckpt_dir: str | Path, n: int, steps: int | None, seed: int, device: str) -> np.ndarray:
     unet, _, cfg_dict = checkpoint.load_model(ckpt_dir)
     cfg = config_from_dict(cfg_dict)
-    x = sample(unet.to(device), build_noise_scheduler(cfg.model), n, steps or cfg.eval.sampler_steps,
-               cfg.eval.batch_size, seed, device)
+    vae = None
     if cfg.model.vae:  # latent diffusion: the run's VAE (a local folder) decodes the samples
         if not Path(cfg.model.vae).expanduser().is_dir():
             raise ConfigError(f"model.vae: the run's VAE {cfg.model.vae!r} is not on this machine; it decodes the "
                               "latent samples")
-        x = decode(load_vae(cfg.model.vae, device), x)
-    return to_uint8(x)
+        vae = load_vae(cfg.model.vae, device)
+    return to_uint8(draw(unet, cfg, n, steps, seed, device, vae))
 
 
 def generate_registered(model_uri: str, n: int, steps: int | None, seed: int, uri: str | None) -> np.ndarray:

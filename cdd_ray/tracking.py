@@ -208,9 +208,8 @@ def start_run(cfg: Config, uri: str, experiment: str = DEFAULT_EXPERIMENT, paren
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     tags.update(extra_tags or {})
+    run_id = create_run(uri, exp_id, cfg.name, tags)
     c = client(uri)
-    run = with_retries(lambda: c.create_run(exp_id, tags=tags, run_name=cfg.name), "create run", uri)
-    run_id = run.info.run_id
     params = [Param(k, v) for k, v in safe_params(cfg).items()]
     for i in range(0, len(params), 100):
         chunk = params[i:i + 100]
@@ -220,7 +219,7 @@ def start_run(cfg: Config, uri: str, experiment: str = DEFAULT_EXPERIMENT, paren
 
 
 def create_run(uri: str, experiment_id: str, name: str, tags: dict[str, str]) -> str:
-    """A run that is not a training run (e.g. a model registration): a name and tags, no config params."""
+    """A run with a name and tags (a training run's params are start_run's; a registration has none)."""
     c = client(uri)
     run = with_retries(lambda: c.create_run(experiment_id, tags=tags, run_name=name), "create run", uri)
     return run.info.run_id
