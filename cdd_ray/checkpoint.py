@@ -89,6 +89,14 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"checkpoint file {str(path)!r} is unreadable: {e}") from None
 
 
+def from_pretrained(cls, path: str | Path):
+    """``cls.from_pretrained(path)`` without diffusers' multi-line advice to install ``accelerate`` on every load
+    (it only matters for large models: low_cpu_mem_usage where accelerate is installed)."""
+    from diffusers.utils import is_accelerate_available
+
+    return cls.from_pretrained(str(path), low_cpu_mem_usage=is_accelerate_available())
+
+
 def load(directory: str | Path, map_location: str | torch.device = "cpu") -> Snapshot:
     """Read a checkpoint written by :func:`save`; a missing or corrupt file raises CheckpointError."""
     directory = Path(directory)
@@ -96,8 +104,8 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu") -> Sna
     if missing:
         raise CheckpointError(f"checkpoint {str(directory)!r} is incomplete: missing {', '.join(missing)}")
     try:
-        unet = UNet2DModel.from_pretrained(directory / "unet")
-        ema_unet = UNet2DModel.from_pretrained(directory / "unet_ema")
+        unet = from_pretrained(UNet2DModel, directory / "unet")
+        ema_unet = from_pretrained(UNet2DModel, directory / "unet_ema")
         trainer_state = torch.load(directory / "trainer_state.pt", map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to parse is a corrupt checkpoint
         raise CheckpointError(f"checkpoint {str(directory)!r} is corrupt: {type(e).__name__}: {e}") from None
@@ -138,7 +146,7 @@ def load_model(directory: str | Path, ema: bool = True) -> tuple[UNet2DModel, Du
     if not (directory / sub).exists():
         raise CheckpointError(f"checkpoint {str(directory)!r} has no {sub}/ folder")
     try:
-        unet = UNet2DModel.from_pretrained(directory / sub)
+        unet = from_pretrained(UNet2DModel, directory / sub)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {str(directory)!r} is corrupt: {type(e).__name__}: {e}") from None
     return unet, DualState.from_dict(_read_json(directory / "dual_state.json")), _read_json(directory / "config.json")

@@ -32,6 +32,10 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default=None, help="absolute path or URI for Ray run storage (default runs/ray)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
     p.add_argument("--resume", action="store_true", help="continue the run --name from its latest checkpoint")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's own console lines too (Ray Train's line per report and checkpoint, Tune's status "
+                        "tables); by default they stay in Ray's log files and the console shows a progress bar "
+                        "(a run) or the trials' table (a sweep)")
 
 
 _FLAG_KEYS = {"name": "name", "workers": "ray.workers", "gpu": "ray.gpu", "storage": "ray.storage",
@@ -152,7 +156,9 @@ def run_training(cfg: Config, args: argparse.Namespace, guard: JobGuard) -> tupl
     setup_logging()
     out = args.out or f"runs/{cfg.name}"
     guard.resume_name = None if args.local else cfg.name
-    return (run_local(cfg, out) if args.local else run_ray(cfg, out, resume=args.resume)), out
+    if args.local:
+        return run_local(cfg, out), out
+    return run_ray(cfg, out, resume=args.resume, verbose=args.verbose), out
 
 
 def fail(e: Exception) -> NoReturn:
@@ -239,7 +245,7 @@ def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
         guard.resume_name = cfg.name
         res = run_sweep(cfg, space, args.num_samples, resume=args.resume, seed=args.seed, warm_start_steps=warm,
                         objectives=(args.quality, args.fairness), limits=sweep_limits(args), sampler=args.sampler,
-                        time_budget_s=budget, started=started)
+                        time_budget_s=budget, started=started, verbose=args.verbose)
     print()
     print(report(res))
     print(f"MLflow store: {tracking_uri()}")

@@ -83,7 +83,9 @@ def load_vae(path: str, device: torch.device | str = "cpu"):
     """A local diffusers AutoencoderKL (e.g. sd-vae-ft-mse), frozen, in eval mode."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(str(path)).to(device).eval()
+    from cdd_ray.checkpoint import from_pretrained
+
+    vae = from_pretrained(AutoencoderKL, path).to(device).eval()
     vae.requires_grad_(False)
     return vae
 

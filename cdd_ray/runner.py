@@ -155,17 +155,23 @@ def resolve_storage(storage: str) -> str:
 
 def init_ray(address: str = "", dashboard_host: str = "127.0.0.1", *, num_cpus: int | None = None,
              include_dashboard: bool | None = None, log_to_driver: bool = True,
-             env_vars: dict[str, str] | None = None) -> None:
-    """Connect to ``address`` / RAY_ADDRESS, or start a local Ray with the dashboard on localhost. ``num_cpus``,
-    ``include_dashboard`` and ``env_vars`` (for every Ray process of the job) shape the local Ray only."""
+             env_vars: dict[str, str] | None = None, verbose: bool = False) -> None:
+    """Connect to ``address`` / RAY_ADDRESS, or start a local Ray with the dashboard on localhost, and print the
+    dashboard's address (and how to sign in). ``num_cpus``, ``include_dashboard`` and ``env_vars`` (for every Ray
+    process of the job) shape the local Ray only; ``verbose``: Ray's own INFO lines on this console."""
     import ray
+
+    from cdd_ray.console import quiet_libraries
 
     if ray.is_initialized():
         return
+    quiet_libraries(verbose)
+    level = logging.INFO if verbose else logging.WARNING
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ctx = ray.init(address=address, log_to_driver=log_to_driver, logging_level=level)
         log.info("connected to Ray cluster at %s", address)
+        _print_dashboard(ctx)
         return
     # A Ray of its own, on loopback, whose processes are told its address: Ray's own actors that look their
     # cluster up (Ray Train's placement-group cleaner asks the state API, which otherwise takes the newest Ray
@@ -175,16 +181,24 @@ def init_ray(address: str = "", dashboard_host: str = "127.0.0.1", *, num_cpus: 
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the local head Ray starts here
     try:
         ctx = ray.init(num_cpus=num_cpus, dashboard_host=dashboard_host, include_dashboard=include_dashboard,
-                       log_to_driver=log_to_driver, _node_ip_address="127.0.0.1",
+                       log_to_driver=log_to_driver, logging_level=level, _node_ip_address="127.0.0.1",
                        runtime_env={"env_vars": {**(env_vars or {}), "RAY_ADDRESS": f"127.0.0.1:{port}"}})
     finally:
         if previous is None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
         else:
             os.environ["RAY_GCS_SERVER_PORT"] = previous
+    _print_dashboard(ctx)
+
+
+def _print_dashboard(ctx) -> None:
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    from cdd_ray.console import dashboard_message
+
     url = getattr(ctx, "dashboard_url", None)
     if url:
-        print(f"Ray dashboard: http://{url}", flush=True)
+        print(dashboard_message(f"http://{url}", is_token_auth_enabled()), flush=True)
 
 
 def _free_port() -> int:
@@ -205,9 +219,13 @@ def worker_resources(cfg: Config) -> dict[str, float]:
 
 
 def make_trainer(cfg: Config, storage: str, name: str, resources: dict[str, float], callbacks: list | None = None,
-                 mlflow: dict[str, str] | None = None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+                 mlflow: dict[str, str] | None = None, progress: bool = True, verbose: bool = False):
+    """The TorchTrainer of one run. ``progress``: rank 0's progress bar, drawn on the driver's console;
+    ``verbose``: Ray Train's INFO lines (a line per report, checkpoint paths) on the console too."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from cdd_ray.console import train_log_level
 
     # Ray Train's controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and each
     # ray.train.report() waits for that poll; 0.5 s keeps a checkpoint report cheap.
@@ -218,14 +236,15 @@ def make_trainer(cfg: Config, storage: str, name: str, resources: dict[str, floa
         cfg.optim.threads = max(1, int(resources["CPU"]))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "fault_marker": marker, "mlflow": mlflow, "run_dir": run_dir},
+        train_loop_config={"cfg": cfg.to_dict(), "fault_marker": marker, "mlflow": mlflow, "run_dir": run_dir,
+                           "progress": progress, "verbose": verbose},
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints),
-            callbacks=callbacks,
+            callbacks=callbacks, logging_config=LoggingConfig(log_level=train_log_level(verbose)),
         ),
     )
 
@@ -241,12 +260,14 @@ def check_run_name(storage: str, name: str, resume: bool) -> None:
         raise ConfigError(f"--resume: no run {name!r} under ray.storage={storage!r} to resume")
 
 
-def run_ray(cfg: Config, out: str | Path, resume: bool = False, track: bool = True) -> dict[str, Any]:
+def run_ray(cfg: Config, out: str | Path, resume: bool = False, track: bool = True,
+            verbose: bool = False) -> dict[str, Any]:
     """Train on Ray Train workers (``cfg.ray``), then copy the final outputs and checkpoint to ``out``.
 
     Checked before an MLflow run or a Ray run is created: ``out`` and the storage are writable, the run name,
     the data source and that the cluster can hold the workers; ``auto`` choices and paths are decided here
-    (``cdd_ray.preflight``), not on the workers.
+    (``cdd_ray.preflight``), not on the workers. ``verbose``: Ray's own INFO lines on the console
+    (``cdd_ray.console``).
     """
     out = preflight.check_out(out)
     storage = preflight.check_storage(resolve_storage(cfg.ray.storage))
@@ -254,12 +275,12 @@ def run_ray(cfg: Config, out: str | Path, resume: bool = False, track: bool = Tr
     check_source(cfg.data)
     cfg = preflight.resolve(cfg)
     uri = preflight.check_tracking(tracking.tracking_uri())
-    init_ray(cfg.ray.address)
+    init_ray(cfg.ray.address, verbose=verbose)
     resources = worker_resources(cfg)
     run_id = mlflow_run_for(cfg, storage, uri, resume) if track else None
     with tracked(uri, run_id):
         trainer = make_trainer(cfg, storage, cfg.name, resources,
-                               mlflow={"uri": uri, "run_id": run_id} if run_id else None)
+                               mlflow={"uri": uri, "run_id": run_id} if run_id else None, verbose=verbose)
         result = fit(trainer)
         if result.error is not None:
             raise worker_input_error(result.error) or result.error

@@ -213,7 +213,7 @@ def train(
     resume: Snapshot | None = None,
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     fault: Callable[[int], None] | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[int, int], Any] = False,
     on_report: ReportCallback | None = None,
 ) -> LoopResult:
     """Run the primal-dual loop for ``cfg.optim.steps`` primal steps (continuing ``resume`` if given).
@@ -225,7 +225,7 @@ def train(
     means over the steps since the previous report, all-reduced over ranks (``_window_metrics``), before the
     optimizer step; a non-finite window mean raises ``NonFiniteLossError`` there.
     ``prepare_model`` wraps the UNet for data parallelism (Ray's ``prepare_model``);
-    ``fault(step)`` is a test hook called before every primal step.
+    ``fault(step)`` is a test hook called before every primal step. ``progress``: rank 0's bar (``_progress_bar``).
     """
     worker = worker or Worker()
     dev = worker.device
@@ -362,7 +362,7 @@ def train(
         block_n = 0
         if bar is not None:
             bar.update(step - bar.n)
-            bar.set_postfix(_postfix(metrics, names), refresh=False)
+            bar.set_description(bar_text(metrics, names))
         if on_block is not None:
             on_block(metrics, snapshot)
     if bar is not None:
@@ -474,23 +474,32 @@ def _block_metrics(step: int, dual: DualState, names: list[str], means: list[flo
     return m
 
 
-def _postfix(metrics: dict[str, float], names: list[str]) -> dict[str, str]:
-    out = {"loss": f"{metrics['loss_objective']:.4f}"}
-    for n in names:
-        out[f"λ{n.removeprefix('class_')}"] = f"{metrics[f'lambda_{n}']:.3f}"
-    return out
+def bar_text(metrics: dict[str, float], names: list[str]) -> str:
+    """The training bar's description: the objective loss and lambda per constraint (``class_4`` -> ``λ4``)."""
+    parts = [f"loss {metrics['loss_objective']:.4f}"]
+    parts += [f"λ{n.removeprefix('class_')} {metrics[f'lambda_{n}']:.3f}" for n in names]
+    return "train " + " ".join(parts)
 
 
-def _progress_bar(enabled: bool, start: int, total: int):
-    if not enabled:
+def _progress_bar(progress: bool | Callable[[int, int], Any], start: int, total: int):
+    """The training bar (rank 0): ``progress`` True: tqdm in this process; a callable: ``progress(start, total)``
+    makes it (``ray_progress_bar`` in a Ray worker); False: none."""
+    if not progress:
         return None
+    if callable(progress):
+        return progress(start, total)
     from tqdm.auto import tqdm
 
-    import sys
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
 
-    tty = sys.stderr.isatty()  # in a Ray worker every refresh becomes a log line: refresh rarely
-    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                mininterval=0.5 if tty else 30.0)
+
+def ray_progress_bar(start: int, total: int):
+    """A bar that Ray draws on the driver's console (``ray.experimental.tqdm_ray``), not a log line per refresh."""
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(total=total, desc="train", unit="step", flush_interval_s=2.0)
+    bar.n = start
+    return bar
 
 
 def _snapshot(cfg, unet, ema, optimizer, lr_sched, scaler, sampler, noise_gen, dual, step, worker,
@@ -559,11 +568,22 @@ def _dual_dumper(directory: str, rank: int, names: list[str]) -> Callable[[dict[
     return dump
 
 
+def _quiet_report_lines(verbose: bool) -> None:
+    """Ray Train logs every report (the whole metrics dict, the checkpoint path) at INFO on a logger named by its
+    file, outside the ``ray.train`` logger whose console level RunConfig's LoggingConfig sets: that one too."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train
+        return
+    logging.getLogger(context.__file__).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The function each Ray Train worker runs: restore, train, checkpoint, evaluate (rank 0), report.
 
     ``config``: {"cfg": Config.to_dict(), "fault_marker": path or None,
-    "mlflow": {"uri": ..., "run_id": ...} or None (rank 0 then logs every dual step's metrics)}.
+    "mlflow": {"uri": ..., "run_id": ...} or None (rank 0 then logs every dual step's metrics),
+    "progress": rank 0's bar on the driver's console, "verbose": Ray Train's line per report on it too}.
     Reports (all ranks, the same number of times): every ``ray.checkpoint_every`` dual steps with a
     checkpoint, and once at the end with the final checkpoint, the evaluation metrics and the run's
     output files (in the checkpoint's ``outputs/`` folder). With ``ray.report_every`` > 0, also every
@@ -583,6 +603,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from cdd_ray.model import build_noise_scheduler
     from cdd_ray.outputs import build_summary, write_outputs
     from cdd_ray.preflight import check_node_files, on_node
+
+    _quiet_report_lines(config.get("verbose", False))
 
     t0 = time.perf_counter()
     cfg = config_from_dict(config["cfg"])
@@ -650,7 +672,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     fault = make_fault(cfg.fault, worker.rank, config.get("fault_marker"))
     result = train(cfg, split, worker, on_block=on_block, resume=resume,
-                   prepare_model=ray.train.torch.prepare_model, fault=fault, progress=config.get("progress", True),
+                   prepare_model=ray.train.torch.prepare_model, fault=fault, progress=ray_progress_bar if config.get("progress", True) else False,
                    on_report=on_report if cfg.ray.report_every > 0 else None)
     metrics = dict(result.history[-1]) if result.history else {"step": result.step}
     snap = final.get("snap")

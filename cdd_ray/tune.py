@@ -27,6 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 from cdd_ray import preflight, tracking
 from cdd_ray import storage as storage_io
 from cdd_ray.budget import Plan, Throughput, plan
+from cdd_ray.console import SweepTable, tune_verbosity
 from cdd_ray.config import Config, ConfigError, allowed_keys, apply_overrides, config_from_dict, flatten, validate
 from cdd_ray.data import check_source
 from cdd_ray.front import (MAXIMISED, feasibility, format_feasibility, format_front, name_of, pareto_front,
@@ -174,8 +175,10 @@ def run_trial(config: dict[str, Any]) -> None:
                                     extra_tags={"ray_trial_id": trial_id, "sweep": sweep["name"], "role": "trial"})
         storage_io.write_text(storage_io.join(store, "mlflow_run_id"), run_id)
     with tracked(uri, run_id):
+        # no progress bar: the sweep's table (cdd_ray.console.SweepTable) shows every trial
         trainer = make_trainer(cfg, sweep["storage"], cfg.name, sweep["resources"], callbacks=[TuneReportCallback()],
-                               mlflow={"uri": uri, "run_id": run_id})
+                               mlflow={"uri": uri, "run_id": run_id}, progress=False,
+                               verbose=sweep.get("verbose", False))
         result = trainer.fit()
         if result.error is not None:
             raise worker_input_error(result.error) or result.error
@@ -219,7 +222,7 @@ def plan_resources(cfg: Config) -> tuple[int, dict[str, float]]:
 
 def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_run_id: str, role: str,
                       steps: int, init_from: str = "", overrides: dict[str, Any] | None = None,
-                      store: str | None = None) -> dict[str, Any]:
+                      store: str | None = None, verbose: bool = False) -> dict[str, Any]:
     """An unconstrained reference run (a child of the sweep, MLflow tag ``role``), its outputs in ``out`` and, when
     ``store`` (a folder of the run storage) is another place, there too; reused from ``store`` when the sweep is
     resumed. ``overrides``: config keys for this run only (e.g. ``optim.balanced`` for the rebalanced one)."""
@@ -242,7 +245,7 @@ def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_ru
     run_id = tracking.start_run(cfg, uri, parent_run_id=parent_run_id, extra_tags={"sweep": base.name, "role": role})
     with tracked(uri, run_id):
         result = fit(make_trainer(cfg, storage, cfg.name, worker_resources(cfg),
-                                  mlflow={"uri": uri, "run_id": run_id}))
+                                  mlflow={"uri": uri, "run_id": run_id}, verbose=verbose))
         if result.error is not None:
             raise worker_input_error(result.error) or result.error
         summary = collect_outputs(result.checkpoint, out)
@@ -358,7 +361,7 @@ def budget_plan(base: Config, space: SearchSpace, pre: dict[str, Any], driver_s:
 def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool = False, seed: int = 0,
               warm_start_steps: int = 0, objectives: tuple[str, str] = OBJECTIVES,
               limits: dict[str, float] | None = None, sampler: str = DEFAULT_SAMPLER,
-              time_budget_s: float | None = None, started: float | None = None) -> SweepResult:
+              time_budget_s: float | None = None, started: float | None = None, verbose: bool = False) -> SweepResult:
     """Baseline, then ``num_samples`` Optuna trials on Ray Tune; returns the front.
 
     ``warm_start_steps`` > 0: the baseline trains ``optim.steps`` unconstrained steps once; every trial
@@ -373,6 +376,8 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     sampler (SAMPLERS). ``time_budget_s``: the sweep ends within this many seconds from ``started`` (default: now):
     the baseline measures the machine and ``cdd_ray.budget.plan`` sizes the trials' steps and count (printed
     before the trials start, kept in plan.json so that --resume keeps it, and reported with the front).
+    The console shows the references' progress bars, then the trials' table (``cdd_ray.console.SweepTable``);
+    ``verbose``: Ray's and Tune's own lines too.
     """
     started = time.time() if started is None else started
     limits = dict(limits or {})
@@ -392,6 +397,8 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     # Ctrl-C raises KeyboardInterrupt here (Tune's own handler would end the sweep as if it had finished);
     # the sweep state saved every few seconds is what --resume continues from.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    if not verbose:  # Tune's legacy console is silent at verbose=0 (the new one still prints its header box)
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     storage = preflight.check_storage(resolve_storage(base.ray.storage))
     # Everything the sweep needs lives in ``store``, in the run storage (a local or shared folder, or a URI):
     # trials on any node and a --resume from any driver find it there. ``sweep_dir`` is the driver's folder of
@@ -409,7 +416,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     check_source(base.data)
     base = preflight.resolve(base)  # every trial, reference and worker gets the driver's choices
     uri = preflight.check_tracking(tracking.tracking_uri())
-    init_ray(base.ray.address)
+    init_ray(base.ray.address, verbose=verbose)
     conc, resources = plan_resources(base)
     parent_file = storage_io.join(store, "mlflow_parent_run_id")
     saved_parent = storage_io.read_text(parent_file) if resume else None
@@ -423,8 +430,10 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     sweep_dir.mkdir(parents=True, exist_ok=True)
 
     def reference(role: str, steps: int, init_from: str = "", overrides: dict[str, Any] | None = None):
+        print(f"{role}: unconstrained, {steps} steps" + (" from the baseline's weights" if init_from else ""),
+              flush=True)
         return run_unconstrained(base, storage, sweep_dir / role, uri, parent, role, steps, init_from, overrides,
-                                 store=storage_io.join(store, role))
+                                 store=storage_io.join(store, role), verbose=verbose)
 
     from cdd_ray.runner import tracked
 
@@ -471,8 +480,9 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
         sweep_cfg = {
             "name": base.name, "base": trial_base.to_dict(), "param_keys": list(space.params), "storage": storage,
             "outputs": storage_io.join(store, "trials"), "mlflow_uri": uri, "parent_run_id": parent,
-            "baseline_losses": losses, "resources": resources,
+            "baseline_losses": losses, "resources": resources, "verbose": verbose,
         }
+        table = SweepTable(list(space.params), trial_base.optim.steps, num_samples, conc, objectives)
         trainable = tune.with_resources(run_trial, {"CPU": 0.1})
         if resume and tune.Tuner.can_restore(storage_io.join(store, "tuner")):
             tuner = tune.Tuner.restore(storage_io.join(store, "tuner"), trainable, resume_errored=True)
@@ -492,7 +502,8 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
                                             grace_period=grace, reduction_factor=3),
                     num_samples=num_samples, max_concurrent_trials=conc,
                 ),
-                run_config=tune.RunConfig(name="tuner", storage_path=store),
+                run_config=tune.RunConfig(name="tuner", storage_path=store, verbose=tune_verbosity(verbose),
+                                          callbacks=[table]),
             )
         try:
             results = tuner.fit()

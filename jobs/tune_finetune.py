@@ -51,7 +51,7 @@ def main() -> None:
         setup_logging()
         guard.resume_name = cfg.name
         res = run_sweep(cfg, space, args.num_samples, resume=args.resume, seed=args.seed,
-                        objectives=FINETUNE_OBJECTIVES)
+                        objectives=FINETUNE_OBJECTIVES, verbose=args.verbose)
     from cdd_ray.tracking import tracking_uri
 
     print()

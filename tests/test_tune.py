@@ -153,6 +153,11 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
     # the plan made from the baseline's measurement is what runs
     assert (res.plan["trial_steps"], res.plan["num_trials"]) == (4, 2)
     assert "cut: trials and references train 4 steps instead of 6." in printed
+    # the console: each reference named before its bar, then the trials' table ending with all of them done
+    assert "baseline-continued: unconstrained, 4 steps from the baseline's weights" in printed
+    assert "trials: 2 finished, 0 running, 0 pending" in printed
+    table = printed[printed.rindex("trial  id "):].splitlines()
+    assert {line.split()[1] for line in table[1:-1]} == {r["trial_id"] for r in res.rows}
     text = tune_mod.report(res)
     assert "time budget 600 min" in text and "(asked: 2 x 6); cut: trials and references train 4 steps" in text
     plan_file = res.out / "plan.json"
