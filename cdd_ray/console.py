@@ -67,6 +67,13 @@ class TrialLine:
     ended: float | None = None
 
 
+def trial_number(trial, trials: list) -> int | None:
+    """A trial's number: its place in Tune's list of the sweep's trials (the order they were created in, kept by
+    a restored sweep), 1-based; the console's table, the trials' MLflow run names and the front use it."""
+    ids = [t.trial_id for t in trials]
+    return ids.index(trial.trial_id) + 1 if trial.trial_id in ids else None
+
+
 def short_name(key: str) -> str:
     """``dual.gamma`` -> ``gamma``: the table's column for a searched key."""
     return key.rsplit(".", 1)[-1]
@@ -112,12 +119,13 @@ class SweepTable(Callback):
 
     # ------------------------------------------------------------ what Tune tells
 
-    def _line(self, trial) -> TrialLine:
+    def _line(self, trial, trials: list) -> TrialLine:
         line = self.lines.get(trial.trial_id)
         if line is None:
             cfg = trial.config or {}
             budget = int(cfg.get("optim.steps") or self.budget)
-            line = TrialLine(number=len(self.lines) + 1, trial_id=trial.trial_id, budget=budget, started=self.clock(),
+            number = trial_number(trial, trials) or len(self.lines) + 1
+            line = TrialLine(number=number, trial_id=trial.trial_id, budget=budget, started=self.clock(),
                              params={k: cfg.get(k) for k in ("dual.kind", *self.param_keys)})
             self.lines[trial.trial_id] = line
             self.changed = True
@@ -129,27 +137,27 @@ class SweepTable(Callback):
         self.lines.clear()
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._line(trial)
+        self._line(trial, trials)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.update(self._line(trial), result)
+        self.update(self._line(trial, trials), result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        line = self._line(trial)
+        line = self._line(trial, trials)
         self.update(line, trial.last_result or {})
         line.status = self._ended_status(line)
         line.ended = self.clock()
         self.changed = True
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        line = self._line(trial)
+        line = self._line(trial, trials)
         line.status, line.ended = "error", self.clock()
         self.changed = True
 
     def on_step_end(self, iteration, trials, **info):
         for trial in trials:  # a restored sweep's trials that had ended before the interruption
             if trial.trial_id not in self.lines and trial.status in ("TERMINATED", "ERROR"):
-                line = self._line(trial)
+                line = self._line(trial, trials)
                 self.update(line, trial.last_result or {})
                 line.ended = line.started
                 line.status = "error" if trial.status == "ERROR" else self._ended_status(line)

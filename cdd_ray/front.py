@@ -116,7 +116,10 @@ def feasibility(rows: list[dict[str, Any]], limits: dict[str, float], quality: s
 
 
 def name_of(r: dict[str, Any]) -> str:
-    return r.get("role") if r.get("role", "trial") != "trial" else str(r.get("trial_id"))
+    """A reference by its role; a trial by its number and Tune id (``t03 08ea3b18``), as the console's table."""
+    if r.get("role", "trial") != "trial":
+        return r.get("role")
+    return (f"t{r['number']:02d} " if r.get("number") else "") + str(r.get("trial_id"))
 
 
 def _columns(rows: list[dict[str, Any]], objectives: tuple[str, ...], metrics: tuple[str, ...]) -> list[str]:

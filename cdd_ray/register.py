@@ -29,6 +29,7 @@ import mlflow.pyfunc
 import numpy as np
 import torch
 
+from cdd_ray import tracking
 from cdd_ray.config import ConfigError
 
 PICKS = ("quality", "fairness")
@@ -88,8 +89,6 @@ def _request(model_input: Any) -> tuple[int, int, int | None]:
 
 def find_sweep(client, name: str) -> Any:
     """The newest finished sweep parent run named ``name``; the error lists the sweeps the store has."""
-    from cdd_ray import tracking
-
     exp = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
     runs = [] if exp is None else client.search_runs(
         [exp.experiment_id], filter_string="tags.role = 'sweep'", order_by=["attributes.start_time DESC"])
@@ -108,14 +107,14 @@ def trial_rows(client, parent) -> list[dict[str, Any]]:
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     rows = []
     for c in children:
-        m = c.data.metrics
-        if c.data.tags.get("role") != "trial" or c.info.status != "FINISHED" or not all(o in m for o in objectives):
+        value = {k: tracking.metric(c.data.metrics, k) for o in objectives for k in (o, f"{o}_ci_lo", f"{o}_ci_hi")}
+        if c.data.tags.get("role") != "trial" or c.info.status != "FINISHED" or any(value[o] is None for o in objectives):
             continue
         row = {"trial_id": c.data.tags.get("ray_trial_id", c.info.run_id), "run_id": c.info.run_id,
-               "tags": c.data.tags, **{o: m[o] for o in objectives}}
+               "tags": c.data.tags, **{o: value[o] for o in objectives}}
         for o in objectives:
-            if f"{o}_ci_lo" in m and f"{o}_ci_hi" in m:
-                row[f"{o}_ci"] = [m[f"{o}_ci_lo"], m[f"{o}_ci_hi"]]
+            if value[f"{o}_ci_lo"] is not None and value[f"{o}_ci_hi"] is not None:
+                row[f"{o}_ci"] = [value[f"{o}_ci_lo"], value[f"{o}_ci_hi"]]
         rows.append(row)
     return rows
 
@@ -176,7 +175,6 @@ def register(sweep: str, pick: str | None = None, max_fairness: float | None = N
     import mlflow
 
     import cdd_ray
-    from cdd_ray import tracking
     from cdd_ray.sample import download_model
 
     if (pick is None) == (max_fairness is None):

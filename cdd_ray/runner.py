@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -109,21 +110,24 @@ def finish_tracking(uri: str, run_id: str, out: Path, summary: dict[str, Any],
     summary["mlflow_run_id"] = run_id
 
 
-# Metrics that carry a 95% interval in summary.json as <metric>_ci: [lo, hi]; in MLflow as <metric>_ci_lo / _ci_hi.
+# Metrics that carry a 95% interval in summary.json as <metric>_ci: [lo, hi]; in MLflow as eval/<metric>_ci_lo / _ci_hi.
 INTERVAL_METRICS = ("fid", "fid_data", "fid_class_mean", "precision", "recall", "tv_to_uniform", "fd", "minority_share")
 
 
 def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    keys = (*INTERVAL_METRICS, "tv_floor", "classifier_accuracy", "wall_s", "train_s", *FINETUNE_METRICS)
-    m = {k: float(summary[k]) for k in keys if summary.get(k) is not None}
+    """The final metrics in MLflow's groups: ``eval/<metric>`` (with ``eval/<metric>_ci_lo`` / ``_ci_hi``),
+    ``share/<class>`` (measured), ``predicted_share/<class>`` (lambda's mixture), ``pretrained_share/<class>``,
+    ``time/wall_s`` and ``time/train_s``."""
+    keys = (*INTERVAL_METRICS, "tv_floor", "classifier_accuracy", *FINETUNE_METRICS)
+    m = {f"eval/{k}": float(summary[k]) for k in keys if summary.get(k) is not None}
     for k in INTERVAL_METRICS:
         if summary.get(f"{k}_ci"):
-            m[f"{k}_ci_lo"], m[f"{k}_ci_hi"] = map(float, summary[f"{k}_ci"])
-    m.update({f"share_{c}": v for c, v in zip(summary["class_ids"], summary["class_shares"])})
-    if summary.get("pretrained_shares"):
-        m.update({f"pretrained_share_{c}": v for c, v in zip(summary["class_ids"], summary["pretrained_shares"])})
-    if summary.get("predicted_shares"):
-        m.update({f"predicted_share_{c}": v for c, v in zip(summary["class_ids"], summary["predicted_shares"])})
+            m[f"eval/{k}_ci_lo"], m[f"eval/{k}_ci_hi"] = map(float, summary[f"{k}_ci"])
+    m.update({f"time/{k}": float(summary[k]) for k in ("wall_s", "train_s") if summary.get(k) is not None})
+    for name, key in (("share", "class_shares"), ("pretrained_share", "pretrained_shares"),
+                      ("predicted_share", "predicted_shares")):
+        if summary.get(key):
+            m.update({f"{name}/{c}": v for c, v in zip(summary["class_ids"], summary[key])})
     return m
 
 
@@ -220,8 +224,9 @@ def worker_resources(cfg: Config) -> dict[str, float]:
 
 def make_trainer(cfg: Config, storage: str, name: str, resources: dict[str, float], callbacks: list | None = None,
                  mlflow: dict[str, str] | None = None, progress: bool = True, verbose: bool = False):
-    """The TorchTrainer of one run. ``progress``: rank 0's progress bar, drawn on the driver's console;
-    ``verbose``: Ray Train's INFO lines (a line per report, checkpoint paths) on the console too."""
+    """The TorchTrainer of one run. ``progress``: rank 0's progress on the driver's console (a bar Ray draws there
+    when it is a terminal, else a line a minute); ``verbose``: Ray Train's INFO lines (a line per report, checkpoint
+    paths) on the console too."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -237,7 +242,7 @@ def make_trainer(cfg: Config, storage: str, name: str, resources: dict[str, floa
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "fault_marker": marker, "mlflow": mlflow, "run_dir": run_dir,
-                           "progress": progress, "verbose": verbose},
+                           "progress": progress and ("bar" if sys.stderr.isatty() else "lines"), "verbose": verbose},
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -245,6 +250,9 @@ def make_trainer(cfg: Config, storage: str, name: str, resources: dict[str, floa
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints),
             callbacks=callbacks, logging_config=LoggingConfig(log_level=train_log_level(verbose)),
+            # Ray Train sends a worker's print() to a logger that adds a line: the progress bar's updates (printed
+            # by Ray's tqdm_ray) would each add an empty line to the console.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
 

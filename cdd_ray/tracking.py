@@ -318,8 +318,29 @@ def log_pending(uri: str, run_id: str, path: str | Path) -> int:
     return len(points)
 
 
+# MLflow's chart view groups metrics by the part of their name before "/": the loop's flat names (what Ray Tune
+# and the loop's history use) are logged as lambda/<constraint>, loss/<dataset>, slack/<constraint>, train/lr.
+# Runs logged before this naming keep their flat names; readers take either (``metric``).
+STEP_GROUPS = (("lambda_", "lambda/"), ("slack_", "slack/"), ("loss_", "loss/"))
+
+
+def step_metric_name(key: str) -> str:
+    """A per-dual-step metric's MLflow name: ``lambda_class_4`` -> ``lambda/class_4``, ``lr`` -> ``train/lr``."""
+    for flat, group in STEP_GROUPS:
+        if key.startswith(flat):
+            return group + key[len(flat):]
+    return "train/" + key
+
+
 def dual_step_metrics(history: Iterable[dict[str, float]]) -> Iterable[tuple[dict[str, float], int]]:
     """(metrics, step) pairs for MLflow from the loop's per-block history; step = dual-step index."""
     for m in history:
         step = int(m["dual_step"]) if m.get("dual_step") else int(m["step"])
-        yield {k: v for k, v in m.items() if k not in ("step", "dual_step")} | {"primal_step": m["step"]}, step
+        flat = {k: v for k, v in m.items() if k not in ("step", "dual_step")} | {"primal_step": m["step"]}
+        yield {step_metric_name(k): v for k, v in flat.items()}, step
+
+
+def metric(metrics: dict[str, float], name: str, group: str = "eval") -> float | None:
+    """A final metric of a run by its flat name (``precision``): ``eval/precision``, or the flat name a run logged
+    before the grouped names."""
+    return metrics.get(f"{group}/{name}", metrics.get(name))

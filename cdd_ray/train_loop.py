@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,7 +214,7 @@ def train(
     resume: Snapshot | None = None,
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     fault: Callable[[int], None] | None = None,
-    progress: bool | Callable[[int, int], Any] = False,
+    progress: bool | str | Callable[[int, int], Any] | None = False,
     on_report: ReportCallback | None = None,
 ) -> LoopResult:
     """Run the primal-dual loop for ``cfg.optim.steps`` primal steps (continuing ``resume`` if given).
@@ -305,7 +306,7 @@ def train(
     window = torch.zeros_like(block) if report_every else None  # the losses since the last report
     window_n = 0
     start_step = step
-    bar = _progress_bar(progress and worker.rank == 0, step, o.steps)
+    bar = _progress_bar(progress if worker.rank == 0 else False, step, o.steps)
     t0 = time.perf_counter()
     model.train()
     while step < o.steps:
@@ -361,8 +362,8 @@ def train(
         block.zero_()
         block_n = 0
         if bar is not None:
-            bar.update(step - bar.n)
             bar.set_description(bar_text(metrics, names))
+            bar.update(step - bar.n)
         if on_block is not None:
             on_block(metrics, snapshot)
     if bar is not None:
@@ -481,20 +482,57 @@ def bar_text(metrics: dict[str, float], names: list[str]) -> str:
     return "train " + " ".join(parts)
 
 
-def _progress_bar(progress: bool | Callable[[int, int], Any], start: int, total: int):
-    """The training bar (rank 0): ``progress`` True: tqdm in this process; a callable: ``progress(start, total)``
-    makes it (``ray_progress_bar`` in a Ray worker); False: none."""
+def _progress_bar(progress: bool | str | Callable[[int, int], Any], start: int, total: int):
+    """Rank 0's progress: ``True``/``"bar"``: a tqdm bar on a terminal, else (``"lines"``, or a log file) a line
+    every minute (``LineProgress``); a callable: ``progress(start, total)`` makes it (``ray_progress``); False:
+    none."""
     if not progress:
         return None
     if callable(progress):
         return progress(start, total)
+    if progress == "lines" or not sys.stderr.isatty():
+        return LineProgress(start, total)
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
 
 
-def ray_progress_bar(start: int, total: int):
-    """A bar that Ray draws on the driver's console (``ray.experimental.tqdm_ray``), not a log line per refresh."""
+class LineProgress:
+    """A progress bar for a log: a line (step of the budget, the bar's text, elapsed, ETA) every ``every_s`` and at
+    the end, where a tqdm bar would write a frame per refresh on one endless line (or, in a Ray worker, a line
+    per refresh)."""
+
+    def __init__(self, start: int, total: int, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.n, self.total, self.start, self.every_s, self.clock = start, total, start, every_s, clock
+        self.desc = "train"
+        self.t0 = self.last = clock()
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        if self.clock() - self.last >= self.every_s:
+            self.print()
+
+    def close(self) -> None:
+        self.print()  # where the run ended
+
+    def print(self) -> None:
+        self.last = now = self.clock()
+        rate = (self.n - self.start) / max(now - self.t0, 1e-9)
+        left = f"{(self.total - self.n) / rate / 60:.1f} min" if rate > 0 else "?"
+        # not print(): in a Ray Train worker print goes to a logger and the console, so it would print twice
+        sys.stdout.write(f"{self.desc}: step {self.n}/{self.total} ({100 * self.n / self.total:.0f}%), "
+                         f"{(now - self.t0) / 60:.1f} min, ETA {left}\n")
+        sys.stdout.flush()
+
+
+def ray_progress(start: int, total: int, mode: str = "bar"):
+    """Rank 0's progress in a Ray worker: ``"bar"`` (the driver's console is a terminal): a bar Ray draws on the
+    driver (``ray.experimental.tqdm_ray``); ``"lines"``: ``LineProgress`` (a line a minute in the driver's log)."""
+    if mode == "lines":
+        return LineProgress(start, total)
     from ray.experimental.tqdm_ray import tqdm
 
     bar = tqdm(total=total, desc="train", unit="step", flush_interval_s=2.0)
@@ -568,6 +606,13 @@ def _dual_dumper(directory: str, rank: int, names: list[str]) -> Callable[[dict[
     return dump
 
 
+def _worker_progress(mode: str | bool) -> Callable[[int, int], Any] | None:
+    """``make_trainer``'s choice for the driver's console: "bar", "lines" or False (no progress)."""
+    if not mode:
+        return None
+    return lambda start, total: ray_progress(start, total, "lines" if mode == "lines" else "bar")
+
+
 def _quiet_report_lines(verbose: bool) -> None:
     """Ray Train logs every report (the whole metrics dict, the checkpoint path) at INFO on a logger named by its
     file, outside the ``ray.train`` logger whose console level RunConfig's LoggingConfig sets: that one too."""
@@ -583,7 +628,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ``config``: {"cfg": Config.to_dict(), "fault_marker": path or None,
     "mlflow": {"uri": ..., "run_id": ...} or None (rank 0 then logs every dual step's metrics),
-    "progress": rank 0's bar on the driver's console, "verbose": Ray Train's line per report on it too}.
+    "progress": rank 0's progress on the driver's console ("bar", "lines" or False), "verbose": Ray Train's line
+    per report on it too}.
     Reports (all ranks, the same number of times): every ``ray.checkpoint_every`` dual steps with a
     checkpoint, and once at the end with the final checkpoint, the evaluation metrics and the run's
     output files (in the checkpoint's ``outputs/`` folder). With ``ray.report_every`` > 0, also every
@@ -672,7 +718,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     fault = make_fault(cfg.fault, worker.rank, config.get("fault_marker"))
     result = train(cfg, split, worker, on_block=on_block, resume=resume,
-                   prepare_model=ray.train.torch.prepare_model, fault=fault, progress=ray_progress_bar if config.get("progress", True) else False,
+                   prepare_model=ray.train.torch.prepare_model, fault=fault,
+                   progress=_worker_progress(config.get("progress", "bar")),
                    on_report=on_report if cfg.ray.report_every > 0 else None)
     metrics = dict(result.history[-1]) if result.history else {"step": result.step}
     snap = final.get("snap")

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from cdd_ray import preflight, tracking
 from cdd_ray import storage as storage_io
 from cdd_ray.budget import Plan, Throughput, plan
-from cdd_ray.console import SweepTable, tune_verbosity
+from cdd_ray.console import SweepTable, short_name, trial_number, tune_verbosity
 from cdd_ray.config import Config, ConfigError, allowed_keys, apply_overrides, config_from_dict, flatten, validate
 from cdd_ray.data import check_source
 from cdd_ray.front import (MAXIMISED, feasibility, format_feasibility, format_front, name_of, pareto_front,
@@ -191,6 +192,37 @@ def run_trial(config: dict[str, Any]) -> None:
             shutil.rmtree(out, ignore_errors=True)
         storage_io.write_text(storage_io.join(store, "trial.json"),  # last: the trial is done
                               json.dumps({"trial_id": trial_id, "run_id": run_id, "params": params}))
+
+
+def trial_run_name(number: int, params: dict[str, Any]) -> str:
+    """A trial's MLflow run name, so a list of them reads well: ``t03 resilient gamma=0.21 eta=0.12 ...`` (the
+    searched params that the trial's dual kind uses: b_rel is unused by resilient trials, gamma by plain ones)."""
+    kind = params.get("dual.kind")
+    unused = {"resilient": "dual.b_rel", "plain": "dual.gamma"}.get(str(kind))
+    shown = [f"{short_name(k)}={v:.2g}" if isinstance(v, float) else f"{short_name(k)}={v}"
+             for k, v in params.items() if k not in ("dual.kind", unused)]
+    return " ".join([f"t{number:02d}", *([str(kind)] if kind else []), *shown])
+
+
+class TrialRunNames(Callback):
+    """Names each trial's MLflow run (``trial_run_name``, tag ``trial``: ``t03``) once the trial has created it:
+    the number is the trial's place in Tune's list, as in the console's table and the front."""
+
+    def __init__(self, uri: str, outputs: str, param_keys: list[str]):
+        self.uri, self.outputs, self.param_keys = uri, outputs, param_keys
+        self.named: set[str] = set()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if trial.trial_id in self.named:
+            return
+        run_id = storage_io.read_text(storage_io.join(self.outputs, trial.trial_id, "mlflow_run_id"))
+        number = trial_number(trial, trials)
+        if not run_id or number is None:
+            return
+        params = {k: (trial.config or {}).get(k) for k in self.param_keys}
+        tracking.set_tags(self.uri, run_id.strip(), {"mlflow.runName": trial_run_name(number, params),
+                                                     "trial": f"t{number:02d}"})
+        self.named.add(trial.trial_id)
 
 
 # ---------------------------------------------------------------- the sweep
@@ -503,7 +535,8 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
                     num_samples=num_samples, max_concurrent_trials=conc,
                 ),
                 run_config=tune.RunConfig(name="tuner", storage_path=store, verbose=tune_verbosity(verbose),
-                                          callbacks=[table]),
+                                          callbacks=[table, TrialRunNames(uri, sweep_cfg["outputs"],
+                                                                          list(space.params))]),
             )
         try:
             results = tuner.fit()
@@ -522,14 +555,32 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
         if uri_storage:
             storage_io.upload(sweep_dir / "front", storage_io.join(store, "front"))
         tracking.log_artifacts(uri, parent, sweep_dir / "front")
-        tracking.log_metrics(uri, parent, {"trials": len(rows), "front_size": len(front), **{
-            f"{r['role'].replace('-', '_')}_{k}": r[k] for r in references for k in SWEEP_METRICS
+        tracking.log_metrics(uri, parent, {"sweep/trials": len(rows), "sweep/front_size": len(front), **{
+            f"{r['role']}/{k}": r[k] for r in references for k in SWEEP_METRICS  # e.g. baseline-continued/fid
             if isinstance(r.get(k), (int, float))}}, 0)
         tracking.set_tags(uri, parent, {"objectives": ",".join(objectives), "sampler": sampler, **{
             f"max_{m}": str(x) for m, x in limits.items()}})
-    return SweepResult(parent_run_id=parent, rows=rows, front=front, baseline=baseline, out=sweep_dir,
-                       objectives=objectives, references=references, limits=limits, feasible=feasible,
-                       plan=sweep_plan, wall_s=time.time() - started, store=store)
+    res = SweepResult(parent_run_id=parent, rows=rows, front=front, baseline=baseline, out=sweep_dir,
+                      objectives=objectives, references=references, limits=limits, feasible=feasible,
+                      plan=sweep_plan, wall_s=time.time() - started, store=store)
+    budget = (f"every trial and {'both references' if len(references) > 1 else 'the reference'} trained "
+              f"{trial_base.optim.steps} primal steps" + (
+                  f", warm-started from the unconstrained baseline's {base.optim.steps} steps" if warm_start_steps > 0
+                  else " from scratch"))
+    tracking.set_tags(uri, parent, {"mlflow.note.content": sweep_note(res, sampler, budget)})
+    return res
+
+
+def sweep_note(res: SweepResult, sampler: str, budget: str) -> str:
+    """The sweep parent run's description in MLflow (Markdown): what was searched for, the equal budget, and the
+    front with its intervals beside the references (what the job prints)."""
+    q, f = res.objectives
+    better = {o: "higher" if o in MAXIMISED else "lower" for o in res.objectives}
+    target = (" under " + " and ".join(f"{m} <= {x:g}" for m, x in res.limits.items())) if res.limits else ""
+    return "\n\n".join([
+        f"**Sweep {res.out.name}**: {len(res.rows)} trials searched by Optuna ({sampler}) on Ray Tune for {q} "
+        f"({better[q]} is better) and {f} ({better[f]} is better){target}.",
+        f"**Budget**: {budget}.", report(res)])
 
 
 def mark_stopped_killed(uri: str, rows: list[dict[str, Any]], outputs: str) -> None:
@@ -547,12 +598,12 @@ def trial_rows(results, outputs: str, param_keys: list[str], objectives: tuple[s
     """One row per trial: a finished trial's summary.json (metrics with their intervals), else what it reported
     before ASHA stopped it. ``outputs``: the trials' folder in the run storage."""
     rows = []
-    for r in results:
+    for number, r in enumerate(results, 1):  # the ResultGrid keeps Tune's order of the trials
         m = r.metrics or {}
         out = storage_io.join(outputs, str(m.get("trial_id", "")))
         info = json.loads(storage_io.read_text(storage_io.join(out, "trial.json")) or "{}")
         summary = json.loads(storage_io.read_text(storage_io.join(out, "summary.json"))) if info else m
-        rows.append({"role": "trial", "trial_id": m.get("trial_id"),
+        rows.append({"role": "trial", "trial_id": m.get("trial_id"), "number": number,
                      **{k: summary.get(k) for k in SWEEP_METRICS},
                      **{f"{k}_ci": summary[f"{k}_ci"] for k in SWEEP_METRICS if summary.get(f"{k}_ci")},
                      "fid_features": summary.get("fid_features"), "data_source": summary.get("data_source"),

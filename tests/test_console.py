@@ -105,7 +105,8 @@ def test_a_restored_sweep_shows_the_trials_that_had_ended():
     t.on_trial_start(0, [old, new], new)
     t.on_step_end(0, [old, new])
     rows = {r.split()[0]: r.split() for r in t.render()[1:-1]}
-    assert rows["t01"][1:3] == ["b", "running"] and rows["t02"][1:3] == ["a", "done"]
+    # numbered by their place in Tune's list of trials, as before the interruption
+    assert rows["t01"][1:3] == ["a", "done"] and rows["t02"][1:3] == ["b", "running"]
     assert "1 finished, 1 running, 2 pending" in t.render()[-1]
 
 
@@ -118,3 +119,18 @@ def test_training_bar_text_has_the_loss_and_each_lambda():
     m = {"loss_objective": 0.123456, "lambda_class_4": 0.5, "lambda_class_7": 0.0}
     assert bar_text(m, ["class_4", "class_7"]) == "train loss 0.1235 λ4 0.500 λ7 0.000"
     assert bar_text(m, []) == "train loss 0.1235"
+
+
+def test_a_log_gets_a_progress_line_a_minute_with_the_eta(capsys):
+    from cdd_ray.train_loop import LineProgress
+
+    clock = Clock()
+    bar = LineProgress(100, 1100, every_s=60, clock=clock)  # resumed at step 100
+    for _ in range(10):
+        clock.t += 10
+        bar.update(20)
+        bar.set_description("train loss 0.5000 λ4 0.100")
+    assert capsys.readouterr().out.splitlines() == [
+        "train loss 0.5000 λ4 0.100: step 220/1100 (20%), 1.0 min, ETA 7.3 min"]  # 2 steps/s since the resume
+    bar.close()
+    assert capsys.readouterr().out == "train loss 0.5000 λ4 0.100: step 300/1100 (27%), 1.7 min, ETA 6.7 min\n"

@@ -44,3 +44,30 @@ def test_rules_and_names_are_checked_before_anything_is_registered(tmp_path):
     with pytest.raises(SystemExit) as e:
         register_main(["--sweep", "nope", "--pick", "quality", "--tracking-uri", uri])
     assert e.value.code == 2
+
+
+def test_trials_logged_before_the_grouped_metric_names_are_still_read(tmp_path):
+    """A sweep's trials are read by their eval/<metric> names, and a run logged before those names by its flat
+    ones (precision, precision_ci_lo, ...); a trial without its objectives is left out."""
+    from cdd_ray import tracking
+    from cdd_ray.config import build_config
+    from cdd_ray.register import find_sweep, trial_rows
+
+    uri = f"sqlite:///{tmp_path / 'mixed.db'}"
+    cfg = build_config("smoke", overrides={"name": "mixed"})
+    parent = tracking.start_run(cfg, uri, extra_tags={"role": "sweep", "sweep": "mixed"})
+    tracking.set_tags(uri, parent, {"objectives": "precision,tv_to_uniform"})
+    logged = {"old": {"precision": 0.8, "precision_ci_lo": 0.7, "precision_ci_hi": 0.9, "tv_to_uniform": 0.2},
+              "new": {"eval/precision": 0.6, "eval/precision_ci_lo": 0.5, "eval/precision_ci_hi": 0.65,
+                      "eval/tv_to_uniform": 0.1},
+              "unevaluated": {"loss/objective": 0.3}}
+    for name, metrics in logged.items():
+        run = tracking.start_run(cfg, uri, parent_run_id=parent, extra_tags={"role": "trial", "ray_trial_id": name})
+        tracking.log_metrics(uri, run, metrics, 4)
+        tracking.end_run(uri, run, "FINISHED")
+    tracking.end_run(uri, parent, "FINISHED")
+    client = tracking.client(uri)
+    rows = {r["trial_id"]: r for r in trial_rows(client, find_sweep(client, "mixed"))}
+    assert set(rows) == {"old", "new"}
+    assert (rows["old"]["precision"], rows["old"]["precision_ci"], rows["old"]["tv_to_uniform"]) == (0.8, [0.7, 0.9], 0.2)
+    assert (rows["new"]["precision"], rows["new"]["precision_ci"], rows["new"]["tv_to_uniform"]) == (0.6, [0.5, 0.65], 0.1)

@@ -46,21 +46,28 @@ def test_lambda_trajectory_equals_checkpoint_history(logged_run):
     dual = json.loads((out / "checkpoint" / "dual_state.json").read_text())
     assert dual["step"] == 5
     for i, name in enumerate(dual["names"]):
-        points = sorted(client.get_metric_history(run.info.run_id, f"lambda_{name}"), key=lambda m: m.step)
+        points = sorted(client.get_metric_history(run.info.run_id, f"lambda/{name}"), key=lambda m: m.step)
         assert [m.step for m in points] == [1, 2, 3, 4, 5]
         assert [m.value for m in points] == [h[i] for h in dual["lam_history"]]
-        assert len(client.get_metric_history(run.info.run_id, f"loss_{name}")) == 5
-        assert len(client.get_metric_history(run.info.run_id, f"slack_{name}")) == 5
-    assert len(client.get_metric_history(run.info.run_id, "loss_objective")) == 5
-    assert len(client.get_metric_history(run.info.run_id, "lr")) == 5
+        assert len(client.get_metric_history(run.info.run_id, f"loss/{name}")) == 5
+        assert len(client.get_metric_history(run.info.run_id, f"slack/{name}")) == 5
+    assert len(client.get_metric_history(run.info.run_id, "loss/objective")) == 5
+    assert len(client.get_metric_history(run.info.run_id, "train/lr")) == 5
+    # MLflow's chart view groups by the name's part before "/": every metric of the run is in a group
+    groups = {k.split("/")[0] for k in run.data.metrics if "/" in k}
+    assert all("/" in k for k in run.data.metrics), sorted(run.data.metrics)
+    assert groups == {"lambda", "loss", "slack", "train", "eval", "share", "predicted_share", "time"}
 
 
 def test_eval_metrics_and_artifacts(logged_run):
     client, run, out, summary = logged_run
     m = run.data.metrics
-    assert m["fid"] == pytest.approx(summary["fid"]) and m["tv_to_uniform"] == pytest.approx(summary["tv_to_uniform"])
-    assert m["minority_share"] == pytest.approx(summary["minority_share"])
-    assert all(f"share_{c}" in m and f"predicted_share_{c}" in m for c in range(10))
+    assert m["eval/fid"] == pytest.approx(summary["fid"])
+    assert m["eval/tv_to_uniform"] == pytest.approx(summary["tv_to_uniform"])
+    assert [m["eval/precision_ci_lo"], m["eval/precision_ci_hi"]] == pytest.approx(summary["precision_ci"])
+    assert m["eval/minority_share"] == pytest.approx(summary["minority_share"])
+    assert [m[f"share/{c}"] for c in range(10)] == pytest.approx(summary["class_shares"])
+    assert [m[f"predicted_share/{c}"] for c in range(10)] == pytest.approx(summary["predicted_shares"])
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"samples.png", "class_histogram.png", "lambda.png", "summary.json", "config.json", "samples.npz",
             "model"} <= names
@@ -256,7 +263,7 @@ def test_store_back_within_the_retry_budget_loses_nothing(mlflow_server, tmp_pat
     summary = run_local(cfg, tmp_path / "out", progress=False)
     client = tracking.client(uri)
     run = client.get_run(summary["mlflow_run_id"])
-    assert run.info.status == "FINISHED" and "fid" in run.data.metrics
-    hist = client.get_metric_history(run.info.run_id, "lambda_class_4")
+    assert run.info.status == "FINISHED" and "eval/fid" in run.data.metrics
+    hist = client.get_metric_history(run.info.run_id, "lambda/class_4")
     assert sorted(m.step for m in hist) == [1, 2, 3, 4, 5]  # every dual step, once (retries are idempotent)
     assert {"summary.json", "model"} <= {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -72,6 +72,19 @@ def test_trial_config_resolves_derived_keys():
         trial_config(base, {"dual.eta": -1.0}, losses)
 
 
+def test_trial_runs_are_named_by_number_kind_and_the_params_the_kind_uses():
+    from cdd_ray.front import name_of
+    from cdd_ray.tune import trial_run_name
+
+    params = {"dual.kind": "resilient", "dual.gamma": 0.2123, "dual.b_rel": 0.93, "dual.eta": 0.1234,
+              "optim.batch_ratio": 4}
+    assert trial_run_name(3, params) == "t03 resilient gamma=0.21 eta=0.12 batch_ratio=4"
+    assert trial_run_name(12, {**params, "dual.kind": "plain"}) == "t12 plain b_rel=0.93 eta=0.12 batch_ratio=4"
+    assert trial_run_name(1, {"dual.eta": 0.5}) == "t01 eta=0.5"  # the kind not searched
+    assert name_of({"role": "trial", "trial_id": "08ea3b18", "number": 3}) == "t03 08ea3b18"
+    assert name_of({"role": "baseline-rebalanced", "trial_id": "x"}) == "baseline-rebalanced"
+
+
 def test_pareto_front():
     rows = [{"trial_id": "a", "fid": 1.0, "tv_to_uniform": 0.5}, {"trial_id": "b", "fid": 2.0, "tv_to_uniform": 0.1},
             {"trial_id": "c", "fid": 2.5, "tv_to_uniform": 0.4}, {"trial_id": "d", "fid": float("nan"), "tv_to_uniform": 0},
@@ -205,13 +218,29 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
     stopped = sum(r["status"] == "stopped early" for r in res.rows)
     assert sorted(c.info.status for c in children) == sorted(["FINISHED"] * (5 - stopped) + ["KILLED"] * stopped)
     for c in children:
-        assert c.info.status == "KILLED" or {"fid", "fid_data", "precision", "fd", "fd_ci_lo", "fid_ci_hi"} <= set(
-            c.data.metrics)
+        assert c.info.status == "KILLED" or {"eval/fid", "eval/fid_data", "eval/precision", "eval/fd", "eval/fd_ci_lo",
+                                             "eval/fid_ci_hi"} <= set(c.data.metrics)
         if c.data.tags["role"] == "trial":
             assert c.data.tags["ray_trial_id"] and c.data.params["optim.lr"] == "0.002"
             assert c.data.params["optim.init_from"] == str(res.out / "baseline" / "checkpoint")
     assert parent.data.tags["objectives"] == "precision,tv_to_uniform" and parent.data.tags["max_tv_to_uniform"] == "0.99"
-    assert "baseline_rebalanced_tv_to_uniform" in parent.data.metrics
+    assert parent.data.metrics["baseline-rebalanced/tv_to_uniform"] == res.references[1]["tv_to_uniform"]
+    assert parent.data.metrics["sweep/trials"] == 2
+    # the parent's description in MLflow: the objectives, the equal budget, the front beside the references
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("**Sweep sweep-t**: 2 trials searched by Optuna (gp) on Ray Tune for precision (higher "
+                           "is better) and tv_to_uniform (lower is better) under tv_to_uniform <= 0.99.")
+    assert ("**Budget**: every trial and both references trained 4 primal steps, warm-started from the unconstrained "
+            "baseline's 8 steps.") in note and tune_mod.report(res) in note
+    # trial runs named as the console's table numbers them, with the params their dual kind uses
+    table_ids = {line.split()[0]: line.split()[1] for line in table[1:-1]}
+    for c in children:
+        if c.data.tags["role"] == "trial":
+            number = c.data.tags["trial"]
+            assert table_ids[number] == c.data.tags["ray_trial_id"]
+            name = c.data.tags["mlflow.runName"]
+            assert name.startswith(f"{number} {c.data.params['dual.kind']} ") and " eta=" in name, name
+            assert ("gamma=" in name) == (c.data.params["dual.kind"] == "resilient"), name
     with pytest.raises(ConfigError, match=r"objectives: \['is', 'tv_to_uniform'\] must be two different metrics"):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, objectives=("is", "tv_to_uniform"))
     with pytest.raises(ConfigError, match=r"--max-tv: 1.5 must be in \(0, 1\)"):
@@ -283,7 +312,7 @@ def test_register_each_rule_registers_its_trial_and_the_model_generates(smoke_sw
     ev = model.predict({"n": n, "seed": int(trial.params["optim.seed"]) + 1,
                         "steps": int(trial.params["eval.sampler_steps"])})
     shares = np.bincount(ev["labels"], minlength=10) / n
-    assert shares.tolist() == pytest.approx([trial.metrics[f"share_{c}"] for c in range(10)], abs=1e-9)
+    assert shares.tolist() == pytest.approx([trial.metrics[f"share/{c}"] for c in range(10)], abs=1e-9)
 
 
 def test_register_refuses_a_bound_no_trial_meets(smoke_sweep):
