@@ -207,7 +207,7 @@ def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
     from pathlib import Path
 
     from cdd_ray.tasks import task_config
-    from cdd_ray.tracking import tracking_uri
+    from cdd_ray.tracking import tracking_uri, ui_hint
     from cdd_ray.tune import load_space, report, run_sweep
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -248,4 +248,4 @@ def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
                         time_budget_s=budget, started=started, verbose=args.verbose)
     print()
     print(report(res))
-    print(f"MLflow store: {tracking_uri()}")
+    print(ui_hint(tracking_uri(), res.parent_run_id))

@@ -171,6 +171,22 @@ def get_or_create_experiment(uri: str, name: str = DEFAULT_EXPERIMENT) -> str:
     return with_retries(go, f"get or create experiment {name!r}", uri)
 
 
+def ui_hint(uri: str, run_id: str | None = None, experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """Where to look in the MLflow UI: the experiment's (or a run's) page, opened as model training.
+
+    MLflow 3.17's UI opens an experiment on its GenAI overview until the browser's workflow switch says "Model
+    training" or the address carries ``?workflowType=machine_learning`` (the experiment's kind tag does not
+    decide it). A local SQLite store: the ``mlflow ui`` command to start and the address it serves."""
+    if not uri.startswith(("sqlite:///", "http://", "https://")):
+        return f"MLflow store: {uri}"
+    exp_id = get_or_create_experiment(uri, experiment)
+    page = f"#/experiments/{exp_id}" + (f"/runs/{run_id}" if run_id else "") + "?workflowType=machine_learning"
+    if uri.startswith("sqlite:///"):
+        return (f"MLflow store: {uri}; open the UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1, then "
+                f"http://127.0.0.1:5000/{page}")
+    return f"MLflow: {uri.rstrip('/')}/{page}"
+
+
 def safe_params(cfg: Config) -> dict[str, str]:
     """The resolved config, flattened; never environment variables or anything that looks like a secret."""
     out = {}

@@ -52,11 +52,11 @@ def main() -> None:
         guard.resume_name = cfg.name
         res = run_sweep(cfg, space, args.num_samples, resume=args.resume, seed=args.seed,
                         objectives=FINETUNE_OBJECTIVES, verbose=args.verbose)
-    from cdd_ray.tracking import tracking_uri
+    from cdd_ray.tracking import tracking_uri, ui_hint
 
     print()
     print(report(res))
-    print(f"MLflow store: {tracking_uri()}; reference: unconstrained fine-tuning")
+    print(f"{ui_hint(tracking_uri(), res.parent_run_id)}; reference: unconstrained fine-tuning")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def main() -> None:
     if args.name is None:
         cfg.name = cfg.name.replace("-constrained-", "-sweep-")
     setup_logging()
-    from cdd_ray.tracking import tracking_uri
+    from cdd_ray.tracking import tracking_uri, ui_hint
     from cdd_ray.tune import load_space, report, run_sweep
 
     with job_errors() as guard:
@@ -79,8 +79,7 @@ def main() -> None:
                         time_budget_s=budget, started=started, verbose=args.verbose)
     print()
     print(report(res))
-    print(f"MLflow store: {tracking_uri()}; open the UI: mlflow ui --backend-store-uri sqlite:///mlflow.db "
-          "--host 127.0.0.1")
+    print(ui_hint(tracking_uri(), res.parent_run_id))
 
 
 if __name__ == "__main__":

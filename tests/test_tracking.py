@@ -267,3 +267,14 @@ def test_store_back_within_the_retry_budget_loses_nothing(mlflow_server, tmp_pat
     hist = client.get_metric_history(run.info.run_id, "lambda/class_4")
     assert sorted(m.step for m in hist) == [1, 2, 3, 4, 5]  # every dual step, once (retries are idempotent)
     assert {"summary.json", "model"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_the_printed_ui_address_opens_the_experiment_as_model_training(tmp_path):
+    """MLflow 3.17's UI opens an experiment on its GenAI overview unless the address asks for model training."""
+    uri = f"sqlite:///{tmp_path / 'ui.db'}"
+    exp = tracking.get_or_create_experiment(uri)
+    hint = tracking.ui_hint(uri, "abc123")
+    assert hint == (f"MLflow store: {uri}; open the UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1, then "
+                    f"http://127.0.0.1:5000/#/experiments/{exp}/runs/abc123?workflowType=machine_learning")
+    assert tracking.ui_hint(uri).endswith(f"/#/experiments/{exp}?workflowType=machine_learning")
+    assert tracking.ui_hint("databricks") == "MLflow store: databricks"
