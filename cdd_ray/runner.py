@@ -196,10 +196,13 @@ def init_ray(address: str = "", dashboard_host: str = "127.0.0.1", *, num_cpus: 
 
 
 def _print_dashboard(ctx) -> None:
-    from ray._private.authentication.authentication_utils import is_token_auth_enabled
-
     from cdd_ray.console import dashboard_message
 
+    try:  # Ray 2.60 keeps the check private; the environment variable says the same where it is set
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    except ImportError:
+        def is_token_auth_enabled() -> bool:
+            return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
     url = getattr(ctx, "dashboard_url", None)
     if url:
         print(dashboard_message(f"http://{url}", is_token_auth_enabled()), flush=True)

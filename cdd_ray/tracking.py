@@ -145,8 +145,8 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise TrackingError(f"MLflow tracking server {uri!r} is unreachable: {e}") from None
 
 
-# MLflow 3's UI opens an experiment by its kind: without this tag it may land on the GenAI overview (traces)
-# instead of the runs table; "custom_model_development" is the UI's "Model training".
+# MLflow 3 records an experiment's kind in this tag ("custom_model_development" is the UI's "Model training").
+# It does not decide the page MLflow 3.17's UI opens on (the browser's workflow switch does: see ui_hint).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
@@ -177,9 +177,12 @@ def ui_hint(uri: str, run_id: str | None = None, experiment: str = DEFAULT_EXPER
     MLflow 3.17's UI opens an experiment on its GenAI overview until the browser's workflow switch says "Model
     training" or the address carries ``?workflowType=machine_learning`` (the experiment's kind tag does not
     decide it). A local SQLite store: the ``mlflow ui`` command to start and the address it serves."""
-    if not uri.startswith(("sqlite:///", "http://", "https://")):
+    c = client(uri)
+    exp = with_retries(lambda: c.get_experiment_by_name(experiment), f"find experiment {experiment!r}", uri) \
+        if uri.startswith(("sqlite:///", "http://", "https://")) else None
+    if exp is None:
         return f"MLflow store: {uri}"
-    exp_id = get_or_create_experiment(uri, experiment)
+    exp_id = exp.experiment_id
     page = f"#/experiments/{exp_id}" + (f"/runs/{run_id}" if run_id else "") + "?workflowType=machine_learning"
     if uri.startswith("sqlite:///"):
         return (f"MLflow store: {uri}; open the UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1, then "

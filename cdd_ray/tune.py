@@ -514,9 +514,9 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
             "outputs": storage_io.join(store, "trials"), "mlflow_uri": uri, "parent_run_id": parent,
             "baseline_losses": losses, "resources": resources, "verbose": verbose,
         }
-        table = SweepTable(list(space.params), trial_base.optim.steps, num_samples, conc, objectives)
         trainable = tune.with_resources(run_trial, {"CPU": 0.1})
         if resume and tune.Tuner.can_restore(storage_io.join(store, "tuner")):
+            # the restored Tuner brings its own RunConfig: the console table and run names it started with
             tuner = tune.Tuner.restore(storage_io.join(store, "tuner"), trainable, resume_errored=True)
         else:
             # ASHA's clock is primal steps (time_attr "step"; only the window reports carry ASHA_METRIC). max_t is
@@ -535,8 +535,9 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
                     num_samples=num_samples, max_concurrent_trials=conc,
                 ),
                 run_config=tune.RunConfig(name="tuner", storage_path=store, verbose=tune_verbosity(verbose),
-                                          callbacks=[table, TrialRunNames(uri, sweep_cfg["outputs"],
-                                                                          list(space.params))]),
+                                          callbacks=[SweepTable(list(space.params), trial_base.optim.steps,
+                                                                num_samples, conc, objectives),
+                                                     TrialRunNames(uri, sweep_cfg["outputs"], list(space.params))]),
             )
         try:
             results = tuner.fit()
