@@ -1,7 +1,11 @@
 """Small helpers shared by tests that start a local HTTP server (MLflow UI / tracking server)."""
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -23,3 +27,31 @@ def wait_for_health(base: str, proc: subprocess.Popen, what: str, seconds: float
             assert proc.poll() is None, f"{what} exited"
             assert time.monotonic() < deadline, f"{what} did not answer within {seconds:g} s"
             time.sleep(0.3)
+
+
+def end_process_group(proc: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM a process started with ``start_new_session=True`` and its children; SIGKILL after ``grace`` s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def mlflow_ui(store: str, cwd, *extra: str):
+    """The README's ``mlflow ui --backend-store-uri STORE --host 127.0.0.1`` on a free port; yields its address.
+    It only reads the store: its job runner (GenAI judges) stays off, and it gets 5 s to end."""
+    port = free_port()
+    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    proc = subprocess.Popen([mlflow_bin, "ui", "--backend-store-uri", store, "--host", "127.0.0.1",
+                             "--port", str(port), *extra], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_health(base, proc, "mlflow ui", seconds=120)
+        yield base
+    finally:
+        end_process_group(proc, grace=5)

@@ -1,16 +1,12 @@
 """The README's `mlflow ui` command on the default store answers on 127.0.0.1 and lists the runs."""
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import urllib.request
 
 from cdd_ray import tracking
 from cdd_ray.config import build_config
-from helpers import free_port, wait_for_health
+from helpers import mlflow_ui
 
 
 def test_mlflow_ui_lists_runs_of_the_default_store(tmp_path, monkeypatch):
@@ -19,27 +15,13 @@ def test_mlflow_ui_lists_runs_of_the_default_store(tmp_path, monkeypatch):
     uri = tracking.tracking_uri()  # the default: sqlite:///<cwd>/mlflow.db
     run_ids = {tracking.start_run(build_config("smoke", overrides={"name": f"ui-{i}"}), uri) for i in range(2)}
     exp_id = tracking.get_or_create_experiment(uri)
-    port = free_port()
-    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    proc = subprocess.Popen([mlflow_bin, "ui", "--backend-store-uri", "sqlite:///mlflow.db", "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for_health(base, proc, "mlflow ui")
+    with mlflow_ui("sqlite:///mlflow.db", tmp_path) as base:
         req = urllib.request.Request(base + "/api/2.0/mlflow/runs/search",
                                      data=json.dumps({"experiment_ids": [exp_id]}).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
         runs = json.loads(urllib.request.urlopen(req, timeout=10).read())["runs"]
         assert {r["info"]["run_id"] for r in runs} == run_ids
+        port = int(base.rsplit(":", 1)[1])
         with socket.socket() as s:  # bound to loopback only
             assert s.connect_ex((socket.gethostbyname(socket.gethostname()), port)) != 0 or \
                 socket.gethostbyname(socket.gethostname()).startswith("127.")
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    assert proc.returncode is not None

@@ -391,3 +391,72 @@ def test_fairness_target_reaches_optuna_as_a_constraint(sampler, kind):
     assert [t.number for t in _get_feasible_trials(study.trials)] == [0, 1]  # what the sampler sees as feasible
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]  # precision up, tv down
     pickle.loads(pickle.dumps(searcher))  # Tune checkpoints the searcher for --resume
+
+
+def test_mlflow_ui_in_a_browser_shows_the_sweep_as_a_user_looks_at_it(smoke_sweep, tmp_path):
+    """`mlflow ui` over the sweep's store, in headless Chromium, at the addresses the sweep job prints: the runs
+    table with the sweep and its runs nested under it; the parent's trade-off plot among its artifacts; a trial's
+    lambda against step; two trials compared with their params and final metrics. Screenshots in tmp_path."""
+    from browser import chromium
+    from helpers import mlflow_ui
+
+    res = smoke_sweep[0]
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    client = tracking.client(uri)
+    parent = client.get_run(res.parent_run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
+    trials = sorted((c for c in children if c.data.tags["role"] == "trial"), key=lambda c: c.data.tags["trial"])
+    done = [c for c in trials if c.info.status == "FINISHED"]
+    assert len(trials) == 2 and done, [(c.data.tags["trial"], c.info.status) for c in trials]
+
+    def page(hint: str, base: str) -> str:  # the address the job prints, on this test's port
+        return base + "/" + hint[hint.index("#/"):]
+
+    with mlflow_ui(uri, tmp_path, "--workers", "1") as base, chromium(tmp_path / "screenshots") as b:
+        # The experiment's address opens the runs table (not the GenAI overview): the sweep, its runs nested.
+        b.open(page(tracking.ui_hint(uri), base))
+        text = b.wait_for("runs", parent.info.run_name, "matching runs")
+        for close in b.driver.find_elements("css selector", 'button[aria-label="Close"]'):  # the assistant panel
+            close.click()
+        assert "Run Name" in text and "detect issues" not in text.lower()  # not the GenAI overview
+        assert not any(c.info.run_name in text for c in children), "the sweep's runs are not nested under it"
+        b.find("runs", f'[role=row][row-id="{res.parent_run_id}"] [col-id="attributes.`Run Name`"] button')[0].click()
+        b.wait_for("runs", *(c.info.run_name for c in children))
+        b.shot("mlflow-runs")
+        # The parent run's page: its description, and the trade-off plot among its artifacts.
+        b.open(page(tracking.ui_hint(uri, res.parent_run_id), base))
+        b.wait_for("parent", f"Sweep {parent.info.run_name}", "Artifacts")
+        b.click("parent", "Artifacts")
+        b.click("artifacts", "tradeoff.png")
+        plot = b.find("artifacts", "img", where=lambda e: e.get_property("naturalWidth") > 300)
+        assert plot, "tradeoff.png is not shown"
+        b.shot("mlflow-tradeoff")
+        # A trial's lambda per constraint against the dual step, in the chart view's lambda group.
+        trial = done[0]
+        b.open(base + f"/#/experiments/{parent.info.experiment_id}/runs/{trial.info.run_id}/model-metrics"
+                      "?workflowType=machine_learning")
+        b.wait_for("lambda", "lambda\n(3)")
+        b.driver.execute_script("""  // a click on each group's header that is open, and on lambda's if closed
+            for (const h of document.querySelectorAll('[role=button][aria-expanded]')) {
+                const open = h.getAttribute('aria-expanded') === 'true';
+                if ((h.innerText.split('\\n')[0].trim() === 'lambda') !== open) h.click();
+            }""")
+        b.wait_for("lambda", *(f"{trial.info.run_name} (lambda/class_{c})" for c in (4, 5, 7)), "Step")
+        lines = b.find("lambda", "svg.main-svg path.js-line", where=lambda e: len(e.get_attribute("d") or "") > 10)
+        assert len(lines) >= 3, "the lambda charts have no line"
+        b.driver.execute_script("window.scrollTo(0, 0)")
+        b.shot("mlflow-lambda")
+        # Two trials compared: their names, the searched params and the final metrics side by side.
+        ids = json.dumps([c.info.run_id for c in trials])
+        b.open(base + f"/#/compare-runs?runs={ids}&experiments=[\"{parent.info.experiment_id}\"]"
+                      "&workflowType=machine_learning")
+        shown = [c.info.run_name for c in trials] + ["dual.kind", "dual.eta", "eval/fid"]
+        shown += [c.data.params["dual.eta"] for c in trials]
+        shown += [f"{c.data.metrics['eval/fid']:.4g}" for c in trials if "eval/fid" in c.data.metrics]
+        b.wait_for("compare", *shown)
+        b.driver.execute_script("""  // the params and metrics the two trials differ in
+            for (const s of document.querySelectorAll('[role=switch]')) if (s.getAttribute('aria-checked') !== 'true') s.click();""")
+        b.driver.set_window_size(1600, 1500)
+        b.scroll_to("Run details")
+        b.shot("mlflow-compare")

