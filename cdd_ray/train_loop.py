@@ -528,11 +528,9 @@ class LineProgress:
         sys.stdout.flush()
 
 
-def ray_progress(start: int, total: int, mode: str = "bar"):
-    """Rank 0's progress in a Ray worker: ``"bar"`` (the driver's console is a terminal): a bar Ray draws on the
-    driver (``ray.experimental.tqdm_ray``); ``"lines"``: ``LineProgress`` (a line a minute in the driver's log)."""
-    if mode == "lines":
-        return LineProgress(start, total)
+def ray_progress(start: int, total: int):
+    """Rank 0's bar in a Ray worker when the driver's console is a terminal: Ray draws it on the driver
+    (``ray.experimental.tqdm_ray``). In a log the worker passes ``"lines"`` instead (``LineProgress``)."""
     from ray.experimental.tqdm_ray import tqdm
 
     bar = tqdm(total=total, desc="train", unit="step", flush_interval_s=2.0)
@@ -604,13 +602,6 @@ def _dual_dumper(directory: str, rank: int, names: list[str]) -> Callable[[dict[
             f.write(json.dumps({"dual_step": int(metrics["dual_step"]), "lam": lam}) + "\n")
 
     return dump
-
-
-def _worker_progress(mode: str | bool) -> Callable[[int, int], Any] | None:
-    """``make_trainer``'s choice for the driver's console: "bar", "lines" or False (no progress)."""
-    if not mode:
-        return None
-    return lambda start, total: ray_progress(start, total, "lines" if mode == "lines" else "bar")
 
 
 def _quiet_report_lines(verbose: bool) -> None:
@@ -717,9 +708,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics)  # every rank, at the same steps; no checkpoint
 
     fault = make_fault(cfg.fault, worker.rank, config.get("fault_marker"))
+    progress = config.get("progress", "bar")  # "bar": Ray draws it on the driver; "lines" (a log) or False
     result = train(cfg, split, worker, on_block=on_block, resume=resume,
                    prepare_model=ray.train.torch.prepare_model, fault=fault,
-                   progress=_worker_progress(config.get("progress", "bar")),
+                   progress=ray_progress if progress in (True, "bar") else progress,
                    on_report=on_report if cfg.ray.report_every > 0 else None)
     metrics = dict(result.history[-1]) if result.history else {"step": result.step}
     snap = final.get("snap")

@@ -79,8 +79,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
         looked = False
         while len(finished(sweep)) < 1:
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            line = re.search(r"Ray dashboard: (http://\S+) .*`ray get-auth-token`", (tmp_path / "first.log").read_text())
-            if line and not looked:
+            line = not looked and re.search(r"Ray dashboard: (http://\S+) .*`ray get-auth-token`",
+                                            (tmp_path / "first.log").read_text())
+            if line:
                 token = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "get-auth-token"],
                                        env=env, capture_output=True, text=True, timeout=60).stdout.split()[-1]
                 look_at_the_dashboard(line[1], token, "killme", tmp_path / "screenshots")
