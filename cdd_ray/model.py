@@ -64,11 +64,14 @@ def add_noise(noise_scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Ten
 def autocast_for(device: torch.device, precision: str = "auto"
                  ) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler | None]:
     """``optim.precision``: auto = bf16 autocast on GPUs that support it, fp16 + grad scaler on older GPUs, fp32
-    on CPU; fp32 = no autocast; bf16 = bf16 autocast on any device (CPU included, no scaler needed)."""
+    on CPU; fp32 = no autocast; bf16 = bf16 autocast on any device (CPU included, no scaler needed); fp16 = fp16
+    autocast + grad scaler on any device (the authors' setting)."""
     if precision == "fp32":
         return contextlib.nullcontext(), None
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16), None
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16), torch.amp.GradScaler(device.type)
     if device.type != "cuda":
         return contextlib.nullcontext(), None
     if torch.cuda.is_bf16_supported():

@@ -48,8 +48,10 @@ def write_outputs(out: str | Path, cfg: Config, result: LoopResult, ev: Evaluati
         title = f"{cfg.name}: new share {summary['new_share']:.3f}, old share {summary['old_share']:.3f}"
         others = {"pre-trained model": summary["pretrained_shares"]}
     else:
-        title, others = (f"{cfg.name}: tv to uniform {summary['tv_to_uniform']:.3f} "
-                         f"(uniform generator: {summary['tv_floor']:.3f})"), None
+        title = (f"{cfg.name}: tv to uniform {summary['tv_to_uniform']:.3f} "
+                 f"(uniform generator: {summary['tv_floor']:.3f})")
+        others = ({"predicted from the baseline": summary["predicted_shares_from_baseline"]}
+                  if summary.get("predicted_shares_from_baseline") else None)
     save_histogram(summary["class_ids"], summary["class_shares"], out / "class_histogram.png",
                    summary["predicted_shares"], summary["objective_shares"], title=title, others=others,
                    measured_ci=summary.get("class_shares_ci"))

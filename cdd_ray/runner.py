@@ -34,12 +34,14 @@ FINETUNE_METRICS = ("new_share", "old_share", "forgetting", "old_tv_to_pretraine
                     "heldout_loss_new", "distance_to_pretrained", "pretrained_old_share")
 
 
-def run_local(cfg: Config, out: str | Path, progress: bool = True, track: bool = True) -> dict[str, Any]:
-    """Train and evaluate in this process (one worker, no Ray); return the summary."""
+def run_local(cfg: Config, out: str | Path, progress: bool = True, track: bool = True,
+              parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train and evaluate in this process (one worker, no Ray); return the summary. ``parent_run_id`` / ``tags``:
+    the MLflow run is a child of that run, with those tags."""
     cfg = preflight.resolve(cfg)
     out = preflight.check_out(out)
     uri = preflight.check_tracking(tracking.tracking_uri())
-    run_id = tracking.start_run(cfg, uri) if track else None
+    run_id = tracking.start_run(cfg, uri, parent_run_id=parent_run_id, extra_tags=tags) if track else None
     with tracked(uri, run_id):
         buffer = tracking.MetricBuffer(uri, run_id) if run_id else None
         summary = _run_local(cfg, out, progress, buffer)
@@ -116,16 +118,19 @@ INTERVAL_METRICS = ("fid", "fid_data", "fid_class_mean", "precision", "recall", 
 
 def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
     """The final metrics in MLflow's groups: ``eval/<metric>`` (with ``eval/<metric>_ci_lo`` / ``_ci_hi``),
-    ``share/<class>`` (measured), ``predicted_share/<class>`` (lambda's mixture), ``pretrained_share/<class>``,
+    ``share/<class>`` (measured), ``predicted_share/<class>`` (lambda's mixture; ``predicted_share_from_baseline``
+    with the baseline's shares as q), ``pretrained_share/<class>``,
     ``time/wall_s`` and ``time/train_s``."""
-    keys = (*INTERVAL_METRICS, "tv_floor", "classifier_accuracy", *FINETUNE_METRICS)
+    keys = (*INTERVAL_METRICS, "tv_floor", "classifier_accuracy", "prediction_error", "prediction_error_baseline",
+            *FINETUNE_METRICS)
     m = {f"eval/{k}": float(summary[k]) for k in keys if summary.get(k) is not None}
     for k in INTERVAL_METRICS:
         if summary.get(f"{k}_ci"):
             m[f"eval/{k}_ci_lo"], m[f"eval/{k}_ci_hi"] = map(float, summary[f"{k}_ci"])
     m.update({f"time/{k}": float(summary[k]) for k in ("wall_s", "train_s") if summary.get(k) is not None})
     for name, key in (("share", "class_shares"), ("pretrained_share", "pretrained_shares"),
-                      ("predicted_share", "predicted_shares")):
+                      ("predicted_share", "predicted_shares"),
+                      ("predicted_share_from_baseline", "predicted_shares_from_baseline")):
         if summary.get(key):
             m.update({f"{name}/{c}": v for c, v in zip(summary["class_ids"], summary[key])})
     return m
@@ -272,13 +277,14 @@ def check_run_name(storage: str, name: str, resume: bool) -> None:
 
 
 def run_ray(cfg: Config, out: str | Path, resume: bool = False, track: bool = True,
-            verbose: bool = False) -> dict[str, Any]:
+            verbose: bool = False, parent_run_id: str | None = None, tags: dict[str, str] | None = None
+            ) -> dict[str, Any]:
     """Train on Ray Train workers (``cfg.ray``), then copy the final outputs and checkpoint to ``out``.
 
     Checked before an MLflow run or a Ray run is created: ``out`` and the storage are writable, the run name,
     the data source and that the cluster can hold the workers; ``auto`` choices and paths are decided here
     (``cdd_ray.preflight``), not on the workers. ``verbose``: Ray's own INFO lines on the console
-    (``cdd_ray.console``).
+    (``cdd_ray.console``). ``parent_run_id`` / ``tags``: as for ``run_local``.
     """
     out = preflight.check_out(out)
     storage = preflight.check_storage(resolve_storage(cfg.ray.storage))
@@ -288,7 +294,7 @@ def run_ray(cfg: Config, out: str | Path, resume: bool = False, track: bool = Tr
     uri = preflight.check_tracking(tracking.tracking_uri())
     init_ray(cfg.ray.address, verbose=verbose)
     resources = worker_resources(cfg)
-    run_id = mlflow_run_for(cfg, storage, uri, resume) if track else None
+    run_id = mlflow_run_for(cfg, storage, uri, resume, parent_run_id, tags) if track else None
     with tracked(uri, run_id):
         trainer = make_trainer(cfg, storage, cfg.name, resources,
                                mlflow={"uri": uri, "run_id": run_id} if run_id else None, verbose=verbose)
@@ -326,7 +332,8 @@ def fit(trainer):
             signal.signal(signal.SIGINT, previous)
 
 
-def mlflow_run_for(cfg: Config, storage: str, uri: str, resume: bool) -> str:
+def mlflow_run_for(cfg: Config, storage: str, uri: str, resume: bool, parent_run_id: str | None = None,
+                   tags: dict[str, str] | None = None) -> str:
     """A new MLflow run, or on --resume the run's own (its id is kept beside the Ray run, in the storage)."""
     id_file = storage_io.join(storage, cfg.name, "mlflow_run_id")
     saved = storage_io.read_text(id_file) if resume else None
@@ -334,7 +341,7 @@ def mlflow_run_for(cfg: Config, storage: str, uri: str, resume: bool) -> str:
         run_id = saved.strip()
         tracking.client(uri).update_run(run_id, status="RUNNING")
         return run_id
-    run_id = tracking.start_run(cfg, uri)
+    run_id = tracking.start_run(cfg, uri, parent_run_id=parent_run_id, extra_tags=tags)
     storage_io.write_text(id_file, run_id)
     return run_id
 

@@ -263,8 +263,9 @@ def train(
     n_train = 1 + len(constraint_sets)  # the sampler's datasets that carry gradient; monitor_sets follow
     datasets = [split.objective.to(dev)] + [split.constraints[n].to(dev) for n in constraint_sets + monitor_sets]
     sizes = [o.batch_size] + [o.constraint_batch_size] * (len(constraint_sets) + len(monitor_sets))
-    dual = DualState.create(names, cfg.thresholds(), cfg.dual.kind, cfg.dual.eta, cfg.dual.gamma,
-                            cfg.dual.lambda_init)
+    du = cfg.dual
+    dual = DualState.create(names, cfg.thresholds(), du.kind, du.eta, du.gamma, du.lambda_init, du.optimizer,
+                            du.kp, du.ki, du.nu)
     step = int(resume.meta["step"]) if resume is not None else 0
     rng = resume.trainer_state["rng"] if resume is not None else None
     # A rank the checkpoint has no streams for (resumed with more workers) starts new ones of its own.
@@ -351,13 +352,15 @@ def train(
         # Block boundary: the block means come to the host (all-reduced over ranks).
         means = worker.all_reduce_mean(block / block_n).tolist()
         _check_finite(step, means, names + monitored)
+        lr_used = lr_sched.get_last_lr()[0]  # the learning rate of the block's last primal step
         _optimizer_step(optimizer, scaler)
         lr_sched.step()
         ema.step(unet.parameters())
+        eta = dual_eta(cfg, lr_used)
         if names:
-            dual.update(means[1:1 + len(names)])
+            dual.update(means[1:1 + len(names)], eta)
             lam = torch.tensor(dual.lam, device=dev)
-        metrics = _block_metrics(step, dual, names, means, lr_sched.get_last_lr()[0], monitored)
+        metrics = _block_metrics(step, dual, names, means, lr_sched.get_last_lr()[0], eta, monitored)
         history.append(metrics)
         block.zero_()
         block_n = 0
@@ -462,10 +465,19 @@ def _window_metrics(step: int, names: list[str], means: list[float], n: int) -> 
     return m
 
 
-def _block_metrics(step: int, dual: DualState, names: list[str], means: list[float], lr: float,
+def dual_eta(cfg: Config, lr: float) -> float:
+    """The dual step size of a dual step whose block ended with primal learning rate ``lr``."""
+    if cfg.dual.eta_schedule == "follow_lr":
+        return cfg.dual.eta * lr / cfg.optim.lr
+    return cfg.dual.eta
+
+
+def _block_metrics(step: int, dual: DualState, names: list[str], means: list[float], lr: float, eta: float,
                    monitored: list[str] = ()) -> dict[str, float]:
     m: dict[str, float] = {"step": step, "dual_step": dual.step, "loss_objective": means[0], "lr": lr,
                            "loss_mean": sum(means) / len(means)}  # every dataset weighted alike: ASHA's signal
+    if names:
+        m["dual_eta"] = eta  # the step size this dual step used
     for i, n in enumerate(names):
         m[f"loss_{n}"] = means[1 + i]
         m[f"slack_{n}"] = means[1 + i] - dual.b[i]

@@ -50,7 +50,8 @@ FINETUNE_OBJECTIVES = ("heldout_loss_new", "forgetting")
 # Every metric a sweep may optimise; each row of the front carries all of them that the trials report.
 OBJECTIVE_METRICS = (*QUALITY_METRICS, *FAIRNESS_METRICS, "heldout_loss_new", "forgetting", "old_tv_to_pretrained",
                      "distance_to_pretrained")
-SWEEP_METRICS = (*OBJECTIVE_METRICS, "minority_share", "tv_floor", "new_share", "old_share")
+SWEEP_METRICS = (*OBJECTIVE_METRICS, "minority_share", "tv_floor", "new_share", "old_share", "prediction_error",
+                 "prediction_error_baseline")
 # ASHA compares trials on the mean denoising loss over the objective and every constraint dataset, each
 # weighted alike: it prunes trials that learn slowly or diverge (too large lr or eta) without favouring
 # trials that give the constraints less weight, as the objective loss alone would.
@@ -502,6 +503,8 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
             trial_base.optim.warmup = min(base.optim.warmup, warm_start_steps // 10)
             baseline = reference("baseline-continued", warm_start_steps, trial_base.optim.init_from)
         references = [baseline]
+        if not base.is_finetune:  # the theory check's q for every trial: the budget-matched baseline's shares
+            trial_base.eval.baseline_shares = list(baseline["class_shares"])
         if not base.is_finetune:
             references.append(reference("baseline-rebalanced", trial_base.optim.steps, trial_base.optim.init_from,
                                         overrides={"optim.balanced": True}))

@@ -48,7 +48,9 @@ def test_worker_fault_restarts_and_matches_uninterrupted_run(ray_session, tmp_pa
 
 
 def test_resume_continues_a_stopped_run(ray_session, tmp_path):
-    cfg = smoke(tmp_path, **{"name": "stopped", "fault.fail_at_step": 6, "ray.max_failures": 0})
+    # nupi: the controller's state goes through the checkpoint and stays bitwise equal on both ranks.
+    cfg = smoke(tmp_path, **{"name": "stopped", "fault.fail_at_step": 6, "ray.max_failures": 0,
+                             "dual.optimizer": "nupi"})
     with pytest.raises(Exception):
         run_ray(cfg, tmp_path / "out")  # dies at step 6, after its checkpoint at step 4
     assert not (tmp_path / "out" / "summary.json").exists()
@@ -58,7 +60,7 @@ def test_resume_continues_a_stopped_run(ray_session, tmp_path):
     # continue lambda from the checkpoint, bitwise equal.
     dump = tmp_path / "dual"
     wider = smoke(tmp_path, **{"name": "stopped", "ray.workers": 2, "fault.dump_dual_dir": str(dump),
-                               "fault.fail_at_step": 6, "ray.max_failures": 0})
+                               "fault.fail_at_step": 6, "ray.max_failures": 0, "dual.optimizer": "nupi"})
     summary = run_ray(wider, tmp_path / "out", resume=True)
     assert summary["resumed_from_step"] == 4 and summary["steps"] == 12 and summary["dual_steps"] == 6
     assert summary["workers"] == 2
@@ -66,6 +68,7 @@ def test_resume_continues_a_stopped_run(ray_session, tmp_path):
     assert [r["dual_step"] for r in r0] == [3, 4, 5, 6] and r0 == r1
     dual = json.loads((tmp_path / "out" / "checkpoint" / "dual_state.json").read_text())
     assert [float.fromhex(h) for h in r0[-1]["lam"]] == dual["lam"] and len(dual["lam_history"]) == 6
+    assert dual["optimizer"] == "nupi" and len(dual["xi"]) == 3
 
 
 def test_storage_paths_and_names(tmp_path, monkeypatch):

@@ -41,13 +41,31 @@ def test_smoke_run_writes_valid_outputs(tmp_path):
     assert dual["lam"] == [s["lambda"][n] for n in dual["names"]] and dual["step"] == 3
 
 
-def test_unconstrained_run_has_no_multipliers(tmp_path):
+def test_unconstrained_run_has_no_multipliers_and_is_a_baseline_for_the_theory_check(tmp_path):
     out = tmp_path / "base"
     p = run_job("--preset", "smoke", "--unconstrained", "--out", str(out), "--set", "optim.steps=4", "--local")
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["predicted_shares"] is None and s["lambda"] == {} and s["constrained"] is False
     assert not (out / "lambda.png").exists()
+    # --baseline: the constrained run predicts its shares from the baseline's measured ones too
+    run = tmp_path / "run"
+    p = run_job("--preset", "smoke", "--out", str(run), "--set", "optim.steps=4", "--local", "--baseline", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    c = json.loads((run / "summary.json").read_text())
+    assert json.loads((run / "config.json").read_text())["eval"]["baseline_shares"] == s["class_shares"]
+    lam = {int(n.split("_")[1]): v for n, v in c["lambda"].items()}
+    want = [(q + lam.get(k, 0.0)) / (1 + sum(lam.values())) for k, q in enumerate(s["class_shares"])]
+    assert c["predicted_shares_from_baseline"] == want
+    assert c["prediction_error_baseline"] == max(abs(m - w) for m, w in zip(c["class_shares"], want))
+    assert '"prediction_error_baseline"' in p.stdout  # printed with the summary
+    # a constrained run, other classes or no run at all: refused before any work, naming --baseline
+    for ref, extra, message in ((run, [], "is a constrained run"),
+                                (out, ["--set", "data.classes=[0,1,2,3,4,5,6,7,8]"], "generated classes"),
+                                (tmp_path / "nope", [], "is not a finished run's --out folder")):
+        p = run_job("--preset", "smoke", "--out", str(tmp_path / "x"), "--local", "--baseline", str(ref), *extra)
+        assert p.returncode == 2 and f"--baseline: '{ref}'" in p.stderr and message in p.stderr, p.stderr[-2000:]
+        assert not (tmp_path / "x").exists()
 
 
 def test_bad_flag_fails_fast_with_the_field(tmp_path):

@@ -94,6 +94,54 @@ def test_every_task_and_preset_validates(task, preset, celeba_root, imagefolder_
         assert (cfg.data.image_size, channels, side, levels) == (256, 4, 32, 6)
 
 
+# The authors' settings as paper.md section 5 states them (their public MNIST example), written out here.
+AUTHORS = {
+    "model.channels": [128, 128, 256, 256, 512, 512], "model.layers_per_block": 2,
+    "model.attention_levels": [4],  # the 5th down block and its matching up block
+    "model.train_timesteps": 1000,
+    "optim.lr": 1e-4, "optim.warmup": 500, "optim.grad_clip": 1.0, "optim.precision": "fp16",
+    "optim.batch_size": 128, "optim.constraint_batch_size": 64, "dual.primal_steps": 2,
+    "eval.n_samples": 15000, "eval.fid_features": "auto",  # clean-fid's Inception when its weights are on disk
+}
+AUTHORS_MINORITY = {"dual.kind": "resilient", "dual.gamma": 0.085, "dual.b": [0.0], "dual.eta_schedule": "follow_lr"}
+AUTHORS_TASK = {
+    "mnist": {"data.image_size": 32, "data.per_class": 256, "data.minority_count": 64,
+              "data.minority_classes": [4, 5, 7]},
+    "celeba": {"data.attribute": "Male", "data.minority_classes": [1]},
+    "imagenet": {"data.image_size": 256, "data.minority_names": IMAGENETTE_MINORITIES},  # 32x32 latents of an 8x VAE
+    "finetune": {"data.classes": list(range(10)), "finetune.new_classes": [9], "dual.kind": "plain"},
+}
+
+
+@pytest.mark.parametrize("task", ["mnist", "celeba", "imagenet", "finetune"])
+def test_paper_preset_is_the_authors_setting_field_by_field(task, celeba_root, imagefolder_root, tmp_path):
+    from cdd_ray.config import flatten
+    from cdd_ray.finetune import finetune_config, pretrain_config
+
+    sd_vae = tmp_path / "sd-vae-ft-mse"
+    sd_vae.mkdir()
+    (sd_vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "latent_channels": 4,
+                                                    "block_out_channels": [128, 256, 512, 512]}))
+    if task == "mnist":
+        cfg = build_config("paper")
+    elif task == "finetune":  # a paper-preset pre-training run's checkpoint folder (its config and a unet/)
+        ckpt = tmp_path / "pretrained"
+        (ckpt / "unet").mkdir(parents=True)
+        (ckpt / "config.json").write_text(json.dumps(pretrain_config("paper", None, {}).to_dict()))
+        cfg = finetune_config(ckpt, None, None, {}, None)
+    else:
+        flags = ({"data.root": str(celeba_root)} if task == "celeba"
+                 else {"data.root": str(imagefolder_root), "model.vae": str(sd_vae)})
+        cfg = task_config(task, "paper", None, flags)
+    got = flatten(cfg.to_dict())
+    want = {**AUTHORS, **({} if task == "finetune" else AUTHORS_MINORITY), **AUTHORS_TASK[task]}
+    assert {k: got[k] for k in want} == want
+    if task != "finetune":  # the dual step is 1000 x the current primal learning rate
+        assert cfg.dual.eta / cfg.optim.lr == pytest.approx(1000)
+    if task == "imagenet":
+        assert cfg.unet_shape() == (4, 32)
+
+
 def test_celeba_source_reads_the_layout(celeba_root):
     cfg = task_config("celeba", "smoke", None, {"data.root": str(celeba_root)})
     src = load_source(cfg.data)

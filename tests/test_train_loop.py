@@ -77,8 +77,35 @@ def test_training_is_deterministic_and_lambda_follows_the_losses(smoke_split):
     assert all(m["lambda_class_4"] >= 0 for m in a.history)
 
 
-def test_resume_from_snapshot_continues_exactly(smoke_split):
-    cfg = build_config("smoke", overrides={"optim.steps": 8})
+def test_follow_lr_takes_1000_x_the_scheduled_learning_rate_at_every_dual_step(smoke_split):
+    """The authors' dual step: 1000 x the current primal lr (dual.eta 0.1 at optim.lr 1e-4), with the cosine
+    schedule and its warm-up written out here; lambda follows the recursion with those step sizes."""
+    steps, warmup, lr = 10, 2, 1e-4
+    cfg = build_config("smoke", overrides={"optim.steps": steps, "optim.warmup": warmup, "optim.lr": lr,
+                                           "dual.eta": 0.1, "dual.eta_schedule": "follow_lr"})
+    result = train(cfg, smoke_split)
+
+    def scheduled(s: int) -> float:  # the learning rate of primal step s (0-based)
+        if s < warmup:
+            return lr * s / warmup
+        return lr * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+
+    etas = [m["dual_eta"] for m in result.history]
+    want = [1000 * scheduled(m["step"] - 1) for m in result.history]  # the block's last primal step
+    assert len(etas) == 5 and etas == pytest.approx(want, rel=1e-9)
+    assert len(set(etas)) == 5  # the step size really moves (warm-up, then cosine decay)
+    lam = [0.0] * 3
+    for eta, lbar, recorded in zip(want, result.dual.lbar_history, result.dual.lam_history):
+        lam = [max(0.0, l + eta * (g - 2 * cfg.dual.gamma * l)) for l, g in zip(lam, lbar)]
+        assert recorded == pytest.approx(lam, abs=1e-12)
+    constant = train(build_config("smoke", overrides={"optim.steps": steps, "optim.warmup": warmup}), smoke_split)
+    assert [m["dual_eta"] for m in constant.history] == [0.1] * 5
+
+
+@pytest.mark.parametrize("optimizer", ["gradient", "nupi"])
+def test_resume_from_snapshot_continues_exactly(smoke_split, optimizer):
+    """nupi: the snapshot carries the controller's smoothed error (restarting it would change lambda)."""
+    cfg = build_config("smoke", overrides={"optim.steps": 8, "dual.optimizer": optimizer})
     full = train(cfg, smoke_split)
     snaps: dict[int, Snapshot] = {}
 

@@ -3,6 +3,7 @@ import csv
 import io
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,26 @@ def test_shipped_space_loads():
     space = load_space(os.path.join(root, "search_spaces", "mnist_minority.yaml"))
     dists = to_tune(space)
     assert set(dists) == set(space.params) and "dual.eta" in dists
+
+
+@pytest.mark.parametrize("name", ["mnist_minority", "celeba_minority", "imagenet_minority", "mnist_finetune"])
+def test_the_spaces_documented_dual_optimizer_lines_search_it(tmp_path, name):
+    """Each shipped space documents the dual optimiser's keys as comment lines; moved under params, they load and
+    every corner of them is a valid trial config."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(__file__))
+    text = open(os.path.join(root, "search_spaces", f"{name}.yaml")).read()
+    lines = re.findall(r"^#   (dual\.(?:optimizer|kp|nu): .*)$", text, flags=re.M)
+    assert len(lines) == 3
+    moved = re.sub(r"^params:\n", "params:\n" + "".join(f"  {line}\n" for line in lines), text, flags=re.M)
+    space = load_space(write(tmp_path, moved))
+    assert {"dual.optimizer", "dual.kp", "dual.nu"} <= set(to_tune(space))
+    base = build_config("smoke").to_dict()
+    for corner in ({"dual.optimizer": "nupi", "dual.kp": 30.0, "dual.nu": 0.95},
+                   {"dual.optimizer": "gradient", "dual.kp": 1.0, "dual.nu": 0.0}):
+        cfg = trial_config(base, corner, None)
+        assert (cfg.dual.optimizer, cfg.dual.kp, cfg.dual.nu) == tuple(corner.values())
 
 
 @pytest.mark.parametrize("text, message", [
@@ -200,6 +221,18 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
     client = tracking.client(uri)
     rebalanced = client.get_run(res.references[1]["run_id"])
     assert rebalanced.data.params["optim.balanced"] == "True" and rebalanced.data.params["unconstrained"] == "True"
+    # the theory check of every trial: Theorem 1 with the budget-matched baseline's measured shares as q, beside
+    # the data mix's prediction, both errors in the front
+    for r in (r for r in res.rows if r["status"] == "done"):
+        trial = json.loads((Path(res.store) / "trials" / r["trial_id"] / "summary.json").read_text())
+        lam = {c: trial["lambda"][f"class_{c}"] for c in (4, 5, 7)}
+        q = res.references[0]["class_shares"]  # baseline-continued: the trials' budget
+        want = [(q[c] + lam.get(c, 0.0)) / (1 + sum(lam.values())) for c in range(10)]
+        assert trial["predicted_shares_from_baseline"] == pytest.approx(want)
+        assert r["prediction_error_baseline"] == pytest.approx(
+            max(abs(m - p) for m, p in zip(trial["class_shares"], want)))
+        assert r["prediction_error"] is not None
+    assert "prediction_error_baseline" in rows[0]
     # b_rel thresholds come from the baseline's live training losses (recorded without changing its training)
     history = json.loads((res.out / "baseline" / "history.json").read_text())
     assert {"loss_class_4", "loss_class_5", "loss_class_7"} <= set(history[-1])

@@ -79,7 +79,7 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
     summary = {
         "class_ids": split.classes,
         **fairness,
-        "predicted_shares": predicted_shares(split.priors, lam_by_pos) if lam_by_pos else None,
+        **theory_check(fairness["class_shares"], split.priors, e.baseline_shares, lam_by_pos),
         "objective_shares": split.priors,
         "minority_classes": list(cfg.data.minority_classes),
         **quality,
@@ -103,6 +103,24 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
         summary.update(finetune_metrics(ema_unet, noise_scheduler, split, cfg, clf, fairness["class_shares"], device))
     labels = np.array([split.classes[i] for i in pos.tolist()], dtype=np.int64)
     return Evaluation(summary=summary, images=images, labels=labels)
+
+
+def theory_check(measured: list[float], priors: list[float], baseline: list[float],
+                 lam_by_pos: dict[int, float]) -> dict:
+    """Theorem 1's class shares from lambda, with q = the training data's class mix (``predicted_shares``) and, when
+    the baseline's measured shares are known, with q = those (``predicted_shares_from_baseline``), and the largest
+    per-class error of each against the measured shares. The first mixes the model's own error (the unconstrained
+    model already misses q) with the theory's; the second leaves the theory's."""
+    if not lam_by_pos:
+        return {"predicted_shares": None}
+    out: dict = {"predicted_shares": predicted_shares(priors, lam_by_pos)}
+    if baseline:
+        out["predicted_shares_from_baseline"] = predicted_shares(baseline, lam_by_pos)
+    for key, name in (("predicted_shares", "prediction_error"),
+                      ("predicted_shares_from_baseline", "prediction_error_baseline")):
+        if key in out:
+            out[name] = max(abs(m - p) for m, p in zip(measured, out[key]))
+    return out
 
 
 def finetune_metrics(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, clf: DigitClassifier,

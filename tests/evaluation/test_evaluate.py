@@ -18,6 +18,19 @@ def test_shares_tv_and_minority_share():
     assert minority_share(shares, [1, 2]) == pytest.approx(0.125)
 
 
+def test_theory_check_predicts_from_the_data_mix_and_from_the_baseline_shares():
+    from cdd_ray.evaluation.run import theory_check
+
+    measured, priors, baseline = [0.5, 0.3, 0.2], [0.45, 0.45, 0.1], [0.5, 0.42, 0.08]
+    got = theory_check(measured, priors, baseline, {2: 0.25})
+    # (q_c + lambda_c) / (1 + 0.25): data mix [0.36, 0.36, 0.28]; baseline's shares [0.4, 0.336, 0.264]
+    assert got["predicted_shares"] == pytest.approx([0.36, 0.36, 0.28])
+    assert got["predicted_shares_from_baseline"] == pytest.approx([0.4, 0.336, 0.264])
+    assert got["prediction_error"] == pytest.approx(0.14) and got["prediction_error_baseline"] == pytest.approx(0.1)
+    assert theory_check(measured, priors, [], {2: 0.25}).keys() == {"predicted_shares", "prediction_error"}
+    assert theory_check(measured, priors, baseline, {}) == {"predicted_shares": None}  # unconstrained
+
+
 def test_sampling_is_deterministic_with_right_shape():
     cfg = build_config("smoke")
     torch.manual_seed(0)
