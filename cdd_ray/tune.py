@@ -503,9 +503,9 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
             trial_base.optim.warmup = min(base.optim.warmup, warm_start_steps // 10)
             baseline = reference("baseline-continued", warm_start_steps, trial_base.optim.init_from)
         references = [baseline]
-        if not base.is_finetune:  # the theory check's q for every trial: the budget-matched baseline's shares
-            trial_base.eval.baseline_shares = list(baseline["class_shares"])
         if not base.is_finetune:
+            # the theory check's q for every trial: the budget-matched baseline's measured class shares
+            trial_base.eval.baseline_shares = list(baseline["class_shares"])
             references.append(reference("baseline-rebalanced", trial_base.optim.steps, trial_base.optim.init_from,
                                         overrides={"optim.balanced": True}))
         # dual.b_rel is relative to the baseline's live training loss on each constraint's data (what the
