@@ -98,10 +98,10 @@ def child_main(rank: int, world: int, store: str, split_path: str, out_path: str
         rec["own"].append([float(v) for v in own])
         return out
 
-    def update_rec(self, lbar):
+    def update_rec(self, lbar, eta=None):
         rec["updates"].append([float(v) for v in lbar])
         rec["steps_at_update"].append(len(rec["losses"]))
-        res = orig_update(self, lbar)
+        res = orig_update(self, lbar, eta)
         rec["lam_after"].append(list(self.lam))
         return res
 
@@ -262,8 +262,8 @@ def test_applied_gradient_is_that_of_the_lagrangian(monkeypatch, smoke_split, on
                         for g in optimizer.param_groups for p in g["params"]])
         return orig_opt(optimizer, scaler)
 
-    def update_rec(self, lbar):
-        res = orig_update(self, lbar)
+    def update_rec(self, lbar, eta=None):
+        res = orig_update(self, lbar, eta)
         lam_after.append(list(self.lam))
         return res
 

@@ -90,10 +90,21 @@ def test_smoke_reproduction_writes_every_column(tmp_path, task):
         assert (out / "reproduction.md").read_text() == text
 
 
-def test_bad_task_and_scale_are_named(tmp_path):
-    p = reproduce(tmp_path, "--task", "cifar")
-    assert p.returncode == 2 and "--task: invalid choice: 'cifar'" in p.stderr
+def test_bad_input_is_named_before_any_run(tmp_path, monkeypatch):
+    from cdd_ray.config import ConfigError
+    from cdd_ray.reproduce import reproduce as library_reproduce
+
     p = reproduce(tmp_path, "--task", "mnist", "--resume")
     assert p.returncode == 2 and "--resume: a reproduction starts anew" in p.stderr
-    p = reproduce(tmp_path, "--task", "mnist", "--set", "dual.optimizer=adam", "--out", str(tmp_path / "x"))
-    assert p.returncode == 2 and "dual.optimizer: 'adam' not allowed" in p.stderr and not (tmp_path / "x").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def train(*a, **k):
+        raise AssertionError("no run may start")
+
+    for task, scale, overrides, message in (
+            ("cifar", "smoke", {}, "--task: 'cifar' not allowed; allowed: mnist, finetune, celeba, imagenet"),
+            ("mnist", "huge", {}, "--scale: 'huge' not allowed; allowed: paper, cpu, smoke"),
+            ("mnist", "smoke", {"dual.optimizer": "adam"}, "dual.optimizer: 'adam' not allowed")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            library_reproduce(task, scale, tmp_path / "x", overrides, "bad", train)
+        assert not (tmp_path / "x").exists()
