@@ -80,7 +80,8 @@ class DualConfig:
     lambda_init: float = 0.0
     # The dual optimiser (cdd_ray/dual.py): gradient = projected ascent (the paper's); nupi = the nuPI controller
     # (Sohrabi et al., ICML 2024) with proportional gain kp, integral gain ki and EMA factor nu of the error.
-    # kp = 0, ki = 1 is the gradient step. kp = 10, nu = 0.9 damp a noisy, lagging loss in a toy model (README).
+    # kp = 0, ki = 1 is the gradient step. kp = 10, nu = 0.9: picked on a simulated noisy, lagging loss
+    # (benchmarks/dual_toy.py); measured in training against the gradient step in README "The dual step".
     optimizer: str = "gradient"
     kp: float = 10.0
     ki: float = 1.0
