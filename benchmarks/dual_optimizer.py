@@ -1,7 +1,7 @@
 """Gradient vs nuPI dual steps, side by side: lambda trajectories, how far lambda still moves, class shares.
 
 Train the runs to compare (the same config but ``dual.optimizer``; on 2 cores both at once, one thread each,
-about 25 minutes on the cpu preset), then compare their output folders:
+34 minutes on the cpu preset on 2026-12-03), then compare their output folders:
 
     python jobs/train_mnist.py --preset cpu --local --out runs/dual-gradient --set dual.optimizer=gradient
     python jobs/train_mnist.py --preset cpu --local --out runs/dual-nupi --set dual.optimizer=nupi
@@ -41,7 +41,7 @@ def label_of(config: dict) -> str:
 SETTLED = 0.02  # lambda within this of its final value from then on
 
 
-def last_half(history: list[dict], name: str) -> dict[str, float]:
+def trajectory(history: list[dict], name: str) -> dict[str, float]:
     lam = [m[f"lambda_{name}"] for m in history]
     half = lam[len(lam) // 2:]
     outside = [i for i, v in enumerate(lam) if abs(v - lam[-1]) > SETTLED]
@@ -62,7 +62,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for run, summary, history, config in loaded:
         for n in names:
-            h = last_half(history, n)
+            h = trajectory(history, n)
             print(f"| {label_of(config)} | {n} | {h['final']:.4f} | {h['range']:.4f} | {h['net']:+.4f} | "
                   f"{h['peak']:.3f} | {h['settled']} |")
     print()
@@ -71,6 +71,7 @@ def main() -> None:
     for run, s, history, config in loaded:
         shares = ", ".join(f"{c}: {v:.3f} [{lo:.3f}, {hi:.3f}]"
                            for c, v, (lo, hi) in zip(s["class_ids"], s["class_shares"], s["class_shares_ci"]))
+        # (runs written before summary.json had prediction_error: the same gap from its two share lists)
         err = max(abs(a - b) for a, b in zip(s["class_shares"], s["predicted_shares"]))
         ms, (mlo, mhi) = s["minority_share"], s["minority_share_ci"]
         tv, (tlo, thi) = s["tv_to_uniform"], s["tv_to_uniform_ci"]

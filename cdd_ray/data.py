@@ -219,9 +219,9 @@ def split_indices(labels: np.ndarray, cfg: DataConfig, seed: int,
     then sets aside its first per_class images (the pre-training set of a run with the same classes
     order and seed) and the objective holds only the new classes' images.
 
-    Per class (shuffled with ``seed``): the first per_class (minority: minority_count; ``data.mix=natural``: see
-    ``objective_counts``) images form the objective; of the rest (held out from the diffusion model), the first classifier_test_per_class
-    are the classifier's test set and the FID reference takes an equal number per class of the
+    Per class (shuffled with ``seed``): the first per_class (minority: minority_count; ``data.mix=natural``:
+    ``objective_counts``) images form the objective; of the rest (held out from the diffusion model), the first
+    classifier_test_per_class are the classifier's test set and the FID reference takes an equal number per class of the
     remainder (at most reference_per_class). The classifier (the labeller and the FID features) trains on
     every image outside its test split and the FID reference (objective included): its accuracy is measured
     on images it has not seen, and the reference's features are as out-of-sample as the generated ones'.

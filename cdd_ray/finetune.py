@@ -48,8 +48,8 @@ def finetune_defaults(preset: str) -> dict[str, Any]:
 
 
 # Inherited from the pre-trained run: what makes the split and the UNet match.
-INHERITED = ("data.source", "data.root", "data.image_size", "data.per_class", "data.classifier_test_per_class",
-             "data.reference_per_class", "optim.seed")
+INHERITED = ("data.source", "data.root", "data.image_size", "data.per_class", "data.mix",
+             "data.classifier_test_per_class", "data.reference_per_class", "optim.seed")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -105,7 +105,8 @@ def finetune_config(pretrained: Path, preset: str | None, yaml_path: str | None,
     if clash:
         raise ConfigError(f"finetune.new_classes: {clash} were already in the pre-trained run's data.classes "
                           f"{pre['data.classes']}; new classes must be new")
-    inherited = {k: pre[k] for k in INHERITED} | {k: v for k, v in pre.items() if k.startswith("model.")}
+    # (a run written before a key existed has its default: data.mix)
+    inherited = {k: pre[k] for k in INHERITED if k in pre} | {k: v for k, v in pre.items() if k.startswith("model.")}
     cfg_overrides = {**finetune_defaults(pre["model.preset"]), **(load_yaml(yaml_path) if yaml_path else {}),
                      **inherited,
                      "data.classes": list(pre["data.classes"]) + new, "data.minority_classes": [],
