@@ -36,8 +36,11 @@ def unet_for(cfg: Config) -> UNet2DModel:
 
 
 def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
+    """The DDPM schedule. Pixels live in [-1, 1], so their samplers clip the predicted x0 there; a latent model's
+    (``cfg.vae``) scaled VAE latents are about unit-variance, with a large share of values outside [-1, 1], so
+    nothing clips them."""
     return DDPMScheduler(num_train_timesteps=cfg.train_timesteps, beta_schedule="linear",
-                         prediction_type="epsilon", clip_sample=True)
+                         prediction_type="epsilon", clip_sample=not cfg.vae)
 
 
 def build_sampler(noise_scheduler: DDPMScheduler) -> DDIMScheduler:

@@ -12,7 +12,8 @@ from cdd_ray.model import add_noise, autocast_for, build_sampler
 @torch.no_grad()
 def sample(unet: nn.Module, noise_scheduler, n: int, steps: int, batch_size: int, seed: int,
            device: torch.device | str = "cpu", kind: str = "ddim") -> torch.Tensor:
-    """``n`` samples in [-1, 1], shape (n, C, S, S); deterministic for a seed.
+    """``n`` samples, shape (n, C, S, S); deterministic for a seed. Clipped to [-1, 1] (each step's predicted x0
+    and the result) when the schedule clips (``clip_sample``: pixel models); latents are left as they come.
 
     ``kind``: ``ddim`` (deterministic, ``steps`` steps) or ``ddpm`` (ancestral, the schedule's own steps).
     The UNet runs under the training autocast (bf16 on GPUs that support it); the update in fp32.
@@ -28,6 +29,7 @@ def sample(unet: nn.Module, noise_scheduler, n: int, steps: int, batch_size: int
         raise ValueError(f"kind: {kind!r} not allowed; allowed: ddim, ddpm")
     amp = autocast_for(torch.device(device))[0]
     cfg = unet.config
+    clip = bool(noise_scheduler.config.clip_sample)
     g = torch.Generator(device=device).manual_seed(seed)
     out = []
     for start in range(0, n, batch_size):
@@ -37,7 +39,7 @@ def sample(unet: nn.Module, noise_scheduler, n: int, steps: int, batch_size: int
             with amp:
                 eps = unet(x, t.to(device)).sample.float()
             x = sampler.step(eps, t, x, generator=g).prev_sample if kind == "ddpm" else sampler.step(eps, t, x).prev_sample
-        out.append(x.clamp(-1, 1).cpu())
+        out.append((x.clamp(-1, 1) if clip else x).cpu())
     return torch.cat(out)
 
 
