@@ -84,7 +84,7 @@ SWEEP_CPU = ["optim.steps=1200", "eval.n_samples=500", "eval.sampler_steps=25", 
 def add_target_flags(p: argparse.ArgumentParser) -> None:
     """The sweep's objectives and fairness targets (minority-class tasks)."""
     p.add_argument("--quality", default="precision", choices=["precision", "fid_class_mean", "fid", "fid_data", "recall"],
-                   help="quality objective (README: Tuning): precision (default; does not move with the class mix), "
+                   help="quality objective (README: Tuning): precision (default; per sample, share-weighted over classes), "
                         "fid_class_mean (per-class FID, mean), fid (balanced reference, the paper's; rewards "
                         "fairness too), fid_data (training class mix; penalises fairness), recall")
     p.add_argument("--fairness", default="tv_to_uniform", choices=["tv_to_uniform", "fd"],

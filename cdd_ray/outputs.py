@@ -27,6 +27,13 @@ def build_summary(cfg: Config, result: LoopResult, ev: Evaluation, split: Split,
         "lambda": result.dual.by_name() if not cfg.unconstrained else {},
         "dual_kind": cfg.dual.kind,
         "steps": result.step,
+        # the training budget, so runs compare at equal compute and optimiser: images through the gradient step
+        # (objective batch, plus one batch per constraint when constrained, on every worker) and the optimiser
+        "train_images": result.step * workers * (cfg.optim.batch_size + (0 if cfg.unconstrained else len(
+            cfg.constraint_names()) * cfg.optim.constraint_batch_size)),
+        "lr": cfg.optim.lr,
+        "batch_size": cfg.optim.batch_size,
+        "constraint_batch_size": 0 if cfg.unconstrained else cfg.optim.constraint_batch_size,
         "resumed_from_step": result.start_step,
         "dual_steps": result.dual.step,
         "workers": workers,

@@ -13,6 +13,8 @@ Flow of one sweep (``run_sweep``):
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import shutil
 import tempfile
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
 import yaml
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
@@ -34,10 +37,12 @@ from cdd_ray.data import check_source
 from cdd_ray.front import (MAXIMISED, feasibility, format_feasibility, format_front, name_of, pareto_front,
                            refuse_incomparable, write_front)
 
+log = logging.getLogger(__name__)
+
 # The quality objective: precision (default; maximised), the share of generated samples inside the k-NN
-# manifold of real held-out digits in the FID feature space. It is per sample, so it does not move with the
-# class mix: a fairer model whose images are as good scores the same, and the front shows what fairness
-# costs in image quality alone. fid_class_mean (per-class FID, averaged) is the other mix-free measure.
+# manifold of real held-out digits in the FID feature space. It is per sample and does not score the mix as
+# such, but it is the share-weighted mean of per-class precision, so a mix shift moves it as far as classes
+# differ in precision. fid_class_mean (per-class FID, averaged) weights the classes alike.
 # fid (class-balanced reference, the paper's) rewards fairness too, so with tv it collapses the front;
 # fid_data (reference in the training data's mix) penalises fairness itself: it measured the class mix
 # (a trial with minority share 0.14 scored fid_data 109.6 against 44-52 for every other trial).
@@ -60,6 +65,14 @@ SWEEP_METRICS = (*OBJECTIVE_METRICS, "minority_share", "tv_floor", "new_share", 
 # or lengths are compared at the same amount of training. ASHA skips results without it (checkpoints, final).
 ASHA_METRIC = "asha_loss"
 DERIVED_KEYS = ("dual.b_rel", "optim.batch_ratio")
+# Equal budget = the same training compute and the same optimiser for every point on the map. These keys change
+# one or the other; the references keep the base config's values, so a space that searches one of them compares
+# trials with references at another budget (said before training, in the front and in the parent run's tags).
+# The shipped spaces search constraint thresholds and dual step sizes only.
+BUDGET_KNOBS = ("optim.lr", "optim.steps", "optim.batch_size", "optim.constraint_batch_size", "optim.batch_ratio",
+                "optim.warmup", "optim.weight_decay", "optim.grad_clip", "optim.precision")
+# What makes a row's budget checkable: primal steps, images through the gradient step, the optimiser's settings.
+BUDGET_COLUMNS = ("steps", "train_images", "lr", "batch_size", "constraint_batch_size")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 # Optuna samplers (make_sampler); the default is chosen by benchmarks/search.py (BENCHMARKS.md, section 6).
 SAMPLERS = ("tpe", "gp", "tpe-startup10", "random")
@@ -72,10 +85,6 @@ class SearchSpace:
     params: dict[str, dict[str, Any]]
     fixed: dict[str, Any] = field(default_factory=dict)
     path: str = ""
-
-    def without(self, *keys: str) -> "SearchSpace":
-        """The same space with ``keys`` no longer searched (e.g. optim.steps for a smoke run)."""
-        return SearchSpace({k: v for k, v in self.params.items() if k not in keys}, dict(self.fixed), self.path)
 
     def max_value(self, key: str, default: float) -> float:
         """The largest value ``key`` can take in this space (``default`` when it is not searched)."""
@@ -243,6 +252,9 @@ class SweepResult:
     plan: dict[str, Any] = field(default_factory=dict)  # the time budget's Plan (empty: no budget)
     wall_s: float = 0.0  # of this call of run_sweep (a resumed sweep: since the resume)
     store: str = ""  # the sweep's folder in the run storage (what --resume and the trials read)
+    budget_knobs: list[str] = field(default_factory=list)  # searched keys that change compute or optimiser
+    study: str = ""  # the Optuna study's storage URL
+    study_states: dict[str, int] = field(default_factory=dict)  # Optuna's trial states at the end: count each
 
 
 def plan_resources(cfg: Config) -> tuple[int, dict[str, float]]:
@@ -334,15 +346,28 @@ def make_sampler(name: str, seed: int):
     raise ConfigError(f"--sampler: {name!r} not allowed; allowed: {', '.join(SAMPLERS)}")
 
 
-def _searcher(objectives: tuple[str, str], seed: int, limits: dict[str, float], sampler: str) -> OptunaSearch:
+def _searcher(objectives: tuple[str, str], seed: int, limits: dict[str, float], sampler: str,
+              storage: str = "", study_name: str = "cdd-ray") -> OptunaSearch:
     """OptunaSearch over ``objectives`` (each in its own direction). With fairness ``limits`` every finished
-    trial hands Optuna its slack (metric - limit <= 0: feasible), and the sampler searches under them."""
+    trial hands Optuna its slack (metric - limit <= 0: feasible), and the sampler searches under them.
+    ``storage``: an Optuna RDB URL (``sqlite:///<sweep>/study/optuna.db``) that keeps the study where
+    optuna-dashboard and a resumed sweep find it; empty: in memory."""
     modes = ["max" if o in MAXIMISED else "min" for o in objectives]
-    return ConstrainedOptunaSearch(limits, metric=list(objectives), mode=modes, sampler=make_sampler(sampler, seed))
+    return ConstrainedOptunaSearch(limits, metric=list(objectives), mode=modes, sampler=make_sampler(sampler, seed),
+                                   storage=optuna.storages.RDBStorage(storage) if storage else None,
+                                   study_name=study_name)
 
 
 class ConstrainedOptunaSearch(OptunaSearch):
-    """OptunaSearch that gives each finished trial's fairness slack (metric - limit) to Optuna as constraints."""
+    """OptunaSearch that tells Optuna how every trial ended, and each finished trial's fairness slack
+    (metric - limit) as constraints.
+
+    Ray's OptunaSearch tells a multi-objective trial COMPLETE with ``[None, None]`` when it ended without its
+    objectives (ASHA stopped it at a window report): Optuna refuses that, Ray only logs it, and the trial stays
+    RUNNING in the study, so the sampler never learns from it (and GPSampler, which models COMPLETE trials only,
+    stays in its random start-up). Here a trial with every objective is COMPLETE with them; one without is PRUNED
+    (FAIL when it errored), with the primal step it reached and its last ``asha_loss`` as user attributes.
+    """
 
     def __init__(self, limits: dict[str, float], **kw: Any):
         super().__init__(**kw)
@@ -350,10 +375,26 @@ class ConstrainedOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot_trial = self._ot_trials.get(trial_id)
-        if result and ot_trial is not None and all(isinstance(result.get(m), (int, float)) for m in self.limits):
-            for m, x in self.limits.items():
-                ot_trial.set_constraint(m, result[m] - x)
-        super().on_trial_complete(trial_id, result, error)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        result = result or {}
+        values = [result.get(m) for m in self.metric]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            if all(isinstance(result.get(m), (int, float)) for m in self.limits):
+                for m, x in self.limits.items():
+                    ot_trial.set_constraint(m, result[m] - x)
+            state = optuna.trial.TrialState.COMPLETE
+        else:
+            values = None
+            state = optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED
+            for key, attr in (("step", "stopped_at_step"), (ASHA_METRIC, ASHA_METRIC)):
+                if isinstance(result.get(key), (int, float)):
+                    ot_trial.set_user_attr(attr, result[key])
+        try:
+            self._ot_study.tell(ot_trial, values, state=state)
+        except (ValueError, RuntimeError) as e:  # e.g. told already before a resumed sweep's last checkpoint
+            log.warning("Optuna trial %s (Tune trial %s) not told %s: %s", ot_trial.number, trial_id, state.name, e)
+        self._completed_trials.add(trial_id)
 
 
 def close_stopped_children(uri: str, parent_run_id: str) -> None:
@@ -363,6 +404,25 @@ def close_stopped_children(uri: str, parent_run_id: str) -> None:
     for r in c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and "
                                                 "attributes.status = 'RUNNING'"):
         tracking.end_run(uri, r.info.run_id, "KILLED")
+
+
+def study_url(sweep_dir: Path) -> str:
+    """The sweep's Optuna study: SQLite in the sweep folder (``optuna-dashboard <url>`` shows it)."""
+    (sweep_dir / "study").mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(sweep_dir / 'study' / 'optuna.db').resolve()}"
+
+
+def budget_knobs(space: SearchSpace) -> list[str]:
+    """The searched keys that change a trial's training compute or optimiser (BUDGET_KNOBS)."""
+    return [k for k in space.params if k in BUDGET_KNOBS]
+
+
+def unequal_budget_note(knobs: list[str], base: Config) -> str:
+    values = flatten(base.to_dict())
+    keep = ", ".join(f"{k}={values[k]}" for k in knobs if k in values)
+    return (f"NOT AT EQUAL BUDGET: the search space searches {', '.join(knobs)}, which change the training compute "
+            f"or the optimiser; the references keep the base config's {keep or 'batches'}. Compare the trials with "
+            "each other; against the references only in the rows' steps / train_images / lr columns.")
 
 
 def largest_trial_images(space: SearchSpace, cfg: Config) -> int:
@@ -461,6 +521,10 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
                                                            "search_space": space.path})
         storage_io.write_text(parent_file, parent)
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    unequal = budget_knobs(space)
+    if unequal:
+        print(unequal_budget_note(unequal, base), flush=True)
+        tracking.set_tags(uri, parent, {"equal_budget": "false", "budget_knobs_searched": ",".join(unequal)})
 
     def reference(role: str, steps: int, init_from: str = "", overrides: dict[str, Any] | None = None):
         print(f"{role}: unconstrained, {steps} steps" + (" from the baseline's weights" if init_from else ""),
@@ -532,7 +596,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
                 trainable,
                 param_space={**to_tune(space), "sweep": sweep_cfg},
                 tune_config=tune.TuneConfig(
-                    search_alg=_searcher(objectives, seed, limits, sampler),
+                    search_alg=_searcher(objectives, seed, limits, sampler, study_url(sweep_dir), base.name),
                     scheduler=ASHAScheduler(time_attr="step", metric=ASHA_METRIC, mode="min", max_t=max_t,
                                             grace_period=grace, reduction_factor=3),
                     num_samples=num_samples, max_concurrent_trials=conc,
@@ -548,17 +612,21 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
             close_stopped_children(uri, parent)
             raise
         close_stopped_children(uri, parent)
+        states = study_states(study_url(sweep_dir), base.name)
         rows = trial_rows(results, sweep_cfg["outputs"], list(space.params), objectives)
         refuse_incomparable(rows, references)
         mark_stopped_killed(uri, rows, sweep_cfg["outputs"])
         front = pareto_front(rows, objectives)
         feasible = feasibility(rows, limits, objectives[0]) if limits else {}
-        write_front(sweep_dir / "front", rows, front, references, objectives, SWEEP_METRICS)
+        write_front(sweep_dir / "front", rows, front, references, objectives, (*SWEEP_METRICS, *BUDGET_COLUMNS))
         if sweep_plan:
             (sweep_dir / "front" / "plan.json").write_text(json.dumps(sweep_plan, indent=2))
         if uri_storage:
             storage_io.upload(sweep_dir / "front", storage_io.join(store, "front"))
         tracking.log_artifacts(uri, parent, sweep_dir / "front")
+        tracking.log_artifacts(uri, parent, sweep_dir / "study", "study")
+        if uri_storage:
+            storage_io.upload(sweep_dir / "study", storage_io.join(store, "study"))
         tracking.log_metrics(uri, parent, {"sweep/trials": len(rows), "sweep/front_size": len(front), **{
             f"{r['role']}/{k}": r[k] for r in references for k in SWEEP_METRICS  # e.g. baseline-continued/fid
             if isinstance(r.get(k), (int, float))}}, 0)
@@ -566,13 +634,38 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
             f"max_{m}": str(x) for m, x in limits.items()}})
     res = SweepResult(parent_run_id=parent, rows=rows, front=front, baseline=baseline, out=sweep_dir,
                       objectives=objectives, references=references, limits=limits, feasible=feasible,
-                      plan=sweep_plan, wall_s=time.time() - started, store=store)
+                      plan=sweep_plan, wall_s=time.time() - started, store=store, budget_knobs=unequal,
+                      study=study_url(sweep_dir), study_states=states)
     budget = (f"every trial and {'both references' if len(references) > 1 else 'the reference'} trained "
               f"{trial_base.optim.steps} primal steps" + (
                   f", warm-started from the unconstrained baseline's {base.optim.steps} steps" if warm_start_steps > 0
                   else " from scratch"))
     tracking.set_tags(uri, parent, {"mlflow.note.content": sweep_note(res, sampler, budget)})
     return res
+
+
+def study_states(url: str, name: str) -> dict[str, int]:
+    """How many of the study's trials ended in each Optuna state (COMPLETE, PRUNED, FAIL; RUNNING: never told)."""
+    study = optuna.load_study(study_name=name, storage=url)
+    states: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    return states
+
+
+def budget_line(res: SweepResult) -> str:
+    """The budget of every printed point, checkable: steps, images through the gradient step, learning rate."""
+    def span(rows: list[dict[str, Any]], key: str) -> str:
+        vals = sorted({r[key] for r in rows if isinstance(r.get(key), (int, float))})
+        return "-" if not vals else f"{vals[0]:g}" if len(vals) == 1 else f"{vals[0]:g}-{vals[-1]:g}"
+
+    done = [r for r in res.rows if r["status"] == "done"]
+    line = (f"budget: references {span(res.references, 'steps')} steps at lr {span(res.references, 'lr')} "
+            f"({span(res.references, 'train_images')} training images); finished trials {span(done, 'steps')} "
+            f"steps at lr {span(done, 'lr')} ({span(done, 'train_images')} images: the objective's batches plus "
+            "one batch per constraint)")
+    return line + (".\n" + "NOT AT EQUAL BUDGET: the space searches " + ", ".join(res.budget_knobs) + "."
+                   if res.budget_knobs else ".")
 
 
 def sweep_note(res: SweepResult, sampler: str, budget: str) -> str:
@@ -610,6 +703,7 @@ def trial_rows(results, outputs: str, param_keys: list[str], objectives: tuple[s
         rows.append({"role": "trial", "trial_id": m.get("trial_id"), "number": number,
                      **{k: summary.get(k) for k in SWEEP_METRICS},
                      **{f"{k}_ci": summary[f"{k}_ci"] for k in SWEEP_METRICS if summary.get(f"{k}_ci")},
+                     **{k: summary.get(k, m.get("step") if k == "steps" else None) for k in BUDGET_COLUMNS},
                      "fid_features": summary.get("fid_features"), "data_source": summary.get("data_source"),
                      "run_id": info.get("run_id"),
                      "status": "error" if r.error else ("done" if info else "stopped early"),
@@ -636,6 +730,10 @@ def report(res: SweepResult) -> str:
                      + ", ".join(f"{name_of(r)} ({r['refused']})" for r in refused))
     if res.limits:
         lines.append(format_feasibility(res.feasible, res.limits, q))
+    lines.append(budget_line(res))
+    if res.study:
+        lines.append("Optuna study: " + ", ".join(f"{n} {k}" for k, n in sorted(res.study_states.items()))
+                     + f" trials; see it with: optuna-dashboard {res.study}")
     if res.plan:
         pl = res.plan
         lines.append(f"time budget {pl['budget_s'] / 60:.0f} min, took {res.wall_s / 60:.1f} min: {pl['num_trials']} trials "

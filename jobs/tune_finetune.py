@@ -46,8 +46,6 @@ def main() -> None:
         cfg = name_run(finetune_config(resolve_pretrained(args.pretrained), args.preset, args.config, overrides, None),
                        args, "finetune-sweep")
         space = load_space(args.space)
-        if args.smoke:
-            space = space.without("optim.steps")  # smoke trials keep their few steps
         setup_logging()
         guard.resume_name = cfg.name
         res = run_sweep(cfg, space, args.num_samples, resume=args.resume, seed=args.seed,

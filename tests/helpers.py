@@ -16,12 +16,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_health(base: str, proc: subprocess.Popen, what: str, seconds: float = 90) -> None:
-    """Poll ``base``/health until it answers; fail if ``proc`` exits or ``seconds`` pass."""
+def wait_for_health(base: str, proc: subprocess.Popen, what: str, seconds: float = 90, path: str = "/health") -> None:
+    """Poll ``base + path`` until it answers; fail if ``proc`` exits or ``seconds`` pass."""
     deadline = time.monotonic() + seconds
     while True:
         try:
-            urllib.request.urlopen(base + "/health", timeout=2)
+            urllib.request.urlopen(base + path, timeout=2)
             return
         except OSError:
             assert proc.poll() is None, f"{what} exited"

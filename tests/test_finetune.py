@@ -213,6 +213,9 @@ def test_tune_finetune_smoke(pretrained, tmp_path):
     assert (front / "pareto.csv").exists() and (front / "tradeoff.png").exists()
     with open(front / "trials.csv") as f:
         rows = list(csv.DictReader(f))
+    # equal budget: the reference fine-tunes as many steps at the same lr as every finished trial
+    assert "NOT AT EQUAL BUDGET" not in p.stdout
+    assert {(r["steps"], r["lr"]) for r in rows if r["status"] in ("done", "")} == {(rows[0]["steps"], rows[0]["lr"])}
     rows = [r for r in rows if r["role"] == "trial"]  # the reference row comes first
     # ASHA may stop the worse of the two trials at its first rung; neither may error, one must finish.
     assert len(rows) == 2 and {r["status"] for r in rows} <= {"done", "stopped early"}, rows

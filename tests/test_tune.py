@@ -18,9 +18,9 @@ params:
   dual.gamma: {loguniform: [0.05, 0.6]}
   dual.b_rel: {uniform: [0.6, 1.2]}
   dual.eta: {loguniform: [0.02, 1.0]}
-  optim.batch_ratio: {choice: [2, 4]}
 fixed:
   optim.lr: 0.002
+  optim.constraint_batch_size: 8
 """
 
 
@@ -35,6 +35,32 @@ def test_shipped_space_loads():
     space = load_space(os.path.join(root, "search_spaces", "mnist_minority.yaml"))
     dists = to_tune(space)
     assert set(dists) == set(space.params) and "dual.eta" in dists
+
+
+@pytest.mark.parametrize("name", ["mnist_minority", "celeba_minority", "imagenet_minority", "mnist_finetune"])
+def test_shipped_spaces_search_thresholds_and_dual_steps_at_equal_budget(name):
+    """The references train with the base config's lr, batches and steps: a shipped space searches none of them."""
+    from cdd_ray.tune import BUDGET_KNOBS, budget_knobs
+
+    root = os.path.dirname(os.path.dirname(__file__))
+    space = load_space(os.path.join(root, "search_spaces", f"{name}.yaml"))
+    assert budget_knobs(space) == [] and not set(space.params) & set(BUDGET_KNOBS)
+    assert set(space.params) <= {"dual.kind", "dual.gamma", "dual.b_rel", "dual.b", "dual.eta", "dual.primal_steps"}
+
+
+def test_a_space_that_searches_the_budget_is_named_unequal(tmp_path):
+    from cdd_ray.tune import budget_knobs, unequal_budget_note
+
+    space = load_space(write(tmp_path, """
+params:
+  dual.eta: {loguniform: [0.02, 1.0]}
+  optim.lr: {loguniform: [3.0e-4, 3.0e-3]}
+  optim.batch_ratio: {choice: [4, 8]}
+"""))
+    assert budget_knobs(space) == ["optim.lr", "optim.batch_ratio"]
+    note = unequal_budget_note(budget_knobs(space), build_config("smoke"))
+    assert note.startswith("NOT AT EQUAL BUDGET: the search space searches optim.lr, optim.batch_ratio")
+    assert "the references keep the base config's optim.lr=0.001" in note
 
 
 @pytest.mark.parametrize("name", ["mnist_minority", "celeba_minority", "imagenet_minority", "mnist_finetune"])
@@ -163,7 +189,7 @@ def smoke_sweep(ray_session, tmp_path_factory):
 
     tmp_path = tmp_path_factory.mktemp("sweep")
     budget = 36000.0
-    # A machine whose image-step costs so much that 2 trials (16 + 3 x 8 images per step at batch_ratio 2) and
+    # A machine whose image-step costs so much that 2 trials (16 + 3 x 8 images per step) and
     # 2 references (16 images) fit 4.5 steps in the budget: the plan cuts the 6 warm-start steps to 4.
     s = MARGIN * budget / (4.5 * (2 * 16 + 2 * 40))
     base = build_config("smoke", overrides={"name": "sweep-t", "ray.storage": str(tmp_path / "ray"), "optim.steps": 8,
@@ -233,6 +259,22 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
             max(abs(m - p) for m, p in zip(trial["class_shares"], want)))
         assert r["prediction_error"] is not None
     assert "prediction_error_baseline" in rows[0]
+    # equal budget, checkable in every row: the references and the finished trials at the same steps and lr;
+    # training images = objective batches (16) plus, for trials, one batch of 8 per constraint (3)
+    assert "NOT AT EQUAL BUDGET" not in printed
+    for r in rows:
+        assert (r["steps"], r["lr"]) == ("4", "0.002") or r["status"] == "stopped early", r
+        assert r["train_images"] == ("64" if r["role"] != "trial" else "160") or r["status"] == "stopped early"
+    assert ("budget: references 4 steps at lr 0.002 (64 training images); finished trials 4 steps at lr 0.002 "
+            "(160 images") in text
+    # every trial reached the Optuna study as it ended (ASHA's stops PRUNED, none left RUNNING), kept in SQLite
+    import optuna
+
+    study = optuna.load_study(study_name="sweep-t", storage=res.study)
+    assert res.study == f"sqlite:///{res.out / 'study' / 'optuna.db'}"
+    assert sorted(t.state.name for t in study.trials) == sorted(
+        "COMPLETE" if r["status"] == "done" else "PRUNED" for r in res.rows)
+    assert f"see it with: optuna-dashboard {res.study}" in text
     # b_rel thresholds come from the baseline's live training losses (recorded without changing its training)
     history = json.loads((res.out / "baseline" / "history.json").read_text())
     assert {"loss_class_4", "loss_class_5", "loss_class_7"} <= set(history[-1])
@@ -426,6 +468,42 @@ def test_fairness_target_reaches_optuna_as_a_constraint(sampler, kind):
     pickle.loads(pickle.dumps(searcher))  # Tune checkpoints the searcher for --resume
 
 
+@pytest.mark.parametrize("sampler", ["gp", "tpe"])
+def test_every_trial_reaches_the_study_as_it_ended_and_the_study_is_kept(tmp_path, sampler):
+    """Tune hands a trial ASHA stopped to the searcher with its last window report (no objectives). It must reach
+    Optuna PRUNED, not stay RUNNING (Ray's OptunaSearch tells it COMPLETE with [None, None], which Optuna refuses);
+    an errored trial FAIL; a finished one COMPLETE. The study lives in SQLite, where optuna-dashboard and a
+    resumed sweep (the searcher restored from Tune's pickle) find it."""
+    import pickle
+
+    import optuna
+    from ray import tune
+
+    from cdd_ray.tune import _searcher, study_states, study_url
+
+    url = study_url(tmp_path)
+    searcher = _searcher(("precision", "tv_to_uniform"), 0, {"tv_to_uniform": 0.1}, sampler, url, "sweep-x")
+    searcher.set_search_properties(None, None, {"x": tune.uniform(0, 1)})
+    ends = [({"precision": 0.7, "tv_to_uniform": 0.08, "step": 8}, False),
+            *[({"step": 4, "asha_loss": 0.3 + i / 10, "window_steps": 2}, False) for i in range(3)],
+            (None, True)]
+    for i, (result, error) in enumerate(ends):
+        searcher.suggest(f"t{i}")
+        searcher.on_trial_complete(f"t{i}", result, error)
+    study = optuna.load_study(study_name="sweep-x", storage=url)  # what a user opens
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "PRUNED", "PRUNED", "FAIL"]
+    assert study.trials[0].values == [0.7, 0.08] and study.trials[0].system_attrs["constraints:tv_to_uniform"] == \
+        pytest.approx(-0.02)
+    assert [t.user_attrs for t in study.trials[1:3]] == [{"stopped_at_step": 4, "asha_loss": 0.3},
+                                                        {"stopped_at_step": 4, "asha_loss": 0.4}]
+    assert study_states(url, "sweep-x") == {"COMPLETE": 1, "PRUNED": 3, "FAIL": 1}
+    # a resumed sweep: Tune restores the searcher from its pickle; the next trials join the same study
+    restored = pickle.loads(pickle.dumps(searcher))
+    restored.suggest("t5")
+    restored.on_trial_complete("t5", {"precision": 0.6, "tv_to_uniform": 0.2})
+    assert study_states(url, "sweep-x") == {"COMPLETE": 2, "PRUNED": 3, "FAIL": 1}
+
+
 def test_mlflow_ui_in_a_browser_shows_the_sweep_as_a_user_looks_at_it(smoke_sweep, tmp_path):
     """`mlflow ui` over the sweep's store, in headless Chromium, at the addresses the sweep job prints: the runs
     table with the sweep and its runs nested under it; the parent's trade-off plot among its artifacts; a trial's
@@ -493,3 +571,37 @@ def test_mlflow_ui_in_a_browser_shows_the_sweep_as_a_user_looks_at_it(smoke_swee
         b.driver.set_window_size(1600, 1500)
         b.scroll_to("Run details")
         b.shot("mlflow-compare")
+
+
+def test_optuna_dashboard_shows_the_sweeps_study_as_the_report_says(smoke_sweep, tmp_path):
+    """The command the sweep's report prints, `optuna-dashboard <study url>`, as a user types it (on a free port):
+    the dashboard serves the sweep's study with every trial in the state it ended in."""
+    import shlex
+    import subprocess
+    import sys
+    import urllib.request
+
+    from helpers import end_process_group, free_port, wait_for_health
+
+    import cdd_ray.tune as tune_mod
+
+    res = smoke_sweep[0]
+    command = tune_mod.report(res).split("see it with: ", 1)[1].splitlines()[0]
+    argv = shlex.split(command)
+    assert argv[0] == "optuna-dashboard"
+    port = free_port()
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), argv[0]), *argv[1:], "--host",
+                             "127.0.0.1", "--port", str(port)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_health(base, proc, "optuna-dashboard", seconds=60, path="/api/studies")
+        summaries = json.load(urllib.request.urlopen(base + "/api/studies", timeout=10))["study_summaries"]
+        assert [s["study_name"] for s in summaries] == ["sweep-t"]
+        study = json.load(urllib.request.urlopen(f"{base}/api/studies/{summaries[0]['study_id']}?after=0", timeout=10))
+    finally:
+        end_process_group(proc, grace=5)
+    assert sorted(t["state"] for t in study["trials"]) == sorted(
+        "Complete" if r["status"] == "done" else "Pruned" for r in res.rows)
+    done = [t for t in study["trials"] if t["state"] == "Complete"]
+    assert all(len(t["values"]) == 2 for t in done) and study["best_trials"]
