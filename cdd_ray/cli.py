@@ -69,9 +69,10 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
 
 _FLAG_KEYS = {"name": "name", "workers": "ray.workers", "gpu": "ray.gpu", "storage": "ray.storage",
               "address": "ray.address", "root": "data.root", "vae": "model.vae"}
-SUMMARY_KEYS = ("minority_share", "minority_share_ci", "tv_to_uniform", "tv_to_uniform_ci", "tv_floor", "fd", "fd_ci",
-                "precision", "precision_ci", "recall", "fid_class_mean", "fid", "fid_ci", "fid_data", "fid_features",
-                "lambda", "prediction_error", "prediction_error_baseline", "classifier_accuracy", "data_source",
+SUMMARY_KEYS = ("minority_share", "minority_share_ci", "tv_to_uniform", "tv_to_uniform_ci", "tv_floor", "tv_excess",
+                "fd", "fd_ci", "precision", "precision_ci", "recall", "fid_class_mean", "fid", "fid_ci", "fid_data", "fid_features",
+                "lambda", "prediction_error", "prediction_error_floor", "prediction_error_baseline",
+                "prediction_error_baseline_floor", "classifier_accuracy", "data_source",
                 "wall_s")
 # Sweeps (tune_* jobs): --smoke checks the machinery; on CPU a sweep evaluates many models, so fewer samples
 # and DDIM steps than a single run (the same for every trial and the baseline) and frequent reports for ASHA

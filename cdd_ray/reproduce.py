@@ -227,6 +227,11 @@ def _shares_table(u: dict[str, Any], c: dict[str, Any]) -> list[str]:
                      f"{_ci(c['class_shares'][i], c['class_shares_ci'][i], 3)} | {pred[i]:.3f} | {pred_b[i]:.3f} |")
     lines += ["", f"Largest per-class error of the prediction: {c['prediction_error']:.3f} with the data mix, "
                   f"{c['prediction_error_baseline']:.3f} with the unconstrained model's shares."]
+    if c.get("prediction_error_baseline_floor") is not None:
+        lines.append(f"Its floor: an exactly right prediction measured with {c['n_samples']} samples (and, from the "
+                     f"unconstrained shares, q measured alike) errs by up to {c['prediction_error_floor']:.3f} and "
+                     f"{c['prediction_error_baseline_floor']:.3f} (95th percentiles); an error below its floor is as "
+                     "close as these samples can show.")
     return lines
 
 

@@ -113,7 +113,8 @@ def finish_tracking(uri: str, run_id: str, out: Path, summary: dict[str, Any],
 
 
 # Metrics that carry a 95% interval in summary.json as <metric>_ci: [lo, hi]; in MLflow as eval/<metric>_ci_lo / _ci_hi.
-INTERVAL_METRICS = ("fid", "fid_data", "fid_class_mean", "precision", "recall", "tv_to_uniform", "fd", "minority_share")
+INTERVAL_METRICS = ("fid", "fid_data", "fid_class_mean", "precision", "recall", "tv_to_uniform", "tv_excess", "fd",
+                    "minority_share")
 
 
 def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
@@ -121,7 +122,8 @@ def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
     ``share/<class>`` (measured), ``predicted_share/<class>`` (lambda's mixture; ``predicted_share_from_baseline``
     with the baseline's shares as q), ``pretrained_share/<class>``,
     ``time/wall_s`` and ``time/train_s``."""
-    keys = (*INTERVAL_METRICS, "tv_floor", "classifier_accuracy", "prediction_error", "prediction_error_baseline",
+    keys = (*INTERVAL_METRICS, "tv_floor", "fd_floor", "classifier_accuracy", "prediction_error",
+            "prediction_error_floor", "prediction_error_baseline", "prediction_error_baseline_floor",
             *FINETUNE_METRICS)
     m = {f"eval/{k}": float(summary[k]) for k in keys if summary.get(k) is not None}
     for k in INTERVAL_METRICS:

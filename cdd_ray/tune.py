@@ -34,6 +34,7 @@ from cdd_ray.budget import Plan, Throughput, plan
 from cdd_ray.console import SweepTable, short_name, trial_number, tune_verbosity
 from cdd_ray.config import Config, ConfigError, allowed_keys, apply_overrides, config_from_dict, flatten, validate
 from cdd_ray.data import check_source
+from cdd_ray.evaluation.fairness import FLOORS, samples_needed
 from cdd_ray.front import (MAXIMISED, feasibility, format_feasibility, format_front, name_of, pareto_front,
                            refuse_incomparable, write_front)
 
@@ -55,8 +56,10 @@ FINETUNE_OBJECTIVES = ("heldout_loss_new", "forgetting")
 # Every metric a sweep may optimise; each row of the front carries all of them that the trials report.
 OBJECTIVE_METRICS = (*QUALITY_METRICS, *FAIRNESS_METRICS, "heldout_loss_new", "forgetting", "old_tv_to_pretrained",
                      "distance_to_pretrained")
-SWEEP_METRICS = (*OBJECTIVE_METRICS, "minority_share", "tv_floor", "new_share", "old_share", "prediction_error",
-                 "prediction_error_baseline")
+# Each check beside its floor (what a perfect model scores with this many samples; evaluation/fairness.py).
+SWEEP_METRICS = (*OBJECTIVE_METRICS, "tv_excess", "minority_share", "tv_floor", "new_share", "old_share",
+                 "prediction_error", "prediction_error_floor", "prediction_error_baseline",
+                 "prediction_error_baseline_floor")
 # ASHA compares trials on the mean denoising loss over the objective and every constraint dataset, each
 # weighted alike: it prunes trials that learn slowly or diverge (too large lr or eta) without favouring
 # trials that give the constraints less weight, as the objective loss alone would.
@@ -318,12 +321,21 @@ def live_class_losses(history_file: str | Path, names: list[str], fraction: floa
     return {n: sum(h[f"loss_{n}"] for h in tail) / len(tail) for n in names}
 
 
-def check_limits(limits: dict[str, float]) -> None:
+def check_limits(limits: dict[str, float], n_samples: int, n_classes: int) -> None:
+    """Fairness targets a sweep can show met: in (0, 1), and above what an exactly uniform generator scores with
+    the evaluation's ``n_samples`` over ``n_classes`` (its floor), else refused with the samples it would need."""
     for m, x in limits.items():
         if m not in FAIRNESS_METRICS:
             raise ConfigError(f"fairness target {m!r} not allowed; allowed: {', '.join(FAIRNESS_METRICS)}")
+        flag = f"--max-{'tv' if m == 'tv_to_uniform' else 'fd'}"
         if not 0 < x < 1:  # both are below 1 for any class shares (fd <= sqrt(1 - 1/k))
-            raise ConfigError(f"--max-{'tv' if m == 'tv_to_uniform' else 'fd'}: {x:g} must be in (0, 1)")
+            raise ConfigError(f"{flag}: {x:g} must be in (0, 1)")
+        floor = FLOORS[m](n_samples, n_classes)
+        if x <= floor:
+            raise ConfigError(
+                f"{flag}: {x:g} is below what {n_samples} samples can show: an exactly uniform generator scores "
+                f"{m} {floor:.3f} at eval.n_samples={n_samples} ({n_classes} classes); a target of {x:g} needs "
+                f"eval.n_samples >= {samples_needed(m, x, n_classes)}, or a target above {floor:.3f}")
 
 
 def make_sampler(name: str, seed: int):
@@ -478,7 +490,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     if bad or len(objectives) != 2 or objectives[0] == objectives[1]:
         raise ConfigError(f"objectives: {list(objectives)} must be two different metrics from: "
                           f"{', '.join(OBJECTIVE_METRICS)}")
-    check_limits(limits)
+    check_limits(limits, base.eval.n_samples, len(base.data.classes))
     make_sampler(sampler, seed)  # an unknown sampler fails here, before any work
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler

@@ -99,8 +99,13 @@ def run_job(job: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     ("train_mnist.py", ["--local", "--out", "/proc/nope/run"], "error: --out: '/proc/nope/run' is not writable"),
     ("tune_mnist.py", ["--smoke", "--storage", "/proc/nope/st"], "error: --storage: '/proc/nope/st' is not writable"),
     ("tune_mnist.py", ["--smoke", "--storage", "foo://b/x"], "error: --storage: 'foo://b/x' is not a storage URI"),
+    # a fairness target under what the evaluation's samples can show (the cpu preset's 500): the N it needs
+    ("tune_mnist.py", ["--max-tv", "0.03"], "error: --max-tv: 0.03 is below what 500 samples can show: an exactly "
+                                            "uniform generator scores tv_to_uniform 0.053 at eval.n_samples=500 (10 "
+                                            "classes); a target of 0.03 needs eval.n_samples >= 1590"),
+    ("tune_mnist.py", ["--max-fd", "0.03"], "needs eval.n_samples >= 1001, or a target above 0.042"),
 ])
-def test_jobs_refuse_unwritable_paths_before_any_work(tmp_path, job, args, message):
+def test_jobs_refuse_unwritable_paths_and_unshowable_targets_before_any_work(tmp_path, job, args, message):
     base = ["--preset", "smoke"] if job == "train_mnist.py" else []
     if "--storage" not in args:
         args = [*args, "--storage", str(tmp_path / "ray")]

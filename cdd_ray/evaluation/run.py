@@ -20,7 +20,7 @@ import torch.nn as nn
 from cdd_ray.config import Config, ConfigError
 from cdd_ray.data import Split, to_uint8
 from cdd_ray.dual import predicted_shares
-from cdd_ray.evaluation.fairness import class_shares, fairness_metrics, tv_between
+from cdd_ray.evaluation.fairness import class_shares, fairness_metrics, prediction_error_floor, tv_between
 from cdd_ray.evaluation.labeller import (DigitClassifier, classifier_features, external_classifier, get_classifier,
                                          inception_features, inception_weights, predict)
 from cdd_ray.evaluation.quality import data_mix_indices, quality_metrics
@@ -79,7 +79,7 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
     summary = {
         "class_ids": split.classes,
         **fairness,
-        **theory_check(fairness["class_shares"], split.priors, e.baseline_shares, lam_by_pos),
+        **theory_check(fairness["class_shares"], split.priors, e.baseline_shares, lam_by_pos, e.n_samples),
         "objective_shares": split.priors,
         "minority_classes": list(cfg.data.minority_classes),
         **quality,
@@ -106,16 +106,21 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
 
 
 def theory_check(measured: list[float], priors: list[float], baseline: list[float],
-                 lam_by_pos: dict[int, float]) -> dict:
+                 lam_by_pos: dict[int, float], n: int, baseline_n: int | None = None) -> dict:
     """Theorem 1's class shares from lambda, with q = the training data's class mix (``predicted_shares``) and, when
     the baseline's measured shares are known, with q = those (``predicted_shares_from_baseline``), and the largest
-    per-class error of each against the measured shares. The first mixes the model's own error (the unconstrained
-    model already misses q) with the theory's; the second leaves the theory's."""
+    per-class error of each against the ``n`` measured shares. The first mixes the model's own error (the
+    unconstrained model already misses q) with the theory's; the second leaves the theory's. Each error comes with
+    its floor (``<error>_floor``): the 95th percentile of the error of an exactly right prediction measured with
+    ``n`` samples (and, from the baseline, q measured with ``baseline_n``, default ``n``)."""
     if not lam_by_pos:
         return {"predicted_shares": None}
     out: dict = {"predicted_shares": predicted_shares(priors, lam_by_pos)}
+    out["prediction_error_floor"] = prediction_error_floor(out["predicted_shares"], n)
     if baseline:
         out["predicted_shares_from_baseline"] = predicted_shares(baseline, lam_by_pos)
+        out["prediction_error_baseline_floor"] = prediction_error_floor(
+            out["predicted_shares_from_baseline"], n, baseline, baseline_n or n, lam_by_pos)
     for key, name in (("predicted_shares", "prediction_error"),
                       ("predicted_shares_from_baseline", "prediction_error_baseline")):
         if key in out:

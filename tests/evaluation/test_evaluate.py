@@ -22,13 +22,16 @@ def test_theory_check_predicts_from_the_data_mix_and_from_the_baseline_shares():
     from cdd_ray.evaluation.run import theory_check
 
     measured, priors, baseline = [0.5, 0.3, 0.2], [0.45, 0.45, 0.1], [0.5, 0.42, 0.08]
-    got = theory_check(measured, priors, baseline, {2: 0.25})
+    got = theory_check(measured, priors, baseline, {2: 0.25}, 1000)
     # (q_c + lambda_c) / (1 + 0.25): data mix [0.36, 0.36, 0.28]; baseline's shares [0.4, 0.336, 0.264]
     assert got["predicted_shares"] == pytest.approx([0.36, 0.36, 0.28])
     assert got["predicted_shares_from_baseline"] == pytest.approx([0.4, 0.336, 0.264])
     assert got["prediction_error"] == pytest.approx(0.14) and got["prediction_error_baseline"] == pytest.approx(0.1)
-    assert theory_check(measured, priors, [], {2: 0.25}).keys() == {"predicted_shares", "prediction_error"}
-    assert theory_check(measured, priors, baseline, {}) == {"predicted_shares": None}  # unconstrained
+    assert theory_check(measured, priors, [], {2: 0.25}, 1000).keys() == {
+        "predicted_shares", "prediction_error", "prediction_error_floor"}
+    assert theory_check(measured, priors, baseline, {}, 1000) == {"predicted_shares": None}  # unconstrained
+    # each error beside its floor; the baseline's prediction carries the baseline's sampling noise too
+    assert 0 < got["prediction_error_floor"] < got["prediction_error_baseline_floor"] < 0.1
 
 
 def test_sampling_is_deterministic_with_right_shape():
