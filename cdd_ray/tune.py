@@ -419,9 +419,23 @@ def close_stopped_children(uri: str, parent_run_id: str) -> None:
 
 
 def study_url(sweep_dir: Path) -> str:
-    """The sweep's Optuna study: SQLite in the sweep folder (``optuna-dashboard <url>`` shows it)."""
+    """The sweep's Optuna study: SQLite in the sweep folder (``optuna-dashboard <url>`` shows it). A relative
+    ``sweep_dir`` gives a URL relative to the working directory (``sqlite:///runs/<name>/...``)."""
     (sweep_dir / "study").mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(sweep_dir / 'study' / 'optuna.db').resolve()}"
+    return f"sqlite:///{sweep_dir / 'study' / 'optuna.db'}"
+
+
+def searcher_study(sweep_dir: Path, store: str, uri_storage: bool, resume: bool) -> str:
+    """The study URL the searcher writes to. Tune pickles the searcher with it and a resumed sweep gets that
+    pickle back. In a folder store the study lives in the store (an absolute URL: any driver finds it there).
+    With URI storage it lives in the driver's ``runs/<name>`` and is uploaded to the store; the URL is relative
+    to the driver's working directory, so a --resume from another driver (or machine) opens its own copy,
+    downloaded here from the store."""
+    if not uri_storage:
+        return study_url(sweep_dir)
+    if resume and storage_io.exists(storage_io.join(store, "study", "optuna.db")):
+        storage_io.download(storage_io.join(store, "study"), sweep_dir / "study")
+    return study_url(Path("runs") / sweep_dir.name)
 
 
 def budget_knobs(space: SearchSpace) -> list[str]:
@@ -594,6 +608,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
             "baseline_losses": losses, "resources": resources, "verbose": verbose,
         }
         trainable = tune.with_resources(run_trial, {"CPU": 0.1})
+        study = searcher_study(sweep_dir, store, uri_storage, resume)
         if resume and tune.Tuner.can_restore(storage_io.join(store, "tuner")):
             # the restored Tuner brings its own RunConfig: the console table and run names it started with
             tuner = tune.Tuner.restore(storage_io.join(store, "tuner"), trainable, resume_errored=True)
@@ -608,7 +623,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
                 trainable,
                 param_space={**to_tune(space), "sweep": sweep_cfg},
                 tune_config=tune.TuneConfig(
-                    search_alg=_searcher(objectives, seed, limits, sampler, study_url(sweep_dir), base.name),
+                    search_alg=_searcher(objectives, seed, limits, sampler, study, base.name),
                     scheduler=ASHAScheduler(time_attr="step", metric=ASHA_METRIC, mode="min", max_t=max_t,
                                             grace_period=grace, reduction_factor=3),
                     num_samples=num_samples, max_concurrent_trials=conc,
@@ -622,9 +637,11 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
             results = tuner.fit()
         except KeyboardInterrupt:  # the parent is marked KILLED by tracked(); so are its running trials
             close_stopped_children(uri, parent)
+            if uri_storage:  # a --resume from any driver continues this study
+                storage_io.upload(sweep_dir / "study", storage_io.join(store, "study"))
             raise
         close_stopped_children(uri, parent)
-        states = study_states(study_url(sweep_dir), base.name)
+        states = study_states(study, base.name)
         rows = trial_rows(results, sweep_cfg["outputs"], list(space.params), objectives)
         refuse_incomparable(rows, references)
         mark_stopped_killed(uri, rows, sweep_cfg["outputs"])

@@ -504,6 +504,44 @@ def test_every_trial_reaches_the_study_as_it_ended_and_the_study_is_kept(tmp_pat
     assert study_states(url, "sweep-x") == {"COMPLETE": 2, "PRUNED": 3, "FAIL": 1}
 
 
+def test_a_study_in_uri_storage_is_continued_by_a_resume_from_another_driver(tmp_path, monkeypatch):
+    """With URI storage the study lives in the driver's runs/<name> and is uploaded to the store. Tune pickles the
+    searcher with its study URL: a --resume from another driver folder (another machine) downloads the study and
+    the restored searcher writes there, not to the first driver's path."""
+    import pickle
+
+    from ray import tune
+
+    from cdd_ray import storage as storage_io
+    from cdd_ray.tune import _searcher, searcher_study, study_states
+
+    store = f"file://{tmp_path / 'bucket' / 'sweep-u'}"
+    first, second = tmp_path / "driver1", tmp_path / "driver2"
+    first.mkdir(), second.mkdir(), (tmp_path / "bucket" / "sweep-u" / "study").mkdir(parents=True)  # a file:// "bucket"
+    monkeypatch.chdir(first)
+    url = searcher_study(first / "runs" / "sweep-u", store, uri_storage=True, resume=False)
+    assert url == "sqlite:///runs/sweep-u/study/optuna.db"  # relative to the driver's working directory
+    searcher = _searcher(("precision", "tv_to_uniform"), 0, {}, "tpe", url, "sweep-u")
+    searcher.set_search_properties(None, None, {"x": tune.uniform(0, 1)})
+    searcher.suggest("t0")
+    searcher.on_trial_complete("t0", {"precision": 0.7, "tv_to_uniform": 0.08})
+    storage_io.upload(first / "runs" / "sweep-u" / "study", storage_io.join(store, "study"))  # as run_sweep does
+    pickled = pickle.dumps(searcher)  # Tune's saved searcher state
+
+    monkeypatch.chdir(second)
+    url2 = searcher_study(second / "runs" / "sweep-u", store, uri_storage=True, resume=True)
+    assert url2 == url and study_states(url2, "sweep-u") == {"COMPLETE": 1}  # downloaded from the store
+    restored = pickle.loads(pickled)
+    restored.suggest("t1")
+    restored.on_trial_complete("t1", {"step": 4, "asha_loss": 0.3})
+    assert study_states(url2, "sweep-u") == {"COMPLETE": 1, "PRUNED": 1}  # the resuming driver's copy
+    monkeypatch.chdir(first)
+    assert study_states(url, "sweep-u") == {"COMPLETE": 1}  # the first driver's folder is left alone
+    # a folder store keeps the study in the store itself, at an absolute URL any driver opens
+    assert searcher_study(tmp_path / "st" / "s", str(tmp_path / "st" / "s"), False, False) == \
+        f"sqlite:///{tmp_path / 'st' / 's' / 'study' / 'optuna.db'}"
+
+
 def test_mlflow_ui_in_a_browser_shows_the_sweep_as_a_user_looks_at_it(smoke_sweep, tmp_path):
     """`mlflow ui` over the sweep's store, in headless Chromium, at the addresses the sweep job prints: the runs
     table with the sweep and its runs nested under it; the parent's trade-off plot among its artifacts; a trial's
