@@ -70,7 +70,8 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
 _FLAG_KEYS = {"name": "name", "workers": "ray.workers", "gpu": "ray.gpu", "storage": "ray.storage",
               "address": "ray.address", "root": "data.root", "vae": "model.vae"}
 SUMMARY_KEYS = ("minority_share", "minority_share_ci", "tv_to_uniform", "tv_to_uniform_ci", "tv_floor", "tv_excess",
-                "fd", "fd_ci", "precision", "precision_ci", "recall", "fid_class_mean", "fid", "fid_ci", "fid_data", "fid_features",
+                "fd", "fd_ci", "precision", "precision_ci", "precision_class_mean", "precision_class_mean_ci", "recall",
+                "fid_class_mean", "fid", "fid_ci", "fid_data", "fid_features",
                 "lambda", "prediction_error", "prediction_error_floor", "prediction_error_baseline",
                 "prediction_error_baseline_floor", "classifier_accuracy", "data_source",
                 "wall_s")
@@ -84,9 +85,12 @@ SWEEP_CPU = ["optim.steps=1200", "eval.n_samples=500", "eval.sampler_steps=25", 
 
 def add_target_flags(p: argparse.ArgumentParser) -> None:
     """The sweep's objectives and fairness targets (minority-class tasks)."""
-    p.add_argument("--quality", default="precision", choices=["precision", "fid_class_mean", "fid", "fid_data", "recall"],
-                   help="quality objective (README: Tuning): precision (default; per sample, share-weighted over classes), "
-                        "fid_class_mean (per-class FID, mean), fid (balanced reference, the paper's; rewards "
+    p.add_argument("--quality", default="precision",
+                   choices=["precision", "precision_class_mean", "fid_class_mean", "fid", "fid_data", "recall"],
+                   help="quality objective (README: Tuning): precision (default; per sample, so share-weighted over "
+                        "classes: it moves with the class mix when classes differ in precision), precision_class_mean "
+                        "(per-class precision, equal class weights: mix-free), fid_class_mean (per-class FID, mean; "
+                        "mix-free), fid (balanced reference, the paper's; rewards "
                         "fairness too), fid_data (training class mix; penalises fairness), recall")
     p.add_argument("--fairness", default="tv_to_uniform", choices=["tv_to_uniform", "fd"],
                    help="fairness objective: tv_to_uniform or fd (L2 distance of the class shares to uniform)")

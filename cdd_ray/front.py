@@ -3,8 +3,10 @@
 A row is one evaluated model: a trial (``role`` "trial") or a reference run (``role`` "baseline",
 "baseline-continued", "baseline-rebalanced"), with its metrics, their intervals (``<metric>_ci``:
 [lo, hi]) and, for trials, ``params``. Objectives in ``MAXIMISED`` are maximised, all others minimised.
-Two points are *within each other's intervals* when their 95% intervals overlap on both objectives: the
-sweep's samples cannot tell them apart, so neither should be picked over the other on these numbers.
+A point is compared with a reference by the 95% interval of their *difference* (``differences``: {reference role:
+{metric: [d, lo, hi]}}, from ``cdd_ray.compare``), not by whether their own intervals overlap: two intervals can
+overlap while the difference, measured on the same noise, is clear. A difference is shown when its interval
+excludes 0 (``verdict``).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-MAXIMISED = ("precision", "recall")
+MAXIMISED = ("precision", "precision_class_mean", "recall")
 AXIS_LABELS = {
     "precision": "precision ({features} features; higher is better)",
+    "precision_class_mean": "precision, mean over classes ({features} features; higher is better)",
     "recall": "recall ({features} features; higher is better)",
     "fid_class_mean": "per-class FID, mean ({features} features; lower is better)",
     "fid_data": "FID vs training class mix ({features} features; lower is better)",
@@ -90,13 +93,13 @@ def interval(r: dict[str, Any], metric: str) -> tuple[float, float]:
     return (float(ci[0]), float(ci[1])) if ci else (float(r[metric]), float(r[metric]))
 
 
-def indistinguishable(a: dict[str, Any], b: dict[str, Any], objectives: tuple[str, ...]) -> bool:
-    """Do the 95% intervals of ``a`` and ``b`` overlap on every objective?"""
-    for o in objectives:
-        (alo, ahi), (blo, bhi) = interval(a, o), interval(b, o)
-        if alo > bhi or blo > ahi:
-            return False
-    return True
+def verdict(metric: str, diff: list[float]) -> str:
+    """'better' / 'worse' when the interval [lo, hi] of the difference d (point - reference) excludes 0, else
+    'no difference shown'."""
+    _, lo, hi = diff
+    if lo <= 0 <= hi:
+        return "no difference shown"
+    return "better" if sign(metric) * (hi if hi < 0 else lo) < 0 else "worse"
 
 
 def feasibility(rows: list[dict[str, Any]], limits: dict[str, float], quality: str) -> dict[str, Any]:
@@ -141,8 +144,9 @@ def _cell(r: dict[str, Any], c: str) -> Any:
 
 def write_front(out: Path, rows: list[dict[str, Any]], front: list[dict[str, Any]], references: list[dict[str, Any]],
                 objectives: tuple[str, str], metrics: tuple[str, ...]) -> dict[str, Path]:
-    """pareto.csv (references, then the front), trials.csv (references, then every trial), tradeoff.png and
-    best_configs.json in ``out``."""
+    """pareto.csv (references, then the front), trials.csv (references, then every trial), differences.csv (each
+    point minus each reference, with the 95% interval of the difference), tradeoff.png and best_configs.json in
+    ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     cols = _columns([*references, *rows], objectives, metrics)
     for name, data in (("pareto.csv", [*references, *front]), ("trials.csv", [*references, *rows])):
@@ -151,13 +155,20 @@ def write_front(out: Path, rows: list[dict[str, Any]], front: list[dict[str, Any
             w.writerow(cols)
             for r in data:
                 w.writerow([_cell(r, c) for c in cols])
+    with open(out / "differences.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["point", "reference", "metric", "difference", "ci_lo", "ci_hi", "verdict"])
+        for r in [*references, *rows]:
+            for ref, diffs in r.get("differences", {}).items():
+                for m, d in diffs.items():
+                    w.writerow([name_of(r), ref, m, *d, verdict(m, d)])
     plot_front(out / "tradeoff.png", rows, front, references, objectives)
     ok = [r for r in rows if _ok(r, objectives)]
     best = {o: min(ok, key=lambda r: sign(o) * r[o]) for o in objectives} if ok else {}
     (out / "best_configs.json").write_text(json.dumps(
         {o: {"trial_id": r["trial_id"], o: r[o], f"{o}_ci": r.get(f"{o}_ci"), "params": r.get("params", {}),
              "run_id": r.get("run_id")} for o, r in best.items()}, indent=2, default=str))
-    return {n: out / n for n in ("pareto.csv", "trials.csv", "tradeoff.png", "best_configs.json")}
+    return {n: out / n for n in ("pareto.csv", "trials.csv", "differences.csv", "tradeoff.png", "best_configs.json")}
 
 
 def plot_front(path: Path, rows: list[dict[str, Any]], front: list[dict[str, Any]], references: list[dict[str, Any]],
@@ -199,8 +210,7 @@ def plot_front(path: Path, rows: list[dict[str, Any]], front: list[dict[str, Any
 
 def format_front(front: list[dict[str, Any]], references: list[dict[str, Any]], objectives: tuple[str, str],
                  metrics: tuple[str, ...]) -> str:
-    """Markdown table: references, then the front; objectives with their intervals, the other metrics, and
-    which printed points each one is within the intervals of."""
+    """Markdown table: references, then the front; objectives with their intervals, the other metrics, params."""
     shown = [*references, *front]
     cols = [m for m in (*objectives, *(m for m in metrics if m not in objectives)) if any(
         r.get(m) is not None for r in shown)]
@@ -208,16 +218,33 @@ def format_front(front: list[dict[str, Any]], references: list[dict[str, Any]], 
     def cell(r: dict[str, Any], c: str) -> str:
         digits = 2 if c.startswith("fid") else 3
         ci = r.get(f"{c}_ci")
+        if not isinstance(r.get(c), (int, float)):
+            return str(r.get(c) or "-")
         return _num(r.get(c), digits) + (f" [{_num(ci[0], digits)}, {_num(ci[1], digits)}]" if ci else "")
 
-    lines = ["| " + " | ".join(["point", *cols, "within the intervals of", "params"]) + " |",
-             "|" + " --- |" * (len(cols) + 3)]
+    lines = ["| " + " | ".join(["point", *cols, "params"]) + " |", "|" + " --- |" * (len(cols) + 2)]
     for r in shown:
-        same = [name_of(o) for o in shown if o is not r and _ok(o, objectives) and _ok(r, objectives)
-                and indistinguishable(r, o, objectives)]
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(r.get("params", {}).items()))
-        lines.append("| " + " | ".join([name_of(r), *(cell(r, c) for c in cols), ", ".join(same) or "none", params])
-                     + " |")
+        lines.append("| " + " | ".join([name_of(r), *(cell(r, c) for c in cols), params]) + " |")
+    return "\n".join(lines)
+
+
+def format_differences(front: list[dict[str, Any]], references: list[dict[str, Any]],
+                       objectives: tuple[str, ...]) -> str:
+    """Markdown table: each printed point minus each reference on each objective, with the 95% interval of the
+    difference and, where it excludes 0, whether the point is better or worse."""
+    pairs = [(ref["role"], o) for ref in references for o in objectives]
+    lines = ["| " + " | ".join(["point", *(f"{o} - {role}" for role, o in pairs)]) + " |",
+             "|" + " --- |" * (len(pairs) + 1)]
+    for r in [*references[1:], *front]:
+        cells = []
+        for role, o in pairs:
+            d = r.get("differences", {}).get(role, {}).get(o)
+            digits = 2 if o.startswith("fid") else 3
+            v = verdict(o, d) if d else ""
+            cells.append(f"{d[0]:+.{digits}f} [{d[1]:+.{digits}f}, {d[2]:+.{digits}f}]"
+                         + (f" {v}" if v != "no difference shown" else "") if d else "-")
+        lines.append("| " + " | ".join([name_of(r), *cells]) + " |")
     return "\n".join(lines)
 
 

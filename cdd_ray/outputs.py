@@ -1,4 +1,5 @@
-"""The files a finished run leaves: summary.json, samples.npz, PNGs, history (see README)."""
+"""The files a finished run leaves: summary.json, samples.npz, evaluation.npz (what a sweep compares runs with),
+PNGs, history (see README)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def write_outputs(out: str | Path, cfg: Config, result: LoopResult, ev: Evaluati
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "samples.npz", images=ev.images, labels=ev.labels)
+    np.savez_compressed(out / "evaluation.npz", **ev.record)
     save_grid(ev.images, out / "samples.png")
     if cfg.is_finetune:
         title = f"{cfg.name}: new share {summary['new_share']:.3f}, old share {summary['old_share']:.3f}"

@@ -113,8 +113,8 @@ def finish_tracking(uri: str, run_id: str, out: Path, summary: dict[str, Any],
 
 
 # Metrics that carry a 95% interval in summary.json as <metric>_ci: [lo, hi]; in MLflow as eval/<metric>_ci_lo / _ci_hi.
-INTERVAL_METRICS = ("fid", "fid_data", "fid_class_mean", "precision", "recall", "tv_to_uniform", "tv_excess", "fd",
-                    "minority_share")
+INTERVAL_METRICS = ("fid", "fid_data", "fid_class_mean", "precision", "precision_class_mean", "recall",
+                    "tv_to_uniform", "tv_excess", "fd", "minority_share")
 
 
 def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:

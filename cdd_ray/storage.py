@@ -52,6 +52,15 @@ def read_text(path: str) -> str | None:
         return f.read().decode()
 
 
+def read_bytes(path: str) -> bytes | None:
+    """The file's bytes, or None when there is no such file."""
+    if not exists(path):
+        return None
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
 def write_text(path: str, text: str) -> None:
     if not is_uri(path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)

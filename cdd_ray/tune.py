@@ -28,15 +28,15 @@ import yaml
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from cdd_ray import preflight, tracking
+from cdd_ray import compare, preflight, tracking
 from cdd_ray import storage as storage_io
 from cdd_ray.budget import Plan, Throughput, plan
 from cdd_ray.console import SweepTable, short_name, trial_number, tune_verbosity
 from cdd_ray.config import Config, ConfigError, allowed_keys, apply_overrides, config_from_dict, flatten, validate
 from cdd_ray.data import check_source
 from cdd_ray.evaluation.fairness import FLOORS, samples_needed
-from cdd_ray.front import (MAXIMISED, feasibility, format_feasibility, format_front, name_of, pareto_front,
-                           refuse_incomparable, write_front)
+from cdd_ray.front import (MAXIMISED, feasibility, format_differences, format_feasibility, format_front, name_of,
+                           pareto_front, refuse_incomparable, write_front)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 # fid (class-balanced reference, the paper's) rewards fairness too, so with tv it collapses the front;
 # fid_data (reference in the training data's mix) penalises fairness itself: it measured the class mix
 # (a trial with minority share 0.14 scored fid_data 109.6 against 44-52 for every other trial).
-QUALITY_METRICS = ("precision", "fid_class_mean", "fid", "fid_data", "recall")
+QUALITY_METRICS = ("precision", "precision_class_mean", "fid_class_mean", "fid", "fid_data", "recall")
 FAIRNESS_METRICS = ("tv_to_uniform", "fd")
 OBJECTIVES = ("precision", "tv_to_uniform")
 # Fine-tuning's front: learning the new data (held-out loss on new-class images the model never saw)
@@ -644,10 +644,12 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
         states = study_states(study, base.name)
         rows = trial_rows(results, sweep_cfg["outputs"], list(space.params), objectives)
         refuse_incomparable(rows, references)
+        compare_runs(references, rows, store, sweep_cfg["outputs"], objectives)
         mark_stopped_killed(uri, rows, sweep_cfg["outputs"])
         front = pareto_front(rows, objectives)
         feasible = feasibility(rows, limits, objectives[0]) if limits else {}
-        write_front(sweep_dir / "front", rows, front, references, objectives, (*SWEEP_METRICS, *BUDGET_COLUMNS))
+        write_front(sweep_dir / "front", rows, front, references, objectives,
+                    (*SWEEP_METRICS, "quality_classes", *BUDGET_COLUMNS))
         if sweep_plan:
             (sweep_dir / "front" / "plan.json").write_text(json.dumps(sweep_plan, indent=2))
         if uri_storage:
@@ -671,6 +673,24 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
                   else " from scratch"))
     tracking.set_tags(uri, parent, {"mlflow.note.content": sweep_note(res, sampler, budget)})
     return res
+
+
+def compare_runs(references: list[dict[str, Any]], rows: list[dict[str, Any]], store: str, outputs: str,
+                 objectives: tuple[str, str]) -> None:
+    """Every evaluated run that is not refused, as ``cdd_ray.compare`` reads it: its class-mean quality restated
+    over the classes all of them have (``quality_classes``), and its ``differences`` to each reference (the
+    objectives and the mix-free quality and fairness measures, each with the 95% interval of the difference)."""
+    folders = [(r, storage_io.join(store, r["role"])) for r in references]
+    folders += [(r, storage_io.join(outputs, str(r["trial_id"]))) for r in rows if r["status"] == "done"]
+    runs = [(r, e) for r, folder in folders if not r.get("refused") and (e := compare.load(folder)) is not None]
+    classes = compare.common_classes([e for _, e in runs])
+    for r, e in runs:
+        compare.restate_class_quality(r, e, classes)
+    refs = {r["role"]: e for r, e in runs if r.get("role", "trial") != "trial"}
+    metrics = tuple(dict.fromkeys(m for m in (*objectives, "precision_class_mean", "fid_class_mean", "tv_excess",
+                                              "minority_share") if m in compare.DIFF_METRICS))
+    for r, e in runs:
+        r["differences"] = compare.differences(e, refs, metrics, classes)
 
 
 def study_states(url: str, name: str) -> dict[str, int]:
@@ -747,12 +767,23 @@ def report(res: SweepResult) -> str:
     done = sum(r["status"] == "done" for r in res.rows)
     lines = [f"Pareto front ({q} {'higher' if q in MAXIMISED else 'lower'} is better, {f} "
              f"{'higher' if f in MAXIMISED else 'lower'} is better; {len(res.rows)} trials, {done} finished, "
-             f"{len(res.front)} on the front). Values with 95% bootstrap intervals; 'within the intervals of' "
-             "lists the points no better or worse than it on both objectives at this sample size:",
-             format_front(res.front, res.references, res.objectives, SWEEP_METRICS)]
+             f"{len(res.front)} on the front). Values with 95% bootstrap intervals:",
+             format_front(res.front, res.references, res.objectives, (*SWEEP_METRICS, "quality_classes"))]
+    if any(r.get("differences") for r in [*res.references, *res.front]):
+        lines += ["Differences to the references (point - reference, with the 95% interval of the difference: paired "
+                  "over the shared sampling noise for shares and precision, FIDs from independent bootstraps; "
+                  "'better' / 'worse' where it excludes 0, otherwise these samples show no difference; all "
+                  "metrics in front/differences.csv):",
+                  format_differences(res.front, res.references, res.objectives)]
     floor = next((r.get("tv_floor") for r in res.references if r.get("tv_floor") is not None), None)
     if floor is not None:
-        lines.append(f"tv_floor {floor:.3f}: the tv_to_uniform of an exactly uniform generator with this many samples.")
+        lines.append(f"tv_floor {floor:.3f}: the tv_to_uniform of an exactly uniform generator with this many samples "
+                     "(tv_excess = tv_to_uniform - tv_floor).")
+    classes = next((r["quality_classes"] for r in [*res.references, *res.rows] if r.get("quality_classes") is not None),
+                   None)
+    if classes is not None:
+        lines.append(f"fid_class_mean and precision_class_mean average the same classes for every point: "
+                     f"{classes or 'none'} (the classes every evaluated run generated enough samples of).")
     refused = [r for r in res.rows if r.get("refused")]
     if refused:
         lines.append(f"refused (evaluated on other data or features than the references, kept off the front): "

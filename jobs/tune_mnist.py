@@ -2,8 +2,8 @@
 
 Runs the unconstrained baseline, then --num-samples trials (each a Ray Train job), logs everything
 to MLflow (one parent run, a child run per trial) and prints the Pareto front of sample quality
-(--quality: precision by default, the share of generated digits that look like real ones, which does not
-move with the class mix) vs fairness (--fairness: tv_to_uniform, the distance of the generated class shares
+(--quality: precision by default, the share of generated digits that look like real ones; precision_class_mean
+averages it over classes with equal weights, so it does not move with the class mix) vs fairness (--fairness: tv_to_uniform, the distance of the generated class shares
 from uniform), every point with its 95% interval, next to the unconstrained and the rebalanced-data baselines.
 
     python jobs/tune_mnist.py                                  # cpu preset, 8 trials

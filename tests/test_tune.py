@@ -5,10 +5,12 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cdd_ray import tracking
 from cdd_ray.config import ConfigError, build_config
+from cdd_ray.front import name_of
 from cdd_ray.placement import Node, sweep_resources
 from cdd_ray.tune import load_space, pareto_front, run_sweep, to_tune, trial_config
 
@@ -156,8 +158,8 @@ def test_hypervolume_of_the_front():
     assert hypervolume([{"fid": 40.0, "tv_to_uniform": 0.2}], ("fid", "tv_to_uniform"), (100.0, 1.0)) == pytest.approx(48)
 
 
-def test_points_within_each_others_intervals_and_fairness_targets():
-    from cdd_ray.front import feasibility, format_feasibility, format_front, indistinguishable
+def test_the_front_table_and_fairness_targets():
+    from cdd_ray.front import feasibility, format_feasibility, format_front
 
     a = {"role": "trial", "trial_id": "a", "precision": 0.90, "precision_ci": [0.88, 0.92], "tv_to_uniform": 0.10,
          "tv_to_uniform_ci": [0.08, 0.12]}
@@ -166,10 +168,10 @@ def test_points_within_each_others_intervals_and_fairness_targets():
     c = {"role": "baseline-rebalanced", "trial_id": "x", "precision": 0.80, "precision_ci": [0.78, 0.82],
          "tv_to_uniform": 0.11, "tv_to_uniform_ci": [0.09, 0.13]}
     obj = ("precision", "tv_to_uniform")
-    assert indistinguishable(a, b, obj) and not indistinguishable(a, c, obj)  # c differs in precision
     table = format_front([a, b], [c], obj, ("precision", "tv_to_uniform", "fd"))
-    assert "| baseline-rebalanced | 0.800 [0.780, 0.820] | 0.110 [0.090, 0.130] | none |" in table
-    assert "| a | 0.900 [0.880, 0.920] | 0.100 [0.080, 0.120] | b |" in table
+    assert "| baseline-rebalanced | 0.800 [0.780, 0.820] | 0.110 [0.090, 0.130] |  |" in table
+    assert "| a | 0.900 [0.880, 0.920] | 0.100 [0.080, 0.120] |  |" in table
+    assert "within the intervals" not in table  # an overlap is not a test of the difference (tests/test_compare.py)
     best = feasibility([a, b, c], {"tv_to_uniform": 0.12}, "precision")
     assert best["best"] is a  # b has better precision but misses the target
     assert "best trial meeting tv_to_uniform <= 0.12: a (precision 0.900" in format_feasibility(
@@ -243,6 +245,24 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
         rows = list(csv.DictReader(f))
     assert [r["role"] for r in rows] == ["baseline-continued", "baseline-rebalanced"] + ["trial"] * len(res.front)
     assert float(rows[1]["tv_to_uniform_ci_lo"]) <= float(rows[1]["tv_to_uniform"]) <= float(rows[1]["tv_to_uniform_ci_hi"])
+    # one class set for the class-mean quality of every evaluated point, restated from its own per-class FIDs
+    evaluated = [*res.references, *done]
+    (common,) = {r["quality_classes"] for r in evaluated}
+    for r in evaluated:
+        folder = res.out / r["role"] if r["role"] != "trial" else Path(res.store) / "trials" / r["trial_id"]
+        own = json.loads((folder / "summary.json").read_text())
+        if common:
+            assert r["fid_class_mean"] == pytest.approx(np.mean([own["fid_per_class"][c] for c in common.split()]))
+        assert r["precision_class_mean_ci"][0] <= r["precision_class_mean"] <= r["precision_class_mean_ci"][1]
+    # each point's difference to each reference, with the interval of the difference, printed and in the front
+    assert "Differences to the references (point - reference" in text and "precision - baseline-rebalanced" in text
+    with open(res.out / "front" / "differences.csv") as f:
+        diffs = list(csv.DictReader(f))
+    assert {(d["point"], d["reference"]) for d in diffs if d["metric"] == "tv_to_uniform"} == {
+        ("baseline-rebalanced", "baseline-continued"), ("baseline-continued", "baseline-rebalanced")} | {
+        (name_of(r), ref) for r in done for ref in ("baseline-continued", "baseline-rebalanced")}
+    for d in diffs:
+        assert float(d["ci_lo"]) <= float(d["difference"]) <= float(d["ci_hi"]), d
     uri = os.environ["MLFLOW_TRACKING_URI"]
     client = tracking.client(uri)
     rebalanced = client.get_run(res.references[1]["run_id"])
@@ -280,7 +300,7 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
     assert {"loss_class_4", "loss_class_5", "loss_class_7"} <= set(history[-1])
     parent = client.get_run(res.parent_run_id)
     assert parent.info.status == "FINISHED"
-    assert {"pareto.csv", "tradeoff.png", "best_configs.json", "trials.csv"} <= {
+    assert {"pareto.csv", "tradeoff.png", "best_configs.json", "trials.csv", "differences.csv"} <= {
         a.path for a in client.list_artifacts(res.parent_run_id)}
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'")

@@ -33,6 +33,10 @@ class Evaluation:
     summary: dict
     images: np.ndarray  # uint8 N x S x S
     labels: np.ndarray  # classifier predictions (class ids)
+    # What a sweep compares runs with (evaluation.npz; cdd_ray.compare): per generated sample its class position
+    # and precision hit, and the bootstrap draws of the FIDs. Runs sampled from the same seed share their initial
+    # noise sample by sample, so their per-sample arrays pair up.
+    record: dict[str, np.ndarray]
 
 
 def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, lam: dict[str, float],
@@ -42,7 +46,8 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
     t0 = time.perf_counter()
     clf, acc = get_classifier(split, cfg, device)
     t_clf = time.perf_counter() - t0
-    x = sample(ema_unet, noise_scheduler, e.n_samples, e.sampler_steps, e.batch_size, cfg.optim.seed + 1, device)
+    sample_seed = cfg.optim.seed + 1
+    x = sample(ema_unet, noise_scheduler, e.n_samples, e.sampler_steps, e.batch_size, sample_seed, device)
     if cfg.model.vae:  # latent diffusion: classify and compare decoded images
         x = decode(load_vae(cfg.model.vae, device), x)
     t_sample = time.perf_counter() - t0 - t_clf
@@ -67,7 +72,7 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
         fid_features = "classifier"
     data_idx = data_mix_indices(split.reference_labels, split.priors)
     t_quality = time.perf_counter()
-    quality = quality_metrics(gen_f, pos, ref_f, np.asarray(split.reference_labels), data_idx, split.classes, e.pr_k,
+    quality, record = quality_metrics(gen_f, pos, ref_f, np.asarray(split.reference_labels), data_idx, split.classes, e.pr_k,
                               e.class_fid_samples, e.bootstrap, cfg.optim.seed + 4)
     t_quality = time.perf_counter() - t_quality
     lam_by_pos = {split.classes.index(split.constraint_classes[n]): v for n, v in lam.items()
@@ -87,6 +92,7 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
         "fid_reference_size": int(split.reference.shape[0]),
         "fid_data_reference_size": int(len(data_idx)),
         "n_samples": int(e.n_samples),
+        "sample_seed": int(sample_seed),  # the initial noise of sample i is the same in every run with this seed
         "intervals": {"level": 0.95, "resamples": int(e.bootstrap),
                       "method": "percentile bootstrap over the generated samples; FIDs also over the reference, "
                                 "re-centred on the measured value"},
@@ -102,7 +108,7 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
     if cfg.is_finetune:
         summary.update(finetune_metrics(ema_unet, noise_scheduler, split, cfg, clf, fairness["class_shares"], device))
     labels = np.array([split.classes[i] for i in pos.tolist()], dtype=np.int64)
-    return Evaluation(summary=summary, images=images, labels=labels)
+    return Evaluation(summary=summary, images=images, labels=labels, record={"class_positions": pos, **record})
 
 
 def theory_check(measured: list[float], priors: list[float], baseline: list[float],
