@@ -85,9 +85,9 @@ def restate_class_quality(row: dict[str, Any], run: Evaluated, classes: list[str
         return
     pos = run.class_pos(classes)
     row["fid_class_mean"] = float(np.mean([run.summary["fid_per_class"][c] for c in classes]))
-    draws = run.record.get("fid_class_draws")
-    if draws is not None:
-        row["fid_class_mean_ci"] = recentred_interval(draws[:, pos].mean(1), row["fid_class_mean"])
+    draws = run.record.get("fid_class_draws")  # none when the run was evaluated without intervals
+    row["fid_class_mean_ci"] = (recentred_interval(draws[:, pos].mean(1), row["fid_class_mean"])
+                                if draws is not None else None)
     row["precision_class_mean"] = _class_mean_precision(run, np.arange(len(run.positions))[None], pos)[0]
     row["precision_class_mean_ci"] = percentile_interval(_class_mean_precision(run, _indices(run, 0), pos))
 

@@ -799,7 +799,8 @@ def report(res: SweepResult) -> str:
         lines.append(f"time budget {pl['budget_s'] / 60:.0f} min, took {res.wall_s / 60:.1f} min: {pl['num_trials']} trials "
                      f"and the references at {pl['trial_steps']} steps (asked: {pl['requested_trials']} x "
                      f"{pl['requested_steps']}); {pl['cut']}")
-    lines += [f"sweep folder: {res.out}  (front/pareto.csv, front/differences.csv, front/tradeoff.png, front/best_configs.json)"
+    lines += [f"sweep folder: {res.out}  (front/pareto.csv, front/differences.csv, front/tradeoff.png, "
+              "front/best_configs.json)"
               + (f"; the sweep's state and outputs: {res.store}" if res.store and res.store != str(res.out) else ""),
               f"MLflow parent run: {res.parent_run_id}"]
     return "\n".join(lines)
