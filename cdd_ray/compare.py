@@ -80,8 +80,9 @@ def common_classes(runs: list[Evaluated]) -> list[str]:
 def restate_class_quality(row: dict[str, Any], run: Evaluated, classes: list[str]) -> None:
     """``row``'s fid_class_mean and precision_class_mean (with their intervals) over ``classes`` only."""
     row["quality_classes"] = " ".join(classes)
-    if not classes:
-        row["fid_class_mean"] = row["fid_class_mean_ci"] = None
+    if not classes:  # no class that every run has: no class mean to compare
+        for k in ("fid_class_mean", "fid_class_mean_ci", "precision_class_mean", "precision_class_mean_ci"):
+            row[k] = None
         return
     pos = run.class_pos(classes)
     row["fid_class_mean"] = float(np.mean([run.summary["fid_per_class"][c] for c in classes]))

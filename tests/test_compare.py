@@ -82,6 +82,8 @@ def test_precision_class_mean_weighs_classes_alike_whatever_their_shares():
     restate_class_quality(row, run(pos, hits, fid_per_class={"0": 1.0, "1": 1.0}), ["0", "1"])
     assert row["precision_class_mean"] == pytest.approx(0.75)  # share-weighted precision: 0.9
     assert row["precision_class_mean_ci"][0] < 0.75 < row["precision_class_mean_ci"][1]
+    restate_class_quality(row, run(pos, hits), [])  # no class every run has: no class means at all
+    assert row["precision_class_mean"] is None and row["fid_class_mean"] is None and row["quality_classes"] == ""
 
 
 def test_differences_to_each_reference_and_the_printed_table():
