@@ -6,7 +6,8 @@
 
 The chosen trial's final model becomes a version of a registered model (default ``cdd-ray-<dataset>``) with
 an alias (default ``champion``) and tags naming the sweep, the trial, the rule, its metrics with their
-intervals, the data source and the feature space. The version is an MLflow ``pyfunc`` model that generates:
+intervals, the data source and the feature space. The version is an MLflow ``pyfunc`` model, logged from code
+(cdd_ray/registered_model.py and the cdd_ray package: nothing pickled), that generates:
 
     import mlflow
     out = mlflow.pyfunc.load_model("models:/cdd-ray-mnist@champion").predict({"n": 16, "seed": 0})
@@ -25,8 +26,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
-import numpy as np
 import torch
 
 from cdd_ray import tracking
@@ -35,56 +34,7 @@ from cdd_ray.config import ConfigError
 PICKS = ("quality", "fairness")
 DEFAULT_ALIAS = "champion"
 PYFUNC_ARTIFACT = "pyfunc"  # the registered model's path in the registration run
-
-
-class DiffusionModel(mlflow.pyfunc.PythonModel):
-    """Generates ``n`` images from a seed with the trained EMA UNet and labels them with the labeller the
-    sweep's evaluation used. Input: a dict ``{"n": int, "seed": int, "steps": int (optional)}``."""
-
-    def load_context(self, context) -> None:
-        from cdd_ray import checkpoint
-        from cdd_ray.config import config_from_dict
-        from cdd_ray.evaluation.labeller import DigitClassifier, external_classifier
-
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        unet, _, cfg = checkpoint.load_model(context.artifacts["checkpoint"])
-        self.unet, self.cfg = unet.to(self.device).eval(), config_from_dict(cfg)
-        blob = torch.load(context.artifacts["labeller"], map_location="cpu", weights_only=True)
-        self.classes = list(blob["classes"])
-        if "torchscript" in context.artifacts:  # the run's eval.classifier_path
-            self.labeller = external_classifier(context.artifacts["torchscript"], len(self.classes))
-        else:
-            self.labeller = DigitClassifier(len(self.classes), int(blob["in_channels"]))
-            self.labeller.load_state_dict(blob["state_dict"])
-        self.vae = None
-        if "vae" in context.artifacts:
-            from cdd_ray.model import load_vae
-
-            self.vae = load_vae(context.artifacts["vae"], self.device)
-
-    def predict(self, context, model_input, params=None):  # untyped: MLflow would read hints as a schema
-        """``{"images": uint8 N x S x S (x 3), "labels": int64 N}`` for ``{"n", "seed", "steps"}``."""
-        from cdd_ray.data import to_uint8
-        from cdd_ray.evaluation.labeller import predict
-        from cdd_ray.sample import draw
-
-        n, seed, steps = _request(model_input)
-        x = draw(self.unet, self.cfg, n, steps, seed, self.device, self.vae)  # as cdd_ray.sample --run-id does
-        pos = predict(self.labeller, x.cpu()).numpy()
-        return {"images": to_uint8(x), "labels": np.array([self.classes[i] for i in pos], dtype=np.int64)}
-
-
-def _request(model_input: Any) -> tuple[int, int, int | None]:
-    """``{"n", "seed", "steps"}`` from a dict (or a one-row DataFrame); a clear error otherwise."""
-    if hasattr(model_input, "to_dict") and not isinstance(model_input, dict):  # pandas, one row
-        model_input = {k: v[0] for k, v in model_input.to_dict(orient="list").items()}
-    if not isinstance(model_input, dict) or "n" not in model_input:
-        raise ValueError(f"input: expected {{'n': int, 'seed': int, 'steps': int (optional)}}, got {model_input!r}")
-    n, seed = int(model_input["n"]), int(model_input.get("seed", 0))
-    steps = model_input.get("steps")
-    if n <= 0:
-        raise ValueError(f"input n: {n} must be > 0")
-    return n, seed, int(steps) if steps else None
+MODEL_CODE = Path(__file__).with_name("registered_model.py")  # the model, logged as code (no pickle)
 
 
 def find_sweep(client, name: str) -> Any:
@@ -205,7 +155,7 @@ def register(sweep: str, pick: str | None = None, max_fairness: float | None = N
                                      {**tags, "role": "registered", "mlflow.parentRunId": parent.info.run_id})
         with mlflow.start_run(run_id=run_id):  # FINISHED at the end, FAILED on an error
             info = mlflow.pyfunc.log_model(
-                name=PYFUNC_ARTIFACT, python_model=DiffusionModel(), artifacts=artifacts,
+                name=PYFUNC_ARTIFACT, python_model=str(MODEL_CODE), artifacts=artifacts,
                 code_paths=[str(Path(cdd_ray.__file__).parent)], pip_requirements=_requirements())
     version = tracking.with_retries(lambda: mlflow.register_model(info.model_uri, name, tags=tags),
                                     f"register {name}", uri)

@@ -3,6 +3,8 @@ import csv
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -344,13 +346,12 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2)
 
 
-def test_register_each_rule_registers_its_trial_and_the_model_generates(smoke_sweep, tmp_path, capsys):
+def test_register_each_rule_registers_its_trial_and_the_model_generates(smoke_sweep, tmp_path):
     """cdd_ray.register on the sweep: each rule registers the trial it names; the registered pyfunc model
     generates what the trial's own model generates, and labels as the sweep's evaluation did."""
     import mlflow
     import numpy as np
 
-    from cdd_ray.register import main as register_main
     from cdd_ray.register import register
     from cdd_ray.sample import main as sample_main
 
@@ -366,8 +367,12 @@ def test_register_each_rule_registers_its_trial_and_the_model_generates(smoke_sw
     q = register("sweep-t", pick="quality", alias="quality")
     f = register("sweep-t", pick="fairness", alias="fairness")
     bound = fairest["tv_to_uniform"] + 1e-6  # only trials as fair as the fairest qualify
-    register_main(["--sweep", "sweep-t", "--max-tv", str(bound)])  # alias: champion
-    printed = capsys.readouterr().out
+    # the README's command as a user types it (run with -m, the model's class would be __main__'s: it is logged
+    # from code instead of pickled)
+    cli = subprocess.run([sys.executable, "-m", "cdd_ray.register", "--sweep", "sweep-t", "--max-tv", str(bound)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)  # alias: champion
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    printed = cli.stdout
     assert "registered cdd-ray-mnist version 3 as @champion" in printed and "models:/cdd-ray-mnist@champion" in printed
     expected = {"quality": best_quality, "fairness": fairest,
                 "champion": min((r for r in done if r["tv_to_uniform"] <= bound), key=lambda r: -r["precision"])}
@@ -398,9 +403,19 @@ def test_register_each_rule_registers_its_trial_and_the_model_generates(smoke_sw
     sample_main(["--run-id", chosen["run_id"], "--n", "8", "--seed", "0", "--out", str(tmp_path / "a.png"),
                  "--npz", str(tmp_path / "a.npz")])
     assert np.array_equal(np.load(tmp_path / "a.npz")["images"], out["images"])
-    sample_main(["--model", "models:/cdd-ray-mnist@champion", "--n", "8", "--seed", "0",
-                 "--out", str(tmp_path / "b.png"), "--npz", str(tmp_path / "b.npz")])
+    cli = subprocess.run([sys.executable, "-m", "cdd_ray.sample", "--model", "models:/cdd-ray-mnist@champion", "--n",
+                          "8", "--seed", "0", "--out", str(tmp_path / "b.png"), "--npz", str(tmp_path / "b.npz")],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert cli.returncode == 0, cli.stderr[-3000:]
     assert np.array_equal(np.load(tmp_path / "b.npz")["images"], out["images"])
+    # Logged from code: the model's files are the project's source, its weights and its labeller; no pickled
+    # Python object (MLflow's python_model.pkl would hold DiffusionModel by reference or by value).
+    files = Path(mlflow.artifacts.download_artifacts("models:/cdd-ray-mnist@champion", dst_path=str(tmp_path / "m")))
+    mlmodel = (files / "MLmodel").read_text()
+    assert "model_code_path" in mlmodel and "registered_model.py" in mlmodel, mlmodel
+    names = [f.relative_to(files).as_posix() for f in files.rglob("*") if f.is_file()]
+    assert not [n for n in names if n.endswith((".pkl", ".pickle", ".cloudpickle"))], names
+    assert "registered_model.py" in names and "code/cdd_ray/registered_model.py" in names, names
     # ... and labels them as the sweep's evaluation did: the evaluation's samples (eval.n_samples with seed
     # optim.seed + 1, eval.sampler_steps) labelled by the registered labeller give the trial's class shares.
     n = int(trial.params["eval.n_samples"])
@@ -635,8 +650,6 @@ def test_optuna_dashboard_shows_the_sweeps_study_as_the_report_says(smoke_sweep,
     """The command the sweep's report prints, `optuna-dashboard <study url>`, as a user types it (on a free port):
     the dashboard serves the sweep's study with every trial in the state it ended in."""
     import shlex
-    import subprocess
-    import sys
     import urllib.request
 
     from helpers import end_process_group, free_port, wait_for_health
