@@ -79,7 +79,7 @@ BUDGET_COLUMNS = ("steps", "train_images", "lr", "batch_size", "constraint_batch
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 # Optuna samplers (make_sampler); the default is chosen by benchmarks/search.py (BENCHMARKS.md, section 6).
 SAMPLERS = ("tpe", "gp", "tpe-startup10", "random")
-DEFAULT_SAMPLER = "gp"
+DEFAULT_SAMPLER = "tpe"
 STARTUP_TRIALS = 3  # random trials before a model-based sampler takes over (an 8-trial sweep searches 5)
 
 
