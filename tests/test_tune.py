@@ -503,6 +503,27 @@ def test_fairness_target_reaches_optuna_as_a_constraint(sampler, kind):
     pickle.loads(pickle.dumps(searcher))  # Tune checkpoints the searcher for --resume
 
 
+def test_the_gp_sampler_models_without_its_fallback_warning(caplog):
+    """Past its start-up trials the GP sampler optimises its acquisition function; without the greenlet package
+    Optuna warns, once per sweep, that it falls back to sequential L-BFGS-B (a dependency pyproject now has)."""
+    import logging
+
+    import optuna
+
+    from cdd_ray.tune import STARTUP_TRIALS, make_sampler
+
+    optuna.logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING, logger="optuna"):
+            study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler("gp", 0))
+            study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1) ** 2),
+                           n_trials=STARTUP_TRIALS + 2)
+    finally:
+        optuna.logging.disable_propagation()
+    assert len(study.trials) == STARTUP_TRIALS + 2
+    assert not [r.getMessage() for r in caplog.records if "greenlet" in r.getMessage()]
+
+
 @pytest.mark.parametrize("sampler", ["gp", "tpe"])
 def test_every_trial_reaches_the_study_as_it_ended_and_the_study_is_kept(tmp_path, sampler):
     """Tune hands a trial ASHA stopped to the searcher with its last window report (no objectives). It must reach
