@@ -274,10 +274,11 @@ def end_run(uri: str, run_id: str, status: str, budget_s: float | None = None) -
 
 
 class MetricBuffer:
-    """Per-dual-step metrics of rank 0, sent in batches when a checkpoint is written and at the end.
+    """Per-dual-step metrics of rank 0, sent in batches when a checkpoint is written, at every report window (a
+    sweep's trial: ASHA may stop it there) and at the end.
 
-    Flushing only at checkpoints keeps MLflow consistent with what a restarted run continues from:
-    points after the last checkpoint die with a crashed worker and are logged once, after the restart.
+    A restarted worker group continues from its checkpoint and adds only the dual steps after the newest one
+    MLflow has (``last_logged_primal_step``): every dual step is logged once.
     A store that is away is retried briefly (``soft_budget_s``) and the points stay buffered (bounded):
     training goes on, tracking never stops or corrupts it. What is still unsent at the end is written
     beside the run's outputs (``save_pending``) and sent by the driver with the final metrics.
@@ -320,6 +321,18 @@ class MetricBuffer:
             with open(path, "w") as f:
                 for m in self.pending:
                     f.write(json.dumps([m.key, m.value, m.timestamp, m.step]) + "\n")
+
+
+def last_logged_primal_step(uri: str, run_id: str) -> int:
+    """The primal step of the newest dual step the run has in MLflow (0: none, or the store is away). A restarted
+    worker group logs only the dual steps after it: points are sent at checkpoints and at every report window, so
+    some may be newer than the checkpoint it restarts from."""
+    try:
+        metrics = with_retries(lambda: client(uri).get_run(run_id).data.metrics, "read the run's metrics", uri,
+                               budget_s=5.0)
+    except TrackingError:
+        return 0
+    return int(metrics.get(step_metric_name("primal_step"), 0))
 
 
 def log_pending(uri: str, run_id: str, path: str | Path) -> int:

@@ -223,8 +223,9 @@ def train(
     the dual step); ``snapshot()`` builds a checkpoint of the current state on demand.
     ``on_report(metrics)`` (with ``ray.report_every`` > 0) is called when the primal step count is a
     multiple of ``ray.report_every``, whatever the block boundaries, except at the final step: the losses'
-    means over the steps since the previous report, all-reduced over ranks (``_window_metrics``), before the
-    optimizer step; a non-finite window mean raises ``NonFiniteLossError`` there.
+    means over the steps since the previous report, all-reduced over ranks (``_window_metrics``), after that
+    step's optimizer step and dual step (and ``on_block``), so everything up to the report step is done and
+    recorded when it is sent; a non-finite window mean raises ``NonFiniteLossError`` there.
     ``prepare_model`` wraps the UNet for data parallelism (Ray's ``prepare_model``);
     ``fault(step)`` is a test hook called before every primal step. ``progress``: rank 0's bar (``_progress_bar``).
     """
@@ -336,18 +337,16 @@ def train(
         if window is not None:
             window += stacked.detach()
             window_n += 1
-            if step % report_every == 0 and step < o.steps:  # the final step has its own report
-                # This window's only sync. After a resume the first window starts at the checkpoint's step
-                # (window_steps says how many steps it averages); reports stay at multiples of report_every.
-                wmeans = worker.all_reduce_mean(window / window_n).tolist()
-                _check_finite(step, wmeans, names + monitored)
-                on_report(_window_metrics(step, names + monitored, wmeans, window_n))
-                window.zero_()
-                window_n = 0
+        # A report window ends here (the final step has its own report): it is sent after this step's dual step,
+        # so whoever acts on it (ASHA may stop the trial) has every dual step up to it.
+        window_ends = window is not None and step % report_every == 0 and step < o.steps
         if step % cfg.dual.primal_steps and step < o.steps:
             _optimizer_step(optimizer, scaler)
             lr_sched.step()
             ema.step(unet.parameters())
+            if window_ends:
+                _send_window(step, window, window_n, worker, names + monitored, on_report)
+                window_n = 0
             continue
         # Block boundary: the block means come to the host (all-reduced over ranks).
         means = worker.all_reduce_mean(block / block_n).tolist()
@@ -369,6 +368,9 @@ def train(
             bar.update(step - bar.n)
         if on_block is not None:
             on_block(metrics, snapshot)
+        if window_ends:
+            _send_window(step, window, window_n, worker, names + monitored, on_report)
+            window_n = 0
     if bar is not None:
         bar.close()
     ema_unet = unet_for(cfg).to(dev)
@@ -451,6 +453,17 @@ def _check_finite(step: int, means: list[float], names: list[str]) -> None:
             f"non-finite loss at step {step}: objective {means[0]}, constraints "
             f"{dict(zip(names, means[1:]))}; lambda and weights were not updated from it"
         )
+
+
+def _send_window(step: int, window: torch.Tensor, n: int, worker: Worker, names: list[str],
+                 on_report: ReportCallback) -> None:
+    """The report window's mean losses to ``on_report``; the window starts again. Its only sync. After a resume
+    the first window starts at the checkpoint's step (window_steps says how many steps it averages); reports stay
+    at multiples of report_every."""
+    means = worker.all_reduce_mean(window / n).tolist()
+    _check_finite(step, means, names)
+    on_report(_window_metrics(step, names, means, n))
+    window.zero_()
 
 
 def _window_metrics(step: int, names: list[str], means: list[float], n: int) -> dict[str, float]:
@@ -689,6 +702,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from cdd_ray.tracking import MetricBuffer
 
         mlflow_buffer = MetricBuffer(config["mlflow"]["uri"], config["mlflow"]["run_id"])
+    logged_through = 0  # a restart: the dual steps MLflow already has (sent at a report after the checkpoint)
+    if mlflow_buffer is not None and resume is not None:
+        from cdd_ray.tracking import last_logged_primal_step
+
+        logged_through = last_logged_primal_step(config["mlflow"]["uri"], config["mlflow"]["run_id"])
 
     def report(metrics: dict[str, float], snap: Snapshot | None, extra: Callable[[str], None] | None = None) -> None:
         if worker.rank != 0 or snap is None:
@@ -703,7 +721,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def on_block(metrics: dict[str, float], snapshot: Callable[[], Snapshot]) -> None:
         if dump is not None:
             dump(metrics)
-        if mlflow_buffer is not None:
+        if mlflow_buffer is not None and metrics["step"] > logged_through:
             from cdd_ray.tracking import dual_step_metrics
 
             mlflow_buffer.add(*next(iter(dual_step_metrics([metrics]))))
@@ -717,6 +735,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             report(metrics, snapshot())
 
     def on_report(metrics: dict[str, float]) -> None:
+        # ASHA may stop the trial on this report and Ray then ends its processes from outside: every dual step's
+        # metrics so far go to MLflow first (rank 0), not only those before the last checkpoint.
+        if mlflow_buffer is not None:
+            mlflow_buffer.flush(raise_errors=False)
         ray.train.report(metrics)  # every rank, at the same steps; no checkpoint
 
     fault = make_fault(cfg.fault, worker.rank, config.get("fault_marker"))

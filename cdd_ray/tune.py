@@ -410,7 +410,8 @@ class ConstrainedOptunaSearch(OptunaSearch):
 
 
 def close_stopped_children(uri: str, parent_run_id: str) -> None:
-    """Trials stopped by ASHA are ended from outside their process: mark their runs KILLED, not RUNNING."""
+    """The sweep's trial runs still RUNNING when it ends: KILLED (on Ctrl-C, every running trial; after the
+    trials, none is expected: ASHA's stopped trials are FINISHED by mark_stopped_early first)."""
     c = tracking.client(uri)
     exp = c.get_run(parent_run_id).info.experiment_id
     for r in c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and "
@@ -640,12 +641,12 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
             if uri_storage:  # a --resume from any driver continues this study
                 storage_io.upload(sweep_dir / "study", storage_io.join(store, "study"))
             raise
-        close_stopped_children(uri, parent)
         states = study_states(study, base.name)
         rows = trial_rows(results, sweep_cfg["outputs"], list(space.params), objectives)
+        mark_stopped_early(uri, rows, sweep_cfg["outputs"])
+        close_stopped_children(uri, parent)  # anything else left RUNNING
         refuse_incomparable(rows, references)
         compare_runs(references, rows, store, sweep_cfg["outputs"], objectives)
-        mark_stopped_killed(uri, rows, sweep_cfg["outputs"])
         front = pareto_front(rows, objectives)
         feasible = feasibility(rows, limits, objectives[0]) if limits else {}
         write_front(sweep_dir / "front", rows, front, references, objectives,
@@ -729,15 +730,18 @@ def sweep_note(res: SweepResult, sampler: str, budget: str) -> str:
         f"**Budget**: {budget}.", report(res)])
 
 
-def mark_stopped_killed(uri: str, rows: list[dict[str, Any]], outputs: str) -> None:
-    """A trial ASHA stopped is KILLED: depending on where Ray's stop lands, its own process may have ended its run
-    FAILED (seen in the smoke sweep test). ``outputs``: the trials' folder in the run storage."""
+def mark_stopped_early(uri: str, rows: list[dict[str, Any]], outputs: str) -> None:
+    """A trial ASHA stopped ended as the search meant it to: its run is FINISHED with tags ``stopped_early=true``
+    and ``stopped_at_step`` (KILLED is for a person's Ctrl-C). Ray ends the trial's process from outside, so the
+    run was left RUNNING, or FAILED where the stop landed inside the trial's own clean-up. ``outputs``: the
+    trials' folder in the run storage."""
     for r in rows:
         if r["status"] != "stopped early":
             continue
         run_id = storage_io.read_text(storage_io.join(outputs, str(r.get("trial_id")), "mlflow_run_id"))
         if run_id:
-            tracking.end_run(uri, run_id.strip(), "KILLED")
+            tracking.set_tags(uri, run_id.strip(), {"stopped_early": "true", "stopped_at_step": str(r.get("steps"))})
+            tracking.end_run(uri, run_id.strip(), "FINISHED")
 
 
 def trial_rows(results, outputs: str, param_keys: list[str], objectives: tuple[str, str]) -> list[dict[str, Any]]:
@@ -786,7 +790,7 @@ def report(res: SweepResult) -> str:
                      f"{classes or 'none'} (the classes every evaluated run generated enough samples of).")
     refused = [r for r in res.rows if r.get("refused")]
     if refused:
-        lines.append(f"refused (evaluated on other data or features than the references, kept off the front): "
+        lines.append("refused (evaluated on other data or features than the references, kept off the front): "
                      + ", ".join(f"{name_of(r)} ({r['refused']})" for r in refused))
     if res.limits:
         lines.append(format_feasibility(res.feasible, res.limits, q))

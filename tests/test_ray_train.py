@@ -36,7 +36,9 @@ def read_dump(path: Path) -> list[dict]:
 
 
 def test_worker_fault_restarts_and_matches_uninterrupted_run(ray_session, tmp_path):
-    cfg = smoke(tmp_path, **{"name": "fault", "fault.fail_at_step": 6, "ray.max_failures": 1})
+    # report windows of 1 step (as a sweep's trial reports): rank 0 sends MLflow every dual step at once, so the
+    # dual step at primal step 6 is in MLflow before the fault and after the checkpoint the restart comes from
+    cfg = smoke(tmp_path, **{"name": "fault", "fault.fail_at_step": 6, "ray.max_failures": 1, "ray.report_every": 1})
     summary = run_ray(cfg, tmp_path / "out")
     assert (tmp_path / "ray" / "fault" / ".fault_fired").read_text() == "failed at step 6\n"
     dual = json.loads((tmp_path / "out" / "checkpoint" / "dual_state.json").read_text())
@@ -45,6 +47,11 @@ def test_worker_fault_restarts_and_matches_uninterrupted_run(ray_session, tmp_pa
     reference = train(smoke(tmp_path), prepare_split(smoke(tmp_path)))  # same seed, no fault, no Ray
     for got, want in zip(dual["lam_history"], reference.dual.lam_history):
         assert got == pytest.approx(want, abs=1e-6)
+    # MLflow has every dual step once: the restarted group sent only those after the newest it had (dual step 3)
+    client = tracking.client()
+    lam = sorted(client.get_metric_history(summary["mlflow_run_id"], "lambda/class_4"), key=lambda m: m.step)
+    assert [m.step for m in lam] == list(range(1, 7))
+    assert [m.value for m in lam] == pytest.approx([h[0] for h in dual["lam_history"]], abs=1e-6)
 
 
 def test_resume_continues_a_stopped_run(ray_session, tmp_path):

