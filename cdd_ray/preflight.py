@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from cdd_ray.config import Config, ConfigError
+from cdd_ray.tracking import check_server
 from cdd_ray.storage import is_uri
 
 log = logging.getLogger(__name__)
@@ -101,9 +102,12 @@ def check_storage(storage: str, flag: str = "--storage") -> str:
 
 
 def check_tracking(uri: str) -> str:
-    """A local SQLite MLflow store: its folder must be writable here (a server is checked by its first call)."""
+    """A local SQLite MLflow store: its folder must be writable here. A tracking server: it must take this job's
+    credentials (``tracking.check_server``); whether it is reachable is checked by its first write."""
     if uri.startswith("sqlite:///"):
         check_out(Path(uri.removeprefix("sqlite:///")).parent, "MLFLOW_TRACKING_URI (its SQLite file's folder)")
+    elif uri.startswith(("http://", "https://")):
+        check_server(uri)
     return uri
 
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
-from cdd_ray.config import Config, flatten
+from cdd_ray.config import Config, ConfigError, flatten
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,6 +57,30 @@ def retry_budget_s() -> float:
     return float(os.environ.get("CDD_RAY_MLFLOW_RETRY_S", "120"))
 
 
+# MLflow error codes a retry cannot change: a missing run, a bad request, credentials the server refuses.
+NOT_TRANSIENT = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "INVALID_PARAMETER", "UNAUTHENTICATED",
+                 "PERMISSION_DENIED")
+
+
+def check_server(uri: str) -> None:
+    """A tracking server answers this job's credentials (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or
+    MLFLOW_TRACKING_TOKEN): a refusal is a ``ConfigError`` naming the server, before any run or training starts.
+    A server that does not answer is left to the first write (retried, then ``TrackingError``)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client(uri).search_experiments(max_results=1)
+    except MlflowException as e:
+        code = str(getattr(e, "error_code", ""))
+        if code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            return
+        given = [k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+                 if os.environ.get(k)]
+        raise ConfigError(f"MLFLOW_TRACKING_URI: the tracking server {uri!r} refused the credentials ({code}; "
+                          + (f"given: {', '.join(given)}" if given else "none given") + "); set "
+                          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server") from None
+
+
 def with_retries(fn: Callable[[], T], what: str, uri: str, budget_s: float | None = None, base_s: float = 0.2) -> T:
     """Call ``fn``; retry transient store errors (SQLite locks, refused or timed-out connections) with jittered
     backoff for at most ``budget_s`` seconds (default ``retry_budget_s()``), then raise ``TrackingError``.
@@ -73,8 +97,7 @@ def with_retries(fn: Callable[[], T], what: str, uri: str, budget_s: float | Non
         try:
             return fn()
         except MlflowException as e:
-            if "RESOURCE_DOES_NOT_EXIST" in str(getattr(e, "error_code", "")) or "INVALID_PARAMETER" in str(
-                    getattr(e, "error_code", "")):
+            if str(getattr(e, "error_code", "")) in NOT_TRANSIENT:
                 raise
             last = e
         except (OSError, ConnectionError) as e:

