@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Iterator, NoReturn
 
 from cdd_ray.config import PRESETS, Config, ConfigError, build_config, parse_set, validate
+from cdd_ray.placement import check_this_machine
+from cdd_ray.samplers import DEFAULT_SAMPLER, SAMPLERS, STARTUP_TRIALS
 from cdd_ray.tracking import TrackingError
 
 
@@ -105,8 +107,6 @@ DEFAULT_CPU_BUDGET = "45m"
 
 def add_search_flags(p: argparse.ArgumentParser) -> None:
     """The sweep's sampler and wall-clock budget."""
-    from cdd_ray.tune import DEFAULT_SAMPLER, SAMPLERS, STARTUP_TRIALS
-
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
                    help=f"Optuna sampler (default {DEFAULT_SAMPLER}, chosen by benchmarks/search.py; tpe and gp start "
                         f"with {STARTUP_TRIALS} random trials, tpe-startup10 with 10, Optuna's default)")
@@ -186,7 +186,10 @@ def job_errors() -> Iterator[JobGuard]:
 
 def run_training(cfg: Config, args: argparse.Namespace, guard: JobGuard) -> tuple[dict, str]:
     """Train ``cfg``: in this process with --local, else on Ray Train (--resume continues --name);
-    returns the summary and the output folder (--out, default runs/<name>)."""
+    returns the summary and the output folder (--out, default runs/<name>). What this machine cannot hold is
+    refused first, in seconds: before the training code is imported and a Ray started."""
+    if not args.local:
+        check_this_machine(cfg)
     from cdd_ray.runner import run_local, run_ray
 
     setup_logging()
@@ -195,6 +198,7 @@ def run_training(cfg: Config, args: argparse.Namespace, guard: JobGuard) -> tupl
     if args.local:
         return run_local(cfg, out), out
     return run_ray(cfg, out, resume=args.resume, verbose=args.verbose), out
+
 
 
 def fail(e: Exception) -> NoReturn:
@@ -270,6 +274,7 @@ def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
         extra = SWEEP_SMOKE if args.smoke else (SWEEP_CPU if preset in (None, "cpu") else [])
         cfg = task_config(task, preset, args.config, parse_set(extra + args.overrides) | flag_overrides(args))
         cfg = name_run(cfg, args, f"{task}-sweep")
+        check_this_machine(cfg, sweep=True)
         space = load_space(args.space)
         warm = cfg.optim.steps // 4 if args.warm_start_steps is None else args.warm_start_steps
         if warm < 0:

@@ -2,8 +2,9 @@
 
 Sized from every alive node's own CPUs and GPUs (``ray.nodes()``), never from the driver's devices or the
 cluster's totals alone: a worker never asks a node for more than that node has (Ray would wait for a node
-that never comes), and a CPU-only head node of a GPU cluster holds no GPU worker. Pure except
-``cluster_nodes``/``cluster_gpus``; unit-tested on heterogeneous node lists.
+that never comes), and a CPU-only head node of a GPU cluster holds no GPU worker. A job that starts its own Ray
+is checked against this machine (``local_nodes``) before that Ray starts. Pure except
+``cluster_nodes``/``cluster_gpus``/``local_nodes``; unit-tested on heterogeneous node lists.
 """
 
 from __future__ import annotations
@@ -33,10 +34,25 @@ def cluster_nodes() -> list[Node]:
             for n in ray.nodes() if n.get("Alive")]
 
 
+def joins_cluster(address: str = "") -> bool:
+    """Does the job join a running cluster (``address`` / RAY_ADDRESS) rather than start a Ray of its own?"""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+def local_nodes() -> list[Node]:
+    """This machine as the one node of the Ray a job starts for itself, counted as that Ray will count it, without
+    starting it (under a second: neither Ray nor torch is started): Ray's CPU count, which honours a container's
+    CPU limit, and its count of the visible NVIDIA GPUs (CUDA_VISIBLE_DEVICES)."""
+    from ray._private.accelerators import NvidiaGPUAcceleratorManager  # Ray's own counts; its public API needs a
+    from ray._private.utils import get_num_cpus  # running Ray
+
+    return [Node(float(get_num_cpus()), float(NvidiaGPUAcceleratorManager.get_current_node_num_accelerators()))]
+
+
 def cluster_gpus(address: str = "") -> int:
     """GPUs of the cluster the job will run on: with ``address`` / RAY_ADDRESS the cluster's (the driver may be a
     CPU-only head), else this machine's."""
-    if address or os.environ.get("RAY_ADDRESS"):
+    if joins_cluster(address):
         from cdd_ray.runner import init_ray
 
         try:
@@ -45,9 +61,7 @@ def cluster_gpus(address: str = "") -> int:
             raise ConfigError(f"--address / RAY_ADDRESS: no Ray cluster at {address or os.environ['RAY_ADDRESS']!r} "
                               f"({e})") from None
         return int(sum(n.gpus for n in cluster_nodes()))
-    import torch
-
-    return torch.cuda.device_count()
+    return int(local_nodes()[0].gpus)
 
 
 def fits(nodes: list[Node], trials: int, workers: int, per_cpu: float, gpu: bool, driver_cpu: float = 0.0) -> bool:
@@ -127,3 +141,16 @@ def sweep_resources(nodes: list[Node], cfg: Config) -> tuple[int, dict[str, floa
         except ConfigError as e:
             error = e  # the last one: why not even one trial fits
     raise error
+
+
+def check_this_machine(cfg: Config, sweep: bool = False) -> None:
+    """A job that starts a Ray of its own (no ``--address`` / RAY_ADDRESS): refuse what this machine cannot hold
+    before that Ray starts (seconds, not a Ray start-up). ``sweep``: at least one trial with its driver."""
+    if joins_cluster(cfg.ray.address):
+        return
+    nodes = local_nodes()
+    try:
+        sweep_resources(nodes, cfg) if sweep else worker_resources(nodes, cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{e}; the cluster would be this machine (the job starts a Ray of its own on it; "
+                          "--address or RAY_ADDRESS joins a bigger one)") from None

@@ -27,6 +27,8 @@ from cdd_ray.data import check_source, prepare_split
 from cdd_ray.evaluation import evaluate
 from cdd_ray.model import build_noise_scheduler
 from cdd_ray.outputs import build_summary, write_outputs
+from cdd_ray.placement import check_this_machine, cluster_nodes
+from cdd_ray.placement import worker_resources as per_worker
 from cdd_ray.train_loop import train, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -188,18 +190,40 @@ def init_ray(address: str = "", dashboard_host: str = "127.0.0.1", *, num_cpus: 
     # cluster up (Ray Train's placement-group cleaner asks the state API, which otherwise takes the newest Ray
     # started on this machine) then never find another job's local Ray, so two jobs at once each keep their own.
     port = _free_port()
-    previous = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the local head Ray starts here
-    try:
+    with _loopback_ray(port):
         ctx = ray.init(num_cpus=num_cpus, dashboard_host=dashboard_host, include_dashboard=include_dashboard,
                        log_to_driver=log_to_driver, logging_level=level, _node_ip_address="127.0.0.1",
                        runtime_env={"env_vars": {**(env_vars or {}), "RAY_ADDRESS": f"127.0.0.1:{port}"}})
-    finally:
-        if previous is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = previous
     _print_dashboard(ctx)
+
+
+@contextlib.contextmanager
+def _loopback_ray(port: int):
+    """While a local Ray starts: its GCS on ``port`` and every server of it on 127.0.0.1.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` alone is turned into this machine's network address
+    (``ray._private.services.resolve_ip_for_localhost``), and the GCS, the raylet, the agents and every worker then
+    listen there or on all interfaces. Ray keeps the loopback address where clusters are off
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read by the driver's ``ray_constants`` and, through the environment
+    they inherit, by the processes started now); a job's own Ray is one node, so nothing is lost. Both are put back
+    afterwards: a ``ray start --address`` this process runs later must still join clusters.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    saved = {k: os.environ.get(k) for k in ("RAY_GCS_SERVER_PORT", ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)}
+    cluster = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the local head Ray starts here
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _print_dashboard(ctx) -> None:
@@ -226,9 +250,6 @@ def _free_port() -> int:
 def worker_resources(cfg: Config) -> dict[str, float]:
     """CPUs (and GPU) per worker, from the connected cluster's nodes (``cdd_ray.placement``); a clear error when
     the cluster cannot hold the workers."""
-    from cdd_ray.placement import cluster_nodes
-    from cdd_ray.placement import worker_resources as per_worker
-
     return per_worker(cluster_nodes(), cfg)
 
 
@@ -288,6 +309,7 @@ def run_ray(cfg: Config, out: str | Path, resume: bool = False, track: bool = Tr
     (``cdd_ray.preflight``), not on the workers. ``verbose``: Ray's own INFO lines on the console
     (``cdd_ray.console``). ``parent_run_id`` / ``tags``: as for ``run_local``.
     """
+    check_this_machine(cfg)  # before a local Ray starts
     out = preflight.check_out(out)
     storage = preflight.check_storage(resolve_storage(cfg.ray.storage))
     check_run_name(storage, cfg.name, resume)

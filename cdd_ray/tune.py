@@ -35,6 +35,8 @@ from cdd_ray.console import SweepTable, short_name, trial_number, tune_verbosity
 from cdd_ray.config import Config, ConfigError, allowed_keys, apply_overrides, config_from_dict, flatten, validate
 from cdd_ray.data import check_source
 from cdd_ray.evaluation.fairness import FLOORS, samples_needed
+from cdd_ray.placement import check_this_machine, cluster_nodes, sweep_resources
+from cdd_ray.samplers import DEFAULT_SAMPLER, make_sampler
 from cdd_ray.front import (MAXIMISED, feasibility, format_differences, format_feasibility, format_front, name_of,
                            pareto_front, refuse_incomparable, write_front)
 
@@ -77,10 +79,6 @@ BUDGET_KNOBS = ("optim.lr", "optim.steps", "optim.batch_size", "optim.constraint
 # What makes a row's budget checkable: primal steps, images through the gradient step, the optimiser's settings.
 BUDGET_COLUMNS = ("steps", "train_images", "lr", "batch_size", "constraint_batch_size")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
-# Optuna samplers (make_sampler); the default is chosen by benchmarks/search.py (BENCHMARKS.md, section 6).
-SAMPLERS = ("tpe", "gp", "tpe-startup10", "random")
-DEFAULT_SAMPLER = "tpe"
-STARTUP_TRIALS = 3  # random trials before a model-based sampler takes over (an 8-trial sweep searches 5)
 
 
 @dataclass
@@ -263,8 +261,6 @@ class SweepResult:
 def plan_resources(cfg: Config) -> tuple[int, dict[str, float]]:
     """Concurrent trials and per-worker resources for the connected Ray cluster's nodes
     (``cdd_ray.placement.sweep_resources``)."""
-    from cdd_ray.placement import cluster_nodes, sweep_resources
-
     return sweep_resources(cluster_nodes(), cfg)
 
 
@@ -336,26 +332,6 @@ def check_limits(limits: dict[str, float], n_samples: int, n_classes: int) -> No
                 f"{flag}: {x:g} is below what {n_samples} samples can show: an exactly uniform generator scores "
                 f"{m} {floor:.3f} at eval.n_samples={n_samples} ({n_classes} classes); a target of {x:g} needs "
                 f"eval.n_samples >= {samples_needed(m, x, n_classes)}, or a target above {floor:.3f}")
-
-
-def make_sampler(name: str, seed: int):
-    """The Optuna sampler ``name`` (SAMPLERS). Each reads the fairness slack of finished trials (constraints).
-
-    tpe: Optuna's TPE after a short random start-up (STARTUP_TRIALS), multivariate; tpe-startup10: Optuna's
-    default TPE, whose 10 random start-up trials make an 8-trial sweep a random search; gp: Optuna's
-    Gaussian-process sampler after the same start-up; random: plain random search (the benchmark's rival).
-    """
-    import optuna
-
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=STARTUP_TRIALS, multivariate=True)
-    if name == "tpe-startup10":
-        return optuna.samplers.TPESampler(seed=seed)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=STARTUP_TRIALS)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise ConfigError(f"--sampler: {name!r} not allowed; allowed: {', '.join(SAMPLERS)}")
 
 
 def _searcher(objectives: tuple[str, str], seed: int, limits: dict[str, float], sampler: str,
@@ -533,6 +509,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
         raise ConfigError(f"--resume: no sweep {base.name!r} under {storage!r}")
     apply_overrides(base, space.fixed)
     validate(base)
+    check_this_machine(base, sweep=True)  # before a local Ray starts
     check_source(base.data)
     base = preflight.resolve(base)  # every trial, reference and worker gets the driver's choices
     uri = preflight.check_tracking(tracking.tracking_uri())

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cdd_ray.cli import (SWEEP_CPU, SWEEP_SMOKE, add_config_flags, add_ray_flags, add_search_flags,  # noqa: E402
                          add_target_flags, config_from_args, fail, job_errors, setup_logging, sweep_limits, time_budget)
 from cdd_ray.config import ConfigError  # noqa: E402
+from cdd_ray.placement import check_this_machine  # noqa: E402
 
 
 def main() -> None:
@@ -64,6 +65,10 @@ def main() -> None:
     cfg = config_from_args(args)
     if args.name is None:
         cfg.name = cfg.name.replace("-constrained-", "-sweep-")
+    try:
+        check_this_machine(cfg, sweep=True)  # in seconds: before the sweep's code is imported and a Ray started
+    except ConfigError as e:
+        fail(e)
     setup_logging()
     from cdd_ray.tracking import tracking_uri, ui_hint
     from cdd_ray.tune import load_space, report, run_sweep

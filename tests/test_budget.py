@@ -109,7 +109,7 @@ def test_jobs_refuse_a_bad_budget_or_sampler_before_any_work(tmp_path):
 
 
 def test_unknown_sampler_is_named():
-    from cdd_ray.tune import make_sampler
+    from cdd_ray.samplers import make_sampler
 
     with pytest.raises(ConfigError, match="--sampler: 'cma' not allowed; allowed: tpe, gp, tpe-startup10, random"):
         make_sampler("cma", 0)

@@ -82,3 +82,57 @@ def test_fits_places_workers_on_one_node_each():
     assert not fits([Node(32, 4), Node(64)], 1, 5, 1, gpu=True)  # the GPU-less node holds no GPU worker
     assert fits([Node(1), Node(1)], 1, 1, 1, gpu=False, driver_cpu=0.1)  # the driver goes to the other node
     assert not fits([Node(1)], 1, 1, 1, gpu=False, driver_cpu=0.1)
+
+
+def test_a_local_job_is_checked_against_this_machine_before_its_ray_starts(monkeypatch):
+    """Without --address / RAY_ADDRESS the job would start a Ray on this machine: what it cannot hold is refused
+    from this machine's CPUs and GPUs, as Ray would count them; a job that joins a cluster is checked there."""
+    import cdd_ray.placement as placement
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(placement, "local_nodes", lambda: [Node(2)])
+    with pytest.raises(ConfigError, match=r"ray.workers=64 does not fit the cluster's nodes \(2 CPUs\): a CPU worker "
+                                          r"needs >= 0.5 CPUs of one node; the cluster would be this machine"):
+        placement.check_this_machine(cfg(**{"ray.workers": 64}))
+    with pytest.raises(ConfigError, match=r"needs 1 GPUs; the cluster has 0 .*the cluster would be this machine"):
+        placement.check_this_machine(cfg(**{"ray.gpu": True}), sweep=True)
+    placement.check_this_machine(cfg(**{"ray.workers": 2}), sweep=True)  # fits: nothing said
+    monkeypatch.setattr(placement, "local_nodes", lambda: [Node(2, 1)])
+    placement.check_this_machine(cfg(**{"ray.gpu": True}))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a cluster: its own nodes decide, after connecting
+    placement.check_this_machine(cfg(**{"ray.workers": 64}))
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert placement.check_this_machine(cfg(**{"ray.workers": 64, "ray.address": "10.0.0.1:6379"})) is None
+
+
+def test_local_nodes_count_this_machine_as_ray_does():
+    import torch
+    from ray._private.utils import get_num_cpus
+
+    from cdd_ray.placement import local_nodes
+
+    assert local_nodes() == [Node(float(get_num_cpus()), float(torch.cuda.device_count()))]
+    assert local_nodes()[0].cpus >= 1
+
+
+@pytest.mark.parametrize("job", [["train_mnist.py", "--preset", "smoke"], ["tune_mnist.py", "--smoke"]])
+def test_jobs_refuse_what_this_machine_cannot_hold_in_seconds(tmp_path, job):
+    """The README's jobs as a user types them, asking for 64 workers on this machine: refused in under 5 s (no Ray
+    started, the training code not even imported), naming the workers and the machine's CPUs."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    script = Path(__file__).resolve().parents[1] / "jobs" / job[0]
+    t = time.monotonic()
+    p = subprocess.run([sys.executable, str(script), *job[1:], "--workers", "64", "--storage", str(tmp_path / "ray")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    took = time.monotonic() - t
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "error: ray.workers=64 does not fit the cluster's nodes (" in p.stderr
+    assert "the cluster would be this machine" in p.stderr and "dashboard" not in p.stdout + p.stderr
+    assert took < 5, f"{took:.1f} s"
+    assert not (tmp_path / "ray").exists()

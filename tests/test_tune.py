@@ -550,7 +550,7 @@ def test_the_gp_sampler_models_without_its_fallback_warning(caplog):
 
     import optuna
 
-    from cdd_ray.tune import STARTUP_TRIALS, make_sampler
+    from cdd_ray.samplers import STARTUP_TRIALS, make_sampler
 
     optuna.logging.enable_propagation()
     try:
