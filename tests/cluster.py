@@ -130,8 +130,7 @@ def ray_cluster(tmp: Path, nodes: list[dict], env: dict[str, str]) -> Iterator[s
 
     GPUs here are declared resources (no device): what a cluster advertises is what the code must size from.
     """
-    port = free_port()
-    address = f"127.0.0.1:{port}"
+    address = ""
     procs: list[subprocess.Popen] = []
     ray_tmp = tempfile.mkdtemp(prefix="cddray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     try:
@@ -141,19 +140,31 @@ def ray_cluster(tmp: Path, nodes: list[dict], env: dict[str, str]) -> Iterator[s
             node_env = {**os.environ, **BASE_ENV, **env, "HOME": str(home / "home"), "OMP_NUM_THREADS": "1",
                         "CDD_RAY_CACHE": str(home / "cache"), "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
             node_env.pop("RAY_ADDRESS", None)
-            cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1",
-                   "--num-cpus", str(node.get("cpus", 1)), "--num-gpus", str(node.get("gpus", 0)),
-                   "--resources", json.dumps({f"node{i}": 1, **node.get("resources", {})}), "--disable-usage-stats",
-                   *_node_ports()]
-            if i == 0:
-                cmd += ["--head", "--port", str(port), "--temp-dir", ray_tmp,
-                        "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                        "--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port())]
-            else:
-                cmd += ["--address", address]
             log = tmp / f"node{i}.log"
-            procs.append(_popen(cmd, log, node_env, home))
-            wait_for(lambda: "Ray runtime started" in log.read_text(), f"ray node {i}", proc=procs[-1], log=log)
+            # A port free_port() found free can be taken by another Ray of the machine (the suite's other worker)
+            # before this node binds it: Ray then exits with "address already in use". Start again on new ports.
+            for attempt in range(3):
+                cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1",
+                       "--num-cpus", str(node.get("cpus", 1)), "--num-gpus", str(node.get("gpus", 0)),
+                       "--resources", json.dumps({f"node{i}": 1, **node.get("resources", {})}),
+                       "--disable-usage-stats", *_node_ports()]
+                if i == 0:
+                    port = free_port()
+                    address = f"127.0.0.1:{port}"
+                    cmd += ["--head", "--port", str(port), "--temp-dir", ray_tmp,
+                            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                            "--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port())]
+                else:
+                    cmd += ["--address", address]
+                proc = _popen(cmd, log, node_env, home)
+                try:
+                    wait_for(lambda: "Ray runtime started" in log.read_text(), f"ray node {i}", proc=proc, log=log)
+                    break
+                except RuntimeError:
+                    stop([proc])
+                    if attempt == 2 or "address already in use" not in log.read_text():
+                        raise
+            procs.append(proc)
         wait_for(lambda: _alive_nodes(address, tmp) >= len(nodes), f"{len(nodes)} ray nodes", timeout=120,
                  proc=procs[-1], log=tmp / f"node{len(nodes) - 1}.log")
         yield address
