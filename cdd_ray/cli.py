@@ -207,7 +207,10 @@ def fail(e: Exception) -> NoReturn:
 
 
 def setup_logging() -> None:
+    """INFO lines of the project on the console; MLflow's "Creating initial MLflow database tables..." and
+    "Updating database tables" (a new SQLite store) only when something goes wrong."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 # ---------------------------------------------------------------- the Celeb-A / ImageNet-subset jobs

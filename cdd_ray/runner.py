@@ -190,10 +190,14 @@ def init_ray(address: str = "", dashboard_host: str = "127.0.0.1", *, num_cpus: 
     # cluster up (Ray Train's placement-group cleaner asks the state API, which otherwise takes the newest Ray
     # started on this machine) then never find another job's local Ray, so two jobs at once each keep their own.
     port = _free_port()
+    # Ray Train's preemption watcher follows nodes a cloud may take away; a job's own Ray is this one machine. Off,
+    # it also leaves out the error-level line Ray prints for it in every fit ("Actor with class name:
+    # 'PreemptionWatcher' ... has constructor arguments in the object store and max_restarts > 0").
+    quiet = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     with _loopback_ray(port):
         ctx = ray.init(num_cpus=num_cpus, dashboard_host=dashboard_host, include_dashboard=include_dashboard,
                        log_to_driver=log_to_driver, logging_level=level, _node_ip_address="127.0.0.1",
-                       runtime_env={"env_vars": {**(env_vars or {}), "RAY_ADDRESS": f"127.0.0.1:{port}"}})
+                       runtime_env={"env_vars": {**quiet, **(env_vars or {}), "RAY_ADDRESS": f"127.0.0.1:{port}"}})
     _print_dashboard(ctx)
 
 

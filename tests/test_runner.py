@@ -192,3 +192,27 @@ def test_a_jobs_own_ray_listens_on_loopback_only(tmp_path):
     assert len(exposed) <= 1 and all(ip in ("::", "0.0.0.0") and names == {"ray::RayTrainWorker"}
                                      for (ip, _), names in exposed.items()), (exposed, seen["listening"])
     assert (tmp_path / "out" / "summary.json").exists()
+
+
+def test_a_jobs_console_is_calm_and_a_real_error_prints_in_full(tmp_path):
+    """The train job as typed, on its own Ray and a new SQLite store: none of the lines that read like failures
+    but are not (Ray's error-level line for Ray Train's preemption watcher in every fit, MLflow's table creation);
+    a real error in training (a fault at step 2, no restarts left) still prints its whole traceback and exits 1."""
+    job = [sys.executable, str(Path(__file__).resolve().parents[1] / "jobs" / "train_mnist.py"), "--preset", "smoke",
+           "--storage", str(tmp_path / "ray")]
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'new.db'}"}
+    ok = subprocess.run([*job, "--name", "calm", "--out", str(tmp_path / "calm")], capture_output=True, text=True,
+                        timeout=600, cwd=tmp_path, env=env)
+    console = ok.stdout + ok.stderr
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    for noise in ("PreemptionWatcher", "core_worker.cc", "Creating initial MLflow database tables",
+                  "Updating database tables", " E "):
+        assert noise not in console, (noise, console[-3000:])
+    bad = subprocess.run([*job, "--name", "fault", "--out", str(tmp_path / "fault"), "--set", "fault.fail_at_step=2",
+                          "--set", "ray.max_failures=0"], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env=env)
+    assert bad.returncode == 1
+    assert bad.stderr.count("RuntimeError: injected fault at step 2 on rank 0") >= 2, bad.stderr[-4000:]
+    assert "Traceback (most recent call last):" in bad.stderr and 'train_loop.py", line' in bad.stderr
+    assert "ray.train.WorkerGroupError: Training failed due to worker errors" in bad.stderr
