@@ -35,10 +35,10 @@ from cdd_ray.console import SweepTable, short_name, trial_number, tune_verbosity
 from cdd_ray.config import Config, ConfigError, allowed_keys, apply_overrides, config_from_dict, flatten, validate
 from cdd_ray.data import check_source
 from cdd_ray.evaluation.fairness import FLOORS, samples_needed
-from cdd_ray.placement import check_this_machine, cluster_nodes, sweep_resources
-from cdd_ray.samplers import DEFAULT_SAMPLER, make_sampler
 from cdd_ray.front import (MAXIMISED, feasibility, format_differences, format_feasibility, format_front, name_of,
                            pareto_front, refuse_incomparable, write_front)
+from cdd_ray.placement import check_this_machine, cluster_nodes, sweep_resources
+from cdd_ray.samplers import DEFAULT_SAMPLER, make_sampler
 
 log = logging.getLogger(__name__)
 
