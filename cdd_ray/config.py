@@ -30,7 +30,7 @@ DUAL_KINDS = ("plain", "resilient")
 DUAL_OPTIMIZERS = ("gradient", "nupi")
 ETA_SCHEDULES = ("constant", "follow_lr")
 FID_FEATURES = ("auto", "inception", "classifier")
-FAULT_MODES = ("raise", "exit")
+FAULT_MODES = ("raise", "exit", "kill")
 ANCHOR_INPUTS = ("noise", "data")
 
 
@@ -182,7 +182,9 @@ class FaultConfig:
     """Test-only fault injection; off by default."""
 
     fail_at_step: int = -1  # primal step at which one worker fails, exactly once per run
-    mode: str = "raise"  # raise an exception, or exit the worker process
+    mode: str = "raise"  # raise an exception, exit the worker process, or kill it (SIGKILL, as the OOM killer does)
+    # SIGKILL the workers while they load their training function (the worker group's launch), once per run
+    kill_on_load: bool = False
     rank: int = 0  # which worker fails
     dump_dual_dir: str = ""  # when set, every rank appends its lambda after each dual step here
 

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -29,7 +29,7 @@ from cdd_ray.model import build_noise_scheduler
 from cdd_ray.outputs import build_summary, write_outputs
 from cdd_ray.placement import check_this_machine, cluster_nodes
 from cdd_ray.placement import worker_resources as per_worker
-from cdd_ray.train_loop import train, train_loop_per_worker
+from cdd_ray.train_loop import FAULT_ON_LOAD_ENV, KillOnLoad, train, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 FINETUNE_METRICS = ("new_share", "old_share", "forgetting", "old_tv_to_pretrained", "train_loss_new",
@@ -182,7 +182,12 @@ def init_ray(address: str = "", dashboard_host: str = "127.0.0.1", *, num_cpus: 
     level = logging.INFO if verbose else logging.WARNING
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        ctx = ray.init(address=address, log_to_driver=log_to_driver, logging_level=level)
+        # The job's processes on the cluster are told its address, as a local Ray's are (below): Ray Train's
+        # placement-group cleaner otherwise looks its cluster up itself and fails wherever another Ray runs on
+        # the same node ("Found multiple active Ray instances"), leaving finished trials' groups reserved.
+        gcs = cluster_address(address)
+        ctx = ray.init(address=address, log_to_driver=log_to_driver, logging_level=level,
+                       runtime_env={"env_vars": {"RAY_ADDRESS": gcs}} if gcs else None)
         log.info("connected to Ray cluster at %s", address)
         _print_dashboard(ctx)
         return
@@ -199,6 +204,19 @@ def init_ray(address: str = "", dashboard_host: str = "127.0.0.1", *, num_cpus: 
                        log_to_driver=log_to_driver, logging_level=level, _node_ip_address="127.0.0.1",
                        runtime_env={"env_vars": {**quiet, **(env_vars or {}), "RAY_ADDRESS": f"127.0.0.1:{port}"}})
     _print_dashboard(ctx)
+
+
+def cluster_address(address: str) -> str:
+    """The address the job's processes are given for ``address``: as given (host:port), the cluster ``ray.init``
+    finds for "auto" (the last ``ray start`` here, else the one Ray running on this machine); "" for a Ray Client
+    address (ray://), whose job processes are the cluster's own."""
+    from ray._private.services import get_ray_address_from_environment
+
+    if address.startswith("ray://"):
+        return ""
+    if address == "auto":
+        return get_ray_address_from_environment("auto", None)
+    return address
 
 
 @contextlib.contextmanager
@@ -274,10 +292,12 @@ def make_trainer(cfg: Config, storage: str, name: str, resources: dict[str, floa
     marker = storage_io.join(storage, name, ".fault_fired")
     if cfg.optim.threads == 0 and not cfg.ray.gpu:  # Ray sets OMP threads from the CPU share
         cfg.optim.threads = max(1, int(resources["CPU"]))
+    on_load = cfg.fault.kill_on_load
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "fault_marker": marker, "mlflow": mlflow, "run_dir": run_dir,
-                           "progress": progress and ("bar" if sys.stderr.isatty() else "lines"), "verbose": verbose},
+                           "progress": progress and ("bar" if sys.stderr.isatty() else "lines"), "verbose": verbose,
+                           "fault_on_load": KillOnLoad(marker + "_on_load") if on_load else None},
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -287,7 +307,8 @@ def make_trainer(cfg: Config, storage: str, name: str, resources: dict[str, floa
             callbacks=callbacks, logging_config=LoggingConfig(log_level=train_log_level(verbose)),
             # Ray Train sends a worker's print() to a logger that adds a line: the progress bar's updates (printed
             # by Ray's tqdm_ray) would each add an empty line to the console.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                             **({FAULT_ON_LOAD_ENV: "1"} if on_load else {})}},
         ),
     )
 
@@ -324,12 +345,10 @@ def run_ray(cfg: Config, out: str | Path, resume: bool = False, track: bool = Tr
     resources = worker_resources(cfg)
     run_id = mlflow_run_for(cfg, storage, uri, resume, parent_run_id, tags) if track else None
     with tracked(uri, run_id):
-        trainer = make_trainer(cfg, storage, cfg.name, resources,
-                               mlflow={"uri": uri, "run_id": run_id} if run_id else None, verbose=verbose)
-        result = fit(trainer)
-        if result.error is not None:
-            raise worker_input_error(result.error) or result.error
-        summary = collect_outputs(result.checkpoint, out)
+        final = fit_run(lambda: make_trainer(cfg, storage, cfg.name, resources, verbose=verbose,
+                                             mlflow={"uri": uri, "run_id": run_id} if run_id else None),
+                        cfg.ray.max_failures)
+        summary = collect_outputs(final, out)
         if run_id:
             finish_tracking(uri, run_id, out, summary)
     return summary
@@ -343,6 +362,62 @@ def worker_input_error(error: BaseException) -> ConfigError | None:
                 return ConfigError(str(e).strip().splitlines()[-1].removeprefix("cdd_ray.config.ConfigError: "))
             e = e.__cause__
     return None
+
+
+def fit_run(build: Callable[[], Any], max_failures: int):
+    """Fit the run's trainer (``build()``) and return its final checkpoint; raise its error (a worker's
+    ``ConfigError`` as itself).
+
+    Ray Train restarts a worker group whose process dies during training (``ray.max_failures``), but not one that
+    dies while the group launches its training function (Ray 2.60's worker group start: a ``ControllerError`` from
+    the dead actor ends the fit, as an OOM kill at that moment or a node lost then would). Such a fit is fitted
+    again by a new trainer of the same run, which Ray Train resumes from the run's newest checkpoint: at most
+    ``max_failures`` times (-1: no limit)."""
+    from ray.train import TrainingFailedError
+
+    restarts = 0
+    while True:
+        try:
+            result = fit(build())
+            error = result.error  # Ray Train 2.60 raises it instead
+        except TrainingFailedError as e:
+            error = e
+        if error is None:
+            return result.checkpoint
+        died = worker_died(error)
+        if died:
+            release_group_of(error.controller_failure)
+        if not died or restarts == max_failures:
+            raise worker_input_error(error) or error
+        restarts += 1
+        log.warning("a Ray Train worker died while its run started (%s); restarting the run from its newest "
+                    "checkpoint (%d of ray.max_failures=%d)", str(error.controller_failure).splitlines()[0],
+                    restarts, max_failures)
+
+
+def worker_died(error: BaseException) -> bool:
+    """A fit that failed because a worker process died where Ray Train does not restart it itself."""
+    from ray.exceptions import RayActorError
+    from ray.train import ControllerError
+
+    return isinstance(error, ControllerError) and isinstance(error.controller_failure, RayActorError)
+
+
+def release_group_of(dead: BaseException) -> None:
+    """Remove the placement group a dead Ray Train worker ran in. When the worker group dies while it launches,
+    Ray Train 2.60 leaves the group reserved (it is not yet the controller's group to shut down): the run's next
+    fit, and in a sweep every trial waiting for those CPUs, would wait for it forever."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.state import get_actor
+
+    try:
+        actor = get_actor(dead.actor_id)  # Ray's state API (the dashboard)
+    except Exception as e:  # noqa: BLE001 - said, then the restart goes on: it may find the resources elsewhere
+        log.warning("could not look up the dead worker's placement group (%s): it may stay reserved", e)
+        return
+    if actor is not None and actor.placement_group_id:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(actor.placement_group_id)))
 
 
 def fit(trainer):

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -611,9 +612,34 @@ def make_fault(fault_cfg, rank: int, marker: str | None) -> Callable[[int], None
         storage.write_text(marker, f"failed at step {step}\n")
         if fault_cfg.mode == "exit":
             os._exit(1)
+        if fault_cfg.mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected fault at step {step} on rank {rank}")
 
     return fault
+
+
+FAULT_ON_LOAD_ENV = "CDD_RAY_FAULT_ON_LOAD"  # set in the workers' runtime env of a fit with fault.kill_on_load
+
+
+class KillOnLoad:
+    """Test hook (``fault.kill_on_load``): a value in the training function's config. A Ray Train worker
+    unpickles it while it loads its training function (the worker group's launch), and is SIGKILLed there, once per
+    run (the marker file); elsewhere (no ``FAULT_ON_LOAD_ENV``) it unpickles to None."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return _kill_on_load, (self.marker,)
+
+
+def _kill_on_load(marker: str) -> None:
+    from cdd_ray import storage
+
+    if os.environ.get(FAULT_ON_LOAD_ENV) == "1" and not storage.exists(marker):
+        storage.write_text(marker, "killed while loading its training function\n")
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _dual_dumper(directory: str, rank: int, names: list[str]) -> Callable[[dict[str, float]], None]:

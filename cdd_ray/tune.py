@@ -165,7 +165,7 @@ def run_trial(config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cdd_ray.runner import collect_outputs, finish_tracking, make_trainer, tracked, worker_input_error
+    from cdd_ray.runner import collect_outputs, finish_tracking, fit_run, make_trainer, tracked
 
     sweep = config["sweep"]
     params = {k: config[k] for k in sweep["param_keys"]}
@@ -188,15 +188,13 @@ def run_trial(config: dict[str, Any]) -> None:
         storage_io.write_text(storage_io.join(store, "mlflow_run_id"), run_id)
     with tracked(uri, run_id):
         # no progress bar: the sweep's table (cdd_ray.console.SweepTable) shows every trial
-        trainer = make_trainer(cfg, sweep["storage"], cfg.name, sweep["resources"], callbacks=[TuneReportCallback()],
-                               mlflow={"uri": uri, "run_id": run_id}, progress=False,
-                               verbose=sweep.get("verbose", False))
-        result = trainer.fit()
-        if result.error is not None:
-            raise worker_input_error(result.error) or result.error
+        final = fit_run(lambda: make_trainer(cfg, sweep["storage"], cfg.name, sweep["resources"],
+                                             callbacks=[TuneReportCallback()], mlflow={"uri": uri, "run_id": run_id},
+                                             progress=False, verbose=sweep.get("verbose", False)),
+                        cfg.ray.max_failures)
         # The outputs land in the storage; with a URI through a folder of this node's that is then removed.
         out = Path(store) if not storage_io.is_uri(store) else Path(tempfile.mkdtemp(prefix=f"cdd-{trial_id}-"))
-        summary = collect_outputs(result.checkpoint, out)
+        summary = collect_outputs(final, out)
         finish_tracking(uri, run_id, out, summary)
         if storage_io.is_uri(store):
             storage_io.upload(out, store)
@@ -270,8 +268,7 @@ def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_ru
     """An unconstrained reference run (a child of the sweep, MLflow tag ``role``), its outputs in ``out`` and, when
     ``store`` (a folder of the run storage) is another place, there too; reused from ``store`` when the sweep is
     resumed. ``overrides``: config keys for this run only (e.g. ``optim.balanced`` for the rebalanced one)."""
-    from cdd_ray.runner import (collect_outputs, finish_tracking, fit, make_trainer, tracked, worker_input_error,
-                                worker_resources)
+    from cdd_ray.runner import collect_outputs, finish_tracking, fit_run, make_trainer, tracked, worker_resources
 
     store = store or str(out)
     saved = storage_io.read_text(storage_io.join(store, "summary.json"))
@@ -288,11 +285,10 @@ def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_ru
     validate(cfg)
     run_id = tracking.start_run(cfg, uri, parent_run_id=parent_run_id, extra_tags={"sweep": base.name, "role": role})
     with tracked(uri, run_id):
-        result = fit(make_trainer(cfg, storage, cfg.name, worker_resources(cfg),
-                                  mlflow={"uri": uri, "run_id": run_id}, verbose=verbose))
-        if result.error is not None:
-            raise worker_input_error(result.error) or result.error
-        summary = collect_outputs(result.checkpoint, out)
+        resources = worker_resources(cfg)
+        final = fit_run(lambda: make_trainer(cfg, storage, cfg.name, resources, verbose=verbose,
+                                             mlflow={"uri": uri, "run_id": run_id}), cfg.ray.max_failures)
+        summary = collect_outputs(final, out)
         finish_tracking(uri, run_id, out, summary)
     summary.update(run_id=run_id, role=role)
     if store != str(out):  # a URI storage: the outputs go there too, the driver keeps its copy

@@ -125,14 +125,15 @@ def _node_ports() -> list[str]:
 
 
 @contextlib.contextmanager
-def ray_cluster(tmp: Path, nodes: list[dict], env: dict[str, str]) -> Iterator[str]:
+def ray_cluster(tmp: Path, nodes: list[dict], env: dict[str, str], ray_tmp: str = "") -> Iterator[str]:
     """A head node and worker nodes, each ``{"cpus": n, "gpus": n, "resources": {...}}``; yields the address.
+    ``ray_tmp``: the cluster's Ray temporary folder (its logs under ``session_latest/logs``), removed at the end.
 
     GPUs here are declared resources (no device): what a cluster advertises is what the code must size from.
     """
     address = ""
     procs: list[subprocess.Popen] = []
-    ray_tmp = tempfile.mkdtemp(prefix="cddray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    ray_tmp = ray_tmp or tempfile.mkdtemp(prefix="cddray-", dir="/tmp")  # short: socket paths must fit 107 bytes
     try:
         for i, node in enumerate(nodes):
             home = tmp / f"node{i}"

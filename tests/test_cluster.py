@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,12 +23,16 @@ BUCKET = "cdd"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cluster")
+    (tmp / "other").mkdir()
+    ray_tmp = tempfile.mkdtemp(prefix="cddray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     with s3_server(tmp, BUCKET) as aws:
         # Node 1 advertises 2 GPUs it does not have: what the cluster says is what the jobs must size from (CPU
-        # runs never ask for them).
-        with ray_cluster(tmp, [{"cpus": 1}, {"cpus": 1, "gpus": 2}], aws) as address, \
+        # runs never ask for them). Beside the cluster, another job's Ray of its own runs on the same machine.
+        with ray_cluster(tmp / "other", [{"cpus": 1}], {}), \
+                ray_cluster(tmp, [{"cpus": 1}, {"cpus": 1, "gpus": 2}], aws, ray_tmp) as address, \
                 mlflow_server(tmp, aws, f"s3://{BUCKET}/mlflow") as uri:
-            yield {"tmp": tmp, "aws": aws, "address": address, "uri": uri}
+            yield {"tmp": tmp, "aws": aws, "address": address, "uri": uri,
+                   "logs": Path(ray_tmp) / "session_latest" / "logs"}
 
 
 def job(stack, name: str, *args: str, cwd: Path, aws: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -52,6 +57,18 @@ def ray_train_worker_nodes(address: str) -> list[str]:
                          env={**os.environ, **BASE_ENV, "RAY_ADDRESS": address})
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cluster_state(address: str) -> tuple[list[str], list[str]]:
+    """The death cause of every PlacementGroupCleaner actor the cluster ran, and the state of its placement groups."""
+    code = ("import json, sys, ray; from ray.util.state import list_actors, list_placement_groups; "
+            "ray.init(address=sys.argv[1], log_to_driver=False); "
+            "print(json.dumps([[str(a.death_cause) for a in list_actors(filters=[('class_name', '=', "
+            "'PlacementGroupCleaner')], detail=True, limit=1000)], [p.state for p in list_placement_groups(limit=1000)]]))")
+    out = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **BASE_ENV, "RAY_ADDRESS": address})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def mlflow_client(stack):
@@ -139,6 +156,14 @@ def test_smoke_sweep_on_s3_warm_starts_on_any_node_and_resumes_from_another_driv
     quiet_console(first)
     assert "Trial status" not in first.stdout and "Configuration for experiment" not in first.stdout  # Tune's
     assert "trials: 1 finished, 0 running, 0 pending" in first.stdout  # the sweep's own table
+    # Another Ray runs on this machine: Ray Train's placement-group cleaners found the cluster by the address the
+    # job gave its processes, not by looking for "the" local Ray; each ended as it should and left no group.
+    lost = "Found multiple active Ray instances"
+    assert lost not in first.stdout + first.stderr
+    assert not [f.name for f in stack["logs"].glob("*") if f.is_file() and lost in f.read_text(errors="replace")]
+    cleaners, groups = cluster_state(stack["address"])
+    assert cleaners and not [c for c in cleaners if lost in c], cleaners
+    assert groups and set(groups) == {"REMOVED"}, groups
     keys = list_bucket(stack["aws"], BUCKET, "ray/sweep-s3/")
     for k in ("mlflow_parent_run_id", "baseline/summary.json", "baseline/history.json",
               "baseline/checkpoint/unet/diffusion_pytorch_model.safetensors", "baseline-continued/summary.json",
