@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,23 +216,48 @@ def trial_run_name(number: int, params: dict[str, Any]) -> str:
 
 class TrialRunNames(Callback):
     """Names each trial's MLflow run (``trial_run_name``, tag ``trial``: ``t03``) once the trial has created it:
-    the number is the trial's place in Tune's list, as in the console's table and the front."""
+    the number is the trial's place in Tune's list, as in the console's table and the front.
+
+    The storage read and the MLflow write run on a thread of their own, never in Tune's event loop: each can take
+    seconds (a busy SQLite store, a remote bucket or server; up to ``CDD_RAY_MLFLOW_RETRY_S`` while a server is
+    away), and Tune's loop, which schedules every trial, would wait for them. The sweep's end waits for them."""
 
     def __init__(self, uri: str, outputs: str, param_keys: list[str]):
         self.uri, self.outputs, self.param_keys = uri, outputs, param_keys
         self.named: set[str] = set()
+        self.asked: set[str] = set()  # trials being named now
+        self.pool: ThreadPoolExecutor | None = None
+
+    def __getstate__(self):  # a restored sweep's Tuner unpickles its callbacks: no thread pool in them
+        return {**self.__dict__, "pool": None, "asked": set()}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if trial.trial_id in self.named:
+        if trial.trial_id in self.named or trial.trial_id in self.asked:
             return
-        run_id = storage_io.read_text(storage_io.join(self.outputs, trial.trial_id, "mlflow_run_id"))
         number = trial_number(trial, trials)
-        if not run_id or number is None:
+        if number is None:
             return
         params = {k: (trial.config or {}).get(k) for k in self.param_keys}
-        tracking.set_tags(self.uri, run_id.strip(), {"mlflow.runName": trial_run_name(number, params),
-                                                     "trial": f"t{number:02d}"})
-        self.named.add(trial.trial_id)
+        self.asked.add(trial.trial_id)
+        self.pool = self.pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="trial-run-names")
+        self.pool.submit(self._name, trial.trial_id, number, params)
+
+    def _name(self, trial_id: str, number: int, params: dict[str, Any]) -> None:
+        try:
+            run_id = storage_io.read_text(storage_io.join(self.outputs, trial_id, "mlflow_run_id"))
+            if run_id:  # else the trial has not created its run yet: asked again at its next result
+                tracking.set_tags(self.uri, run_id.strip(), {"mlflow.runName": trial_run_name(number, params),
+                                                             "trial": f"t{number:02d}"})
+                self.named.add(trial_id)
+        except Exception as e:  # noqa: BLE001 - a name is not worth a sweep: said, and asked again
+            log.warning("could not name trial %s's MLflow run: %s", trial_id, e)
+        finally:
+            self.asked.discard(trial_id)
+
+    def on_experiment_end(self, trials, **info):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
 
 
 # ---------------------------------------------------------------- the sweep

@@ -139,6 +139,41 @@ def test_trial_runs_are_named_by_number_kind_and_the_params_the_kind_uses():
     assert name_of({"role": "baseline-rebalanced", "trial_id": "x"}) == "baseline-rebalanced"
 
 
+def test_trial_runs_are_named_off_tunes_event_loop(tmp_path, monkeypatch):
+    """A slow tracking store (here each write takes 1.5 s) never holds Tune's loop: on_trial_result returns at once,
+    the name is written on a thread of its own, and the sweep's end waits for it. A trial whose run does not exist
+    yet is asked again at its next result."""
+    import pickle
+    import types
+
+    from cdd_ray.tune import TrialRunNames
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    run_id = tracking.start_run(build_config("smoke"), uri)
+    slow = tracking.set_tags
+
+    def set_tags(*a, **kw):
+        time.sleep(1.5)
+        slow(*a, **kw)
+
+    monkeypatch.setattr(tracking, "set_tags", set_tags)
+    names = TrialRunNames(uri, str(tmp_path), ["dual.eta"])
+    first, second = (types.SimpleNamespace(trial_id=t, config={"dual.eta": 0.25}) for t in ("aaaa", "bbbb"))
+    (tmp_path / "bbbb").mkdir()
+    (tmp_path / "bbbb" / "mlflow_run_id").write_text(run_id)
+    started = time.perf_counter()
+    for _ in range(3):
+        names.on_trial_result(0, [first, second], second, {})
+        names.on_trial_result(0, [first, second], first, {})  # no run yet
+    assert time.perf_counter() - started < 0.2
+    names.on_experiment_end([first, second])
+    assert time.perf_counter() - started >= 1.5 and names.named == {"bbbb"}
+    run = tracking.client(uri).get_run(run_id)
+    assert run.info.run_name == "t02 eta=0.25" and run.data.tags["trial"] == "t02"
+    restored = pickle.loads(pickle.dumps(names))  # as a resumed sweep's Tuner restores its callbacks
+    assert restored.named == {"bbbb"} and restored.pool is None
+
+
 def test_pareto_front():
     rows = [{"trial_id": "a", "fid": 1.0, "tv_to_uniform": 0.5}, {"trial_id": "b", "fid": 2.0, "tv_to_uniform": 0.1},
             {"trial_id": "c", "fid": 2.5, "tv_to_uniform": 0.4}, {"trial_id": "d", "fid": float("nan"), "tv_to_uniform": 0},
