@@ -407,14 +407,15 @@ class ConstrainedOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
-def close_stopped_children(uri: str, parent_run_id: str) -> None:
-    """The sweep's trial runs still RUNNING when it ends: KILLED (on Ctrl-C, every running trial; after the
-    trials, none is expected: ASHA's stopped trials are FINISHED by mark_stopped_early first)."""
+def close_stopped_children(uri: str, parent_run_id: str, status: str = "FAILED") -> None:
+    """The sweep's trial runs still RUNNING when it ends get ``status``: KILLED on Ctrl-C (every running trial);
+    FAILED after the trials, where only a trial whose process died can have left one (ASHA's stopped trials are
+    FINISHED by mark_stopped_early first)."""
     c = tracking.client(uri)
     exp = c.get_run(parent_run_id).info.experiment_id
     for r in c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and "
                                                 "attributes.status = 'RUNNING'"):
-        tracking.end_run(uri, r.info.run_id, "KILLED")
+        tracking.end_run(uri, r.info.run_id, status)
 
 
 def study_url(sweep_dir: Path) -> str:
@@ -636,7 +637,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
         try:
             results = tuner.fit()
         except KeyboardInterrupt:  # the parent is marked KILLED by tracked(); so are its running trials
-            close_stopped_children(uri, parent)
+            close_stopped_children(uri, parent, "KILLED")
             if uri_storage:  # a --resume from any driver continues this study
                 storage_io.upload(sweep_dir / "study", storage_io.join(store, "study"))
             raise

@@ -174,6 +174,22 @@ def test_trial_runs_are_named_off_tunes_event_loop(tmp_path, monkeypatch):
     assert restored.named == {"bbbb"} and restored.pool is None
 
 
+def test_trial_runs_left_running_end_failed_after_the_sweep_and_killed_on_ctrl_c():
+    from cdd_ray.tune import close_stopped_children
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    cfg = build_config("smoke")
+    for status in ("FAILED", "KILLED"):
+        parent = tracking.start_run(cfg, uri)
+        left = tracking.start_run(cfg, uri, parent_run_id=parent)  # a trial whose process died
+        done = tracking.start_run(cfg, uri, parent_run_id=parent)
+        tracking.end_run(uri, done, "FINISHED")
+        close_stopped_children(uri, parent, *([status] if status == "KILLED" else []))
+        c = tracking.client(uri)
+        assert (c.get_run(left).info.status, c.get_run(done).info.status) == (status, "FINISHED")
+        assert c.get_run(parent).info.status == "RUNNING"  # the parent is the sweep's own to end
+
+
 def test_pareto_front():
     rows = [{"trial_id": "a", "fid": 1.0, "tv_to_uniform": 0.5}, {"trial_id": "b", "fid": 2.0, "tv_to_uniform": 0.1},
             {"trial_id": "c", "fid": 2.5, "tv_to_uniform": 0.4}, {"trial_id": "d", "fid": float("nan"), "tv_to_uniform": 0},
