@@ -409,15 +409,22 @@ def release_group_of(dead: BaseException) -> None:
     fit, and in a sweep every trial waiting for those CPUs, would wait for it forever."""
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group
-    from ray.util.state import get_actor
 
-    try:
-        actor = get_actor(dead.actor_id)  # Ray's state API (the dashboard)
+    try:  # asked inside the job's Ray, whose processes know its address (this driver's process may not)
+        group = ray.get(ray.remote(num_cpus=0)(_placement_group_of).remote(dead.actor_id), timeout=60)
     except Exception as e:  # noqa: BLE001 - said, then the restart goes on: it may find the resources elsewhere
         log.warning("could not look up the dead worker's placement group (%s): it may stay reserved", e)
         return
-    if actor is not None and actor.placement_group_id:
-        remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(actor.placement_group_id)))
+    if group:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group)))
+
+
+def _placement_group_of(actor_id: str) -> str:
+    """The placement group an actor ran in (Ray's state API), "" for none."""
+    from ray.util.state import get_actor
+
+    actor = get_actor(actor_id)
+    return (actor.placement_group_id or "") if actor is not None else ""
 
 
 def fit(trainer):
@@ -425,14 +432,15 @@ def fit(trainer):
     run, keeping its checkpoints, and then calls ``sys.exit``; it stays installed after ``fit``, so the
     previous handler is put back: a later Ctrl-C, e.g. during a sweep, must not reach a finished run.)"""
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGINT) if main else None
+    if not main:  # a Tune trial's thread: Tune ends a trial it stops (ASHA) with SystemExit, which must go on up
+        return trainer.fit()
+    previous = signal.getsignal(signal.SIGINT)
     try:
         return trainer.fit()
     except SystemExit as e:
         raise KeyboardInterrupt("Ray Train run aborted by SIGINT") from e
     finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, previous)
 
 
 def mlflow_run_for(cfg: Config, storage: str, uri: str, resume: bool, parent_run_id: str | None = None,

@@ -45,12 +45,11 @@ def job(stack, name: str, *args: str, cwd: Path, aws: bool = True, timeout: int 
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
-def ray_train_worker_nodes(address: str) -> list[str]:
-    """Node ids of every RayTrainWorker actor the cluster has run (Ray's state API, through the head)."""
-    code = ("import json, sys, ray; from ray.util.state import list_actors; "
-            "ray.init(address=sys.argv[1], log_to_driver=False); "
-            "print(json.dumps([a.node_id for a in list_actors(filters=[('class_name', '=', 'RayTrainWorker')], "
-            "detail=True, limit=1000)]))")
+def state_api(address: str, expression: str):
+    """``expression`` (JSON-able; ``list_actors`` and ``list_placement_groups`` in scope) evaluated by Ray's state
+    API in a process connected to the cluster through its head."""
+    code = ("import json, sys, ray; from ray.util.state import list_actors, list_placement_groups; "
+            f"ray.init(address=sys.argv[1], log_to_driver=False); print(json.dumps({expression}))")
     # RAY_ADDRESS too: the state API looks its cluster up itself ("auto"), which fails while other local Rays
     # run on the machine ("Found multiple active Ray instances").
     out = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120,
@@ -59,16 +58,17 @@ def ray_train_worker_nodes(address: str) -> list[str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def ray_train_worker_nodes(address: str) -> list[str]:
+    """Node ids of every RayTrainWorker actor the cluster has run."""
+    return state_api(address, "[a.node_id for a in list_actors(filters=[('class_name', '=', 'RayTrainWorker')], "
+                              "detail=True, limit=1000)]")
+
+
 def cluster_state(address: str) -> tuple[list[str], list[str]]:
     """The death cause of every PlacementGroupCleaner actor the cluster ran, and the state of its placement groups."""
-    code = ("import json, sys, ray; from ray.util.state import list_actors, list_placement_groups; "
-            "ray.init(address=sys.argv[1], log_to_driver=False); "
-            "print(json.dumps([[str(a.death_cause) for a in list_actors(filters=[('class_name', '=', "
-            "'PlacementGroupCleaner')], detail=True, limit=1000)], [p.state for p in list_placement_groups(limit=1000)]]))")
-    out = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, **BASE_ENV, "RAY_ADDRESS": address})
-    assert out.returncode == 0, out.stderr[-3000:]
-    return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+    return tuple(state_api(address, "[[str(a.death_cause) for a in list_actors(filters=[('class_name', '=', "
+                                    "'PlacementGroupCleaner')], detail=True, limit=1000)], "
+                                    "[p.state for p in list_placement_groups(limit=1000)]]"))
 
 
 def mlflow_client(stack):
