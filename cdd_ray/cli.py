@@ -200,7 +200,6 @@ def run_training(cfg: Config, args: argparse.Namespace, guard: JobGuard) -> tupl
     return run_ray(cfg, out, resume=args.resume, verbose=args.verbose), out
 
 
-
 def fail(e: Exception) -> NoReturn:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2)

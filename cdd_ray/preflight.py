@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 
 from cdd_ray.config import Config, ConfigError
-from cdd_ray.tracking import check_server
 from cdd_ray.storage import is_uri
+from cdd_ray.tracking import check_server
 
 log = logging.getLogger(__name__)
 

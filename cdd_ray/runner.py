@@ -378,21 +378,17 @@ def fit_run(build: Callable[[], Any], max_failures: int):
     restarts = 0
     while True:
         try:
-            result = fit(build())
-            error = result.error  # Ray Train 2.60 raises it instead
-        except TrainingFailedError as e:
-            error = e
-        if error is None:
-            return result.checkpoint
-        died = worker_died(error)
-        if died:
-            release_group_of(error.controller_failure)
-        if not died or restarts == max_failures:
-            raise worker_input_error(error) or error
-        restarts += 1
-        log.warning("a Ray Train worker died while its run started (%s); restarting the run from its newest "
-                    "checkpoint (%d of ray.max_failures=%d)", str(error.controller_failure).splitlines()[0],
-                    restarts, max_failures)
+            return fit(build()).checkpoint
+        except TrainingFailedError as error:  # Ray Train 2.60's fit raises its error
+            died = worker_died(error)
+            if died:
+                release_group_of(error.controller_failure)
+            if not died or restarts == max_failures:
+                raise worker_input_error(error) or error from None
+            restarts += 1
+            log.warning("a Ray Train worker died while its run started (%s); restarting the run from its newest "
+                        "checkpoint (%d of ray.max_failures=%d)", str(error.controller_failure).splitlines()[0],
+                        restarts, max_failures)
 
 
 def worker_died(error: BaseException) -> bool:
