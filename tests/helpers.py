@@ -1,4 +1,4 @@
-"""Small helpers shared by tests that start a local HTTP server (MLflow UI / tracking server)."""
+"""Small helpers shared by tests: local HTTP servers (MLflow UI / tracking server), Ray placement groups."""
 
 import contextlib
 import os
@@ -27,6 +27,20 @@ def wait_for_health(base: str, proc: subprocess.Popen, what: str, seconds: float
             assert proc.poll() is None, f"{what} exited"
             assert time.monotonic() < deadline, f"{what} did not answer within {seconds:g} s"
             time.sleep(0.3)
+
+
+def placement_groups_left(seconds: float = 60) -> list[dict]:
+    """The connected Ray's placement groups not REMOVED, once none is left or after ``seconds``. Ray Train's cleaner
+    removes the group of a trial Tune stopped when it sees the trial's controller dead (it polls every second through
+    the state API: seconds on a busy machine); a group that leaked stays CREATED for ever."""
+    import ray
+
+    deadline = time.monotonic() + seconds
+    while True:
+        left = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
 
 
 def end_process_group(proc: subprocess.Popen, grace: float = 20) -> None:
