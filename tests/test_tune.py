@@ -18,6 +18,7 @@ from cdd_ray.config import ConfigError, build_config
 from cdd_ray.front import name_of
 from cdd_ray.placement import Node, sweep_resources
 from cdd_ray.tune import load_space, pareto_front, run_sweep, to_tune, trial_config
+import golden
 from helpers import placement_groups_left
 
 SPACE = """
@@ -280,6 +281,16 @@ def smoke_sweep(ray_session, tmp_path_factory):
         res = run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, limits={"tv_to_uniform": 0.99},
                         warm_start_steps=6, time_budget_s=budget)
     return res, printed.getvalue(), base, tmp_path
+
+
+def test_smoke_sweep_front_is_the_saved_one(smoke_sweep):
+    """The fixed-seed smoke sweep's pareto.csv is what it was before the redesign of issue #28 (tests/golden.py):
+    rows in the order of their role and sampled configuration (trial ids are random)."""
+    res = smoke_sweep[0]
+    with open(res.out / "front" / "pareto.csv") as f:
+        rows = list(csv.DictReader(f))
+    order = ("role", "dual.kind", "dual.b_rel", "dual.eta", "dual.gamma")
+    golden.check("sweep_smoke", {"pareto": sorted(rows, key=lambda r: [r[k] for k in order])})
 
 
 def test_smoke_sweep_end_to_end(smoke_sweep):
