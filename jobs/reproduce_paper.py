@@ -9,7 +9,7 @@ measured ones, the feature space, class shares measured vs predicted, the lambda
     python jobs/reproduce_paper.py --task imagenet --root /data/imagenette2/train --vae /models/sd-vae-ft-mse --gpu
     python jobs/reproduce_paper.py --task mnist --scale smoke --local         # the machinery, in seconds
 
---scale paper / cpu / smoke picks the preset of that name (README: The paper preset).
+--scale paper / cpu / smoke picks the preset of that name (docs/CONFIGURATION.md: the paper preset).
 """
 
 import argparse

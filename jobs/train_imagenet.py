@@ -4,7 +4,7 @@ A 10-class ImageNet subset (Imagenette) with cassette player, French horn and go
 (paper.md section 4), trained as latent diffusion through a local AutoencoderKL (e.g. sd-vae-ft-mse).
 
 Data: an ImageFolder root, one folder per class (--root, default data/imagenette2/train); weights: a
-diffusers AutoencoderKL folder (--vae). README: Data layouts.
+diffusers AutoencoderKL folder (--vae). docs/DATA.md: Data layouts.
 
     python jobs/train_imagenet.py --root /data/imagenette2/train --vae /models/sd-vae-ft-mse --local
     python jobs/train_imagenet.py --root /data/imagenette2/train --vae /models/sd-vae-ft-mse --gpu --preset paper

@@ -4,7 +4,7 @@ Celeb-A with the male minority (paper.md section 4): one constraint makes the mo
 often as women although the training set holds 4 women per man. 64x64 RGB pixels.
 
 Data: torchvision's CelebA layout under --root (default data/): celeba/img_align_celeba/*.jpg,
-celeba/list_attr_celeba.txt, celeba/list_eval_partition.txt (README: Data layouts).
+celeba/list_attr_celeba.txt, celeba/list_eval_partition.txt (docs/DATA.md: Data layouts).
 
     python jobs/tune_celeba.py --root /data --gpu --preset paper --num-samples 16
     python jobs/tune_celeba.py --root /data --smoke
