@@ -33,7 +33,7 @@ def add_config_flags(p: argparse.ArgumentParser, unconstrained: bool = True) -> 
 def add_baseline_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", default=None, metavar="RUN",
                    help="an unconstrained run's --out folder: its measured class shares are the q of the theory "
-                        "check predicted_shares_from_baseline (README: Evaluation)")
+                        "check predicted_shares_from_baseline (docs/TRAINING.md: What a run writes)")
 
 
 def with_baseline(cfg: Config, ref: str | None) -> Config:
@@ -89,7 +89,7 @@ def add_target_flags(p: argparse.ArgumentParser) -> None:
     """The sweep's objectives and fairness targets (minority-class tasks)."""
     p.add_argument("--quality", default="precision",
                    choices=["precision", "precision_class_mean", "fid_class_mean", "fid", "fid_data", "recall"],
-                   help="quality objective (README: Tuning): precision (default; per sample, so share-weighted over "
+                   help="quality objective (docs/TUNING.md): precision (default; per sample, so share-weighted over "
                         "classes: it moves with the class mix when classes differ in precision), precision_class_mean "
                         "(per-class precision, equal class weights: mix-free), fid_class_mean (per-class FID, mean; "
                         "mix-free), fid (balanced reference, the paper's; rewards "
@@ -216,7 +216,7 @@ def setup_logging() -> None:
 
 
 def add_task_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root", default=None, help="data root (README: Data layouts)")
+    p.add_argument("--root", default=None, help="data root (docs/DATA.md: Data layouts)")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder: latent diffusion")
 
 

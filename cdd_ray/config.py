@@ -75,13 +75,13 @@ class DualConfig:
     # constant: every dual step uses eta; follow_lr: eta x (the current primal lr / optim.lr), i.e. the dual step
     # follows the warm-up and cosine schedule (the authors': 1000 x the current lr, eta = 0.1 at lr 1e-4).
     eta_schedule: str = "constant"
-    gamma: float = 0.15  # relaxation cost (resilient only); see README for the choice
+    gamma: float = 0.15  # relaxation cost (resilient only); see docs/CONFIGURATION.md for the choice
     primal_steps: int = 2  # primal steps per dual step
     lambda_init: float = 0.0
     # The dual optimiser (cdd_ray/dual.py): gradient = projected ascent (the paper's); nupi = the nuPI controller
     # (Sohrabi et al., ICML 2024) with proportional gain kp, integral gain ki and EMA factor nu of the error.
     # kp = 0, ki = 1 is the gradient step. kp = 10, nu = 0.9: picked on a simulated noisy, lagging loss
-    # (benchmarks/dual_toy.py); measured in training against the gradient step in README "The dual step".
+    # (benchmarks/dual_toy.py); measured in training against the gradient step in docs/CONFIGURATION.md "The dual step".
     optimizer: str = "gradient"
     kp: float = 10.0
     ki: float = 1.0
@@ -275,8 +275,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval.n_samples": 1000,
         "eval.sampler_steps": 50,
     },
-    # The authors' settings (paper.md section 5; README "The paper preset" lists what differs and why). Tasks set
-    # their own data sizes on top; fine-tuning its own dual settings (cdd_ray/finetune.py).
+    # The authors' settings (paper.md section 5; docs/CONFIGURATION.md "The paper preset" lists what differs and
+    # why). Tasks set their own data sizes on top; fine-tuning its own dual settings (cdd_ray/finetune.py).
     "paper": {
         "data.image_size": 32,
         "data.per_class": 256,

@@ -1,4 +1,4 @@
-"""What a job prints while it runs (README: What you will see).
+"""What a job prints while it runs (docs/TRAINING.md and docs/TUNING.md: What you will see).
 
 By default the console carries what a user decides from; ``--verbose`` brings Ray's own lines back:
 - Ray Train's INFO lines (one per report, with the whole metrics dict and the checkpoint path; the controller's

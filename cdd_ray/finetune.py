@@ -19,7 +19,7 @@ from cdd_ray.config import Config, ConfigError, build_config, flatten, load_yaml
 OLD_CLASSES = list(range(9))  # the paper pre-trains on MNIST without digit 9 ...
 NEW_CLASSES = [9]  # ... and fine-tunes on 9s
 
-# Fine-tuning defaults on top of the chosen preset, chosen on the cpu preset (README "Fine-tuning"):
+# Fine-tuning defaults on top of the chosen preset, chosen on the cpu preset (docs/FINETUNING.md):
 # unconstrained fine-tuning drifts to a distance of about 0.01 from the pre-trained model on Gaussian
 # inputs, so b must sit far below it (measured: b 0.01 -> old-digit share 0.10, as unconstrained;
 # 0.002 -> 0.23; 0.001 -> 0.35; 0.0003 with eta 10 -> 0.43; 0.0001 with eta 30 -> 0.53), with a large

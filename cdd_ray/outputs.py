@@ -1,5 +1,5 @@
 """The files a finished run leaves: summary.json, samples.npz, evaluation.npz (what a sweep compares runs with),
-PNGs, history (see README)."""
+PNGs, history (see docs/TRAINING.md)."""
 
 from __future__ import annotations
 

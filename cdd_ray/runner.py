@@ -1,6 +1,6 @@
 """Driver side of one training run: in this process (``run_local``) or on Ray Train (``run_ray``).
 
-Both end with the same files in ``out`` (see README): summary.json, samples.npz, PNGs, history and
+Both end with the same files in ``out`` (see docs/TRAINING.md): summary.json, samples.npz, PNGs, history and
 the final checkpoint.
 """
 

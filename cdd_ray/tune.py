@@ -6,7 +6,7 @@ Flow of one sweep (``run_sweep``):
    relative thresholds ``dual.b_rel`` of plain-constraint trials);
 3. the Tuner: a function trainable per trial that builds and fits a TorchTrainer (Ray Train V2) and
    reports through ``TuneReportCallback``; OptunaSearch minimises a quality FID and tv_to_uniform together,
-   ASHA stops trials whose ``loss_objective`` lags (see README);
+   ASHA stops trials whose ``loss_objective`` lags (see docs/TUNING.md);
 4. the Pareto front (pareto.csv, trade-off PNG, best config per objective) logged to the parent run.
 """
 
