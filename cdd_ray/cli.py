@@ -245,6 +245,7 @@ def train_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
 
 def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
     """``jobs/tune_<task>.py``: baselines + Optuna trials on Ray Tune; prints the quality / fairness front."""
+    from cdd_ray.session import cluster_gpus  # Ray itself (a second): only the sweep's jobs ask the cluster
     from cdd_ray.tasks import task_config
     from cdd_ray.tracking import tracking_uri, ui_hint
     from cdd_ray.tune import load_space, report, run_sweep
@@ -267,8 +268,6 @@ def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
     started = time.time()
     with job_errors() as guard:
         check_resume(args)
-        from cdd_ray.placement import cluster_gpus
-
         budget = time_budget(args, on_cpu=not args.gpu and cluster_gpus(args.address or "") == 0)
         if args.num_samples < 1:
             raise ConfigError(f"--num-samples: {args.num_samples} must be >= 1")

@@ -4,7 +4,7 @@ Sized from every alive node's own CPUs and GPUs (``ray.nodes()``), never from th
 cluster's totals alone: a worker never asks a node for more than that node has (Ray would wait for a node
 that never comes), and a CPU-only head node of a GPU cluster holds no GPU worker. A job that starts its own Ray
 is checked against this machine (``local_nodes``) before that Ray starts. Pure except
-``cluster_nodes``/``cluster_gpus``/``local_nodes``; unit-tested on heterogeneous node lists.
+``cluster_nodes``/``local_nodes``; unit-tested on heterogeneous node lists.
 """
 
 from __future__ import annotations
@@ -47,21 +47,6 @@ def local_nodes() -> list[Node]:
     from ray._private.utils import get_num_cpus  # running Ray
 
     return [Node(float(get_num_cpus()), float(NvidiaGPUAcceleratorManager.get_current_node_num_accelerators()))]
-
-
-def cluster_gpus(address: str = "") -> int:
-    """GPUs of the cluster the job will run on: with ``address`` / RAY_ADDRESS the cluster's (the driver may be a
-    CPU-only head), else this machine's."""
-    if joins_cluster(address):
-        from cdd_ray.runner import init_ray
-
-        try:
-            init_ray(address)
-        except ConnectionError as e:
-            raise ConfigError(f"--address / RAY_ADDRESS: no Ray cluster at {address or os.environ['RAY_ADDRESS']!r} "
-                              f"({e})") from None
-        return int(sum(n.gpus for n in cluster_nodes()))
-    return int(local_nodes()[0].gpus)
 
 
 def fits(nodes: list[Node], trials: int, workers: int, per_cpu: float, gpu: bool, driver_cpu: float = 0.0) -> bool:

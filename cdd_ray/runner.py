@@ -29,7 +29,9 @@ from cdd_ray.model import build_noise_scheduler
 from cdd_ray.outputs import build_summary, write_outputs
 from cdd_ray.placement import check_this_machine, cluster_nodes
 from cdd_ray.placement import worker_resources as per_worker
-from cdd_ray.train_loop import FAULT_ON_LOAD_ENV, KillOnLoad, train, train_loop_per_worker
+from cdd_ray.session import init_ray, resolve_storage
+from cdd_ray.train_loop import train
+from cdd_ray.worker import FAULT_ON_LOAD_ENV, KillOnLoad, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 FINETUNE_METRICS = ("new_share", "old_share", "forgetting", "old_tv_to_pretrained", "train_loss_new",
@@ -156,119 +158,6 @@ def log_final(uri: str, run_id: str, out: Path, summary: dict[str, Any]) -> None
     tracking.log_artifacts(uri, run_id, out / "checkpoint", "model")
 
 
-# ---------------------------------------------------------------- Ray
-
-
-def resolve_storage(storage: str) -> str:
-    """A URI (s3://, gs://, ...) is kept; a local path is made absolute (Ray requires it)."""
-    if "://" in storage:
-        return storage
-    return str(Path(storage).expanduser().resolve())
-
-
-def init_ray(address: str = "", dashboard_host: str = "127.0.0.1", *, num_cpus: int | None = None,
-             include_dashboard: bool | None = None, log_to_driver: bool = True,
-             env_vars: dict[str, str] | None = None, verbose: bool = False) -> None:
-    """Connect to ``address`` / RAY_ADDRESS, or start a local Ray with the dashboard on localhost, and print the
-    dashboard's address (and how to sign in). ``num_cpus``, ``include_dashboard`` and ``env_vars`` (for every Ray
-    process of the job) shape the local Ray only; ``verbose``: Ray's own INFO lines on this console."""
-    import ray
-
-    from cdd_ray.console import quiet_libraries
-
-    if ray.is_initialized():
-        return
-    quiet_libraries(verbose)
-    level = logging.INFO if verbose else logging.WARNING
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        # The job's processes on the cluster are told its address, as a local Ray's are (below): Ray Train's
-        # placement-group cleaner otherwise looks its cluster up itself and fails wherever another Ray runs on
-        # the same node ("Found multiple active Ray instances"), leaving finished trials' groups reserved.
-        gcs = cluster_address(address)
-        ctx = ray.init(address=address, log_to_driver=log_to_driver, logging_level=level,
-                       runtime_env={"env_vars": {"RAY_ADDRESS": gcs}} if gcs else None)
-        log.info("connected to Ray cluster at %s", address)
-        _print_dashboard(ctx)
-        return
-    # A Ray of its own, on loopback, whose processes are told its address: Ray's own actors that look their
-    # cluster up (Ray Train's placement-group cleaner asks the state API, which otherwise takes the newest Ray
-    # started on this machine) then never find another job's local Ray, so two jobs at once each keep their own.
-    port = _free_port()
-    # Ray Train's preemption watcher follows nodes a cloud may take away; a job's own Ray is this one machine. Off,
-    # it also leaves out the error-level line Ray prints for it in every fit ("Actor with class name:
-    # 'PreemptionWatcher' ... has constructor arguments in the object store and max_restarts > 0").
-    quiet = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-    with _loopback_ray(port):
-        ctx = ray.init(num_cpus=num_cpus, dashboard_host=dashboard_host, include_dashboard=include_dashboard,
-                       log_to_driver=log_to_driver, logging_level=level, _node_ip_address="127.0.0.1",
-                       runtime_env={"env_vars": {**quiet, **(env_vars or {}), "RAY_ADDRESS": f"127.0.0.1:{port}"}})
-    _print_dashboard(ctx)
-
-
-def cluster_address(address: str) -> str:
-    """The address the job's processes are given for ``address``: as given (host:port), the cluster ``ray.init``
-    finds for "auto" (the last ``ray start`` here, else the one Ray running on this machine); "" for a Ray Client
-    address (ray://), whose job processes are the cluster's own."""
-    from ray._private.services import get_ray_address_from_environment
-
-    if address.startswith("ray://"):
-        return ""
-    if address == "auto":
-        return get_ray_address_from_environment("auto", None)
-    return address
-
-
-@contextlib.contextmanager
-def _loopback_ray(port: int):
-    """While a local Ray starts: its GCS on ``port`` and every server of it on 127.0.0.1.
-
-    ``ray.init(_node_ip_address="127.0.0.1")`` alone is turned into this machine's network address
-    (``ray._private.services.resolve_ip_for_localhost``), and the GCS, the raylet, the agents and every worker then
-    listen there or on all interfaces. Ray keeps the loopback address where clusters are off
-    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read by the driver's ``ray_constants`` and, through the environment
-    they inherit, by the processes started now); a job's own Ray is one node, so nothing is lost. Both are put back
-    afterwards: a ``ray start --address`` this process runs later must still join clusters.
-    """
-    import ray._private.ray_constants as ray_constants
-
-    saved = {k: os.environ.get(k) for k in ("RAY_GCS_SERVER_PORT", ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)}
-    cluster = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the local head Ray starts here
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = cluster
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _print_dashboard(ctx) -> None:
-    from cdd_ray.console import dashboard_message
-
-    try:  # Ray 2.60 keeps the check private; the environment variable says the same where it is set
-        from ray._private.authentication.authentication_utils import is_token_auth_enabled
-    except ImportError:
-        def is_token_auth_enabled() -> bool:
-            return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
-    url = getattr(ctx, "dashboard_url", None)
-    if url:
-        print(dashboard_message(f"http://{url}", is_token_auth_enabled()), flush=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker_resources(cfg: Config) -> dict[str, float]:
     """CPUs (and GPU) per worker, from the connected cluster's nodes (``cdd_ray.placement``); a clear error when
     the cluster cannot hold the workers."""
@@ -343,14 +232,25 @@ def run_ray(cfg: Config, out: str | Path, resume: bool = False, track: bool = Tr
     uri = preflight.check_tracking(tracking.tracking_uri())
     init_ray(cfg.ray.address, verbose=verbose)
     resources = worker_resources(cfg)
-    run_id = mlflow_run_for(cfg, storage, uri, resume, parent_run_id, tags) if track else None
+    run_id = (mlflow_run_for(storage_io.join(storage, cfg.name, "mlflow_run_id"), cfg, uri, resume, parent_run_id,
+                             tags) if track else None)
+    return fit_tracked(lambda: make_trainer(cfg, storage, cfg.name, resources, verbose=verbose,
+                                            mlflow={"uri": uri, "run_id": run_id} if run_id else None),
+                       cfg.ray.max_failures, uri, run_id, out)
+
+
+def fit_tracked(build: Callable[[], Any], max_failures: int, uri: str, run_id: str | None, out: Path,
+                then: Callable[[], None] | None = None) -> dict[str, Any]:
+    """A Ray run's life after its checks, the same for a job, a sweep's references and its trials: fit the trainer
+    ``build()`` makes (``fit_run``), copy its outputs and final checkpoint to ``out``, log them to the MLflow run
+    ``run_id`` (if any), run ``then`` (e.g. upload them), and end the MLflow run FINISHED, or FAILED / KILLED with
+    the error (``tracked``)."""
     with tracked(uri, run_id):
-        final = fit_run(lambda: make_trainer(cfg, storage, cfg.name, resources, verbose=verbose,
-                                             mlflow={"uri": uri, "run_id": run_id} if run_id else None),
-                        cfg.ray.max_failures)
-        summary = collect_outputs(final, out)
+        summary = collect_outputs(fit_run(build, max_failures), out)
         if run_id:
             finish_tracking(uri, run_id, out, summary)
+        if then is not None:
+            then()
     return summary
 
 
@@ -439,10 +339,10 @@ def fit(trainer):
         signal.signal(signal.SIGINT, previous)
 
 
-def mlflow_run_for(cfg: Config, storage: str, uri: str, resume: bool, parent_run_id: str | None = None,
+def mlflow_run_for(id_file: str, cfg: Config, uri: str, resume: bool, parent_run_id: str | None = None,
                    tags: dict[str, str] | None = None) -> str:
-    """A new MLflow run, or on --resume the run's own (its id is kept beside the Ray run, in the storage)."""
-    id_file = storage_io.join(storage, cfg.name, "mlflow_run_id")
+    """A new MLflow run, its id kept in ``id_file`` (beside the Ray run, in the run storage: a path or a URI), or
+    with ``resume`` the run whose id is there, marked RUNNING again."""
     saved = storage_io.read_text(id_file) if resume else None
     if saved:
         run_id = saved.strip()

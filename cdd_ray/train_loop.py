@@ -12,11 +12,8 @@ an ``on_report`` callback is given, the window means once per report window.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -510,8 +507,8 @@ def bar_text(metrics: dict[str, float], names: list[str]) -> str:
 
 def _progress_bar(progress: bool | str | Callable[[int, int], Any], start: int, total: int):
     """Rank 0's progress: ``True``/``"bar"``: a tqdm bar on a terminal, else (``"lines"``, or a log file) a line
-    every minute (``LineProgress``); a callable: ``progress(start, total)`` makes it (``ray_progress``); False:
-    none."""
+    every minute (``LineProgress``); a callable: ``progress(start, total)`` makes it
+    (``cdd_ray.worker.ray_progress``); False: none."""
     if not progress:
         return None
     if callable(progress):
@@ -554,16 +551,6 @@ class LineProgress:
         sys.stdout.flush()
 
 
-def ray_progress(start: int, total: int):
-    """Rank 0's bar in a Ray worker when the driver's console is a terminal: Ray draws it on the driver
-    (``ray.experimental.tqdm_ray``). In a log the worker passes ``"lines"`` instead (``LineProgress``)."""
-    from ray.experimental.tqdm_ray import tqdm
-
-    bar = tqdm(total=total, desc="train", unit="step", flush_interval_s=2.0)
-    bar.n = start
-    return bar
-
-
 def _snapshot(cfg, unet, ema, optimizer, lr_sched, scaler, sampler, noise_gen, dual, step, worker,
               history, monitor_gen=None) -> Snapshot:
     """Current state as a Snapshot (CPU copies); RNG states of every rank are gathered."""
@@ -594,205 +581,3 @@ def _snapshot(cfg, unet, ema, optimizer, lr_sched, scaler, sampler, noise_gen, d
     return Snapshot(unet=unet_cpu, ema_unet=ema_unet.cpu(), trainer_state=trainer_state,
                     dual=DualState.from_dict(dual.to_dict()), config=cfg.to_dict(),
                     meta={"step": step, "dual_step": dual.step, "history": copy.deepcopy(history)})
-
-
-# ---------------------------------------------------------------- Ray Train worker
-
-
-def make_fault(fault_cfg, rank: int, marker: str | None) -> Callable[[int], None] | None:
-    """Test hook: worker ``fault.rank`` fails at ``fault.fail_at_step``, once per run (a marker file in the run's
-    storage, local or a URI)."""
-    if fault_cfg.fail_at_step < 0 or rank != fault_cfg.rank or not marker:
-        return None
-    from cdd_ray import storage
-
-    def fault(step: int) -> None:
-        if step != fault_cfg.fail_at_step or storage.exists(marker):
-            return
-        storage.write_text(marker, f"failed at step {step}\n")
-        if fault_cfg.mode == "exit":
-            os._exit(1)
-        if fault_cfg.mode == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError(f"injected fault at step {step} on rank {rank}")
-
-    return fault
-
-
-FAULT_ON_LOAD_ENV = "CDD_RAY_FAULT_ON_LOAD"  # set in the workers' runtime env of a fit with fault.kill_on_load
-
-
-class KillOnLoad:
-    """Test hook (``fault.kill_on_load``): a value in the training function's config. A Ray Train worker
-    unpickles it while it loads its training function (the worker group's launch), and is SIGKILLed there, once per
-    run (the marker file); elsewhere (no ``FAULT_ON_LOAD_ENV``) it unpickles to None."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return _kill_on_load, (self.marker,)
-
-
-def _kill_on_load(marker: str) -> None:
-    from cdd_ray import storage
-
-    if os.environ.get(FAULT_ON_LOAD_ENV) == "1" and not storage.exists(marker):
-        storage.write_text(marker, "killed while loading its training function\n")
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _dual_dumper(directory: str, rank: int, names: list[str]) -> Callable[[dict[str, float]], None]:
-    """Append lambda (exact hex floats) after every dual step to ``directory/rank{rank}.jsonl``."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"rank{rank}.jsonl")
-
-    def dump(metrics: dict[str, float]) -> None:
-        lam = [float.hex(float(metrics[f"lambda_{n}"])) for n in names]
-        with open(path, "a") as f:
-            f.write(json.dumps({"dual_step": int(metrics["dual_step"]), "lam": lam}) + "\n")
-
-    return dump
-
-
-def _quiet_report_lines(verbose: bool) -> None:
-    """Ray Train logs every report (the whole metrics dict, the checkpoint path) at INFO on a logger named by its
-    file, outside the ``ray.train`` logger whose console level RunConfig's LoggingConfig sets: that one too."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray Train
-        return
-    logging.getLogger(context.__file__).setLevel(logging.INFO if verbose else logging.WARNING)
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The function each Ray Train worker runs: restore, train, checkpoint, evaluate (rank 0), report.
-
-    ``config``: {"cfg": Config.to_dict(), "fault_marker": path or None,
-    "mlflow": {"uri": ..., "run_id": ...} or None (rank 0 then logs every dual step's metrics),
-    "progress": rank 0's progress on the driver's console ("bar", "lines" or False), "verbose": Ray Train's line
-    per report on it too}.
-    Reports (all ranks, the same number of times): every ``ray.checkpoint_every`` dual steps with a
-    checkpoint, and once at the end with the final checkpoint, the evaluation metrics and the run's
-    output files (in the checkpoint's ``outputs/`` folder). With ``ray.report_every`` > 0, also every
-    ``ray.report_every`` primal steps (not the final one) a metrics-only report of that window's mean losses
-    (``step``, ``asha_loss``, ``window_loss_*``): the only reports that carry ``asha_loss``, so ASHA
-    (``time_attr="step"``) compares trials at the same primal steps whatever their ``dual.primal_steps``.
-    """
-    import tempfile
-
-    import ray.train
-    import ray.train.torch
-
-    from cdd_ray import checkpoint
-    from cdd_ray.config import config_from_dict
-    from cdd_ray.data import prepare_split
-    from cdd_ray.evaluation import evaluate
-    from cdd_ray.model import build_noise_scheduler
-    from cdd_ray.outputs import build_summary, write_outputs
-    from cdd_ray.preflight import check_node_files, on_node
-
-    _quiet_report_lines(config.get("verbose", False))
-
-    t0 = time.perf_counter()
-    cfg = config_from_dict(config["cfg"])
-    ctx = ray.train.get_context()
-    worker = Worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
-    if cfg.optim.threads > 0:
-        torch.set_num_threads(cfg.optim.threads)
-    try:  # the driver decided the source and the paths (cdd_ray.preflight): honour them or say where not
-        split = prepare_split(cfg, evaluation=worker.rank == 0)  # only rank 0 evaluates: only it holds that data
-        if worker.rank == 0:
-            check_node_files(cfg)
-    except ConfigError as e:
-        raise on_node(e) from None
-    resume = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            resume = checkpoint.load(d)
-    if config.get("run_dir"):
-        # A run aborted by Ctrl-C can hold checkpoints that Ray uploaded but had not yet registered in its
-        # snapshot (Ray would then start from scratch): continue from the newest complete one.
-        newer = checkpoint.newest(Path(config["run_dir"]).glob("checkpoint_*"),
-                                  after_step=resume.meta["step"] if resume is not None else -1)
-        if newer is not None:
-            log.info("resuming from %s (step %d), newer than Ray's registered checkpoint", newer[0],
-                     newer[1].meta["step"])
-            resume = newer[1]
-    names = cfg.constraint_names()
-    dump = _dual_dumper(cfg.fault.dump_dual_dir, worker.rank, names) if cfg.fault.dump_dual_dir and names else None
-    final: dict[str, Snapshot] = {}
-    mlflow_buffer = None
-    if worker.rank == 0 and config.get("mlflow"):
-        from cdd_ray.tracking import MetricBuffer
-
-        mlflow_buffer = MetricBuffer(config["mlflow"]["uri"], config["mlflow"]["run_id"])
-    logged_through = 0  # a restart: the dual steps MLflow already has (sent at a report after the checkpoint)
-    if mlflow_buffer is not None and resume is not None:
-        from cdd_ray.tracking import last_logged_primal_step
-
-        logged_through = last_logged_primal_step(config["mlflow"]["uri"], config["mlflow"]["run_id"])
-
-    def report(metrics: dict[str, float], snap: Snapshot | None, extra: Callable[[str], None] | None = None) -> None:
-        if worker.rank != 0 or snap is None:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint.save(os.path.join(tmp, "ckpt"), snap)
-            if extra is not None:
-                extra(os.path.join(tmp, "ckpt"))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(os.path.join(tmp, "ckpt")))
-
-    def on_block(metrics: dict[str, float], snapshot: Callable[[], Snapshot]) -> None:
-        if dump is not None:
-            dump(metrics)
-        if mlflow_buffer is not None and metrics["step"] > logged_through:
-            from cdd_ray.tracking import dual_step_metrics
-
-            mlflow_buffer.add(*next(iter(dual_step_metrics([metrics]))))
-        if metrics["step"] >= cfg.optim.steps:
-            final["snap"] = snapshot()  # a collective: every rank takes it
-            return
-        block = metrics["step"] // cfg.dual.primal_steps
-        if block % cfg.ray.checkpoint_every == 0:
-            if mlflow_buffer is not None:
-                mlflow_buffer.flush(raise_errors=False)
-            report(metrics, snapshot())
-
-    def on_report(metrics: dict[str, float]) -> None:
-        # ASHA may stop the trial on this report and Ray then ends its processes from outside: every dual step's
-        # metrics so far go to MLflow first (rank 0), not only those before the last checkpoint.
-        if mlflow_buffer is not None:
-            mlflow_buffer.flush(raise_errors=False)
-        ray.train.report(metrics)  # every rank, at the same steps; no checkpoint
-
-    fault = make_fault(cfg.fault, worker.rank, config.get("fault_marker"))
-    progress = config.get("progress", "bar")  # "bar": Ray draws it on the driver; "lines" (a log) or False
-    result = train(cfg, split, worker, on_block=on_block, resume=resume,
-                   prepare_model=ray.train.torch.prepare_model, fault=fault,
-                   progress=ray_progress if progress in (True, "bar") else progress,
-                   on_report=on_report if cfg.ray.report_every > 0 else None)
-    metrics = dict(result.history[-1]) if result.history else {"step": result.step}
-    snap = final.get("snap")
-    if snap is None and resume is not None and result.start_step >= cfg.optim.steps:
-        snap = resume  # restarted after the last step: the final state is the checkpoint itself
-    if mlflow_buffer is not None:
-        mlflow_buffer.flush(raise_errors=False)  # what is left travels with the outputs to the driver
-    if worker.rank == 0:
-        ev = evaluate(result.ema_unet, build_noise_scheduler(cfg.model), split, cfg, result.dual.by_name(),
-                      worker.device)
-        summary = build_summary(cfg, result, ev, split, time.perf_counter() - t0, worker.world_size)
-        metrics.update({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        metrics.update({f"share_{c}": v for c, v in zip(summary["class_ids"], summary["class_shares"])})
-        def outputs(d: str) -> None:
-            write_outputs(os.path.join(d, "outputs"), cfg, result, ev, summary)
-            if mlflow_buffer is not None:
-                from cdd_ray.tracking import PENDING_FILE
-
-                mlflow_buffer.save_pending(os.path.join(d, "outputs", PENDING_FILE))
-
-        report(metrics, snap, extra=outputs)
-    else:
-        ray.train.report(metrics)
-

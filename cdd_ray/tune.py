@@ -39,6 +39,8 @@ from cdd_ray.evaluation.fairness import FLOORS, samples_needed
 from cdd_ray.front import (MAXIMISED, feasibility, format_differences, format_feasibility, format_front, name_of,
                            pareto_front, refuse_incomparable, write_front)
 from cdd_ray.placement import check_this_machine, cluster_nodes, sweep_resources
+from cdd_ray.runner import fit_tracked, make_trainer, mlflow_run_for, tracked, worker_resources
+from cdd_ray.session import init_ray, resolve_storage
 from cdd_ray.samplers import DEFAULT_SAMPLER, make_sampler
 
 log = logging.getLogger(__name__)
@@ -166,8 +168,6 @@ def run_trial(config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cdd_ray.runner import collect_outputs, finish_tracking, fit_run, make_trainer, tracked
-
     sweep = config["sweep"]
     params = {k: config[k] for k in sweep["param_keys"]}
     cfg = trial_config(sweep["base"], params, sweep.get("baseline_losses"))
@@ -179,29 +179,25 @@ def run_trial(config: dict[str, Any]) -> None:
         summary = json.loads(storage_io.read_text(storage_io.join(store, "summary.json")))
         ray.tune.report({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         return
-    saved = storage_io.read_text(storage_io.join(store, "mlflow_run_id"))
-    if saved:  # a trial restarted by a resumed sweep continues its own run
-        run_id = saved.strip()
-        tracking.client(uri).update_run(run_id, status="RUNNING")
-    else:
-        run_id = tracking.start_run(cfg, uri, parent_run_id=sweep["parent_run_id"],
-                                    extra_tags={"ray_trial_id": trial_id, "sweep": sweep["name"], "role": "trial"})
-        storage_io.write_text(storage_io.join(store, "mlflow_run_id"), run_id)
-    with tracked(uri, run_id):
-        # no progress bar: the sweep's table (cdd_ray.console.SweepTable) shows every trial
-        final = fit_run(lambda: make_trainer(cfg, sweep["storage"], cfg.name, sweep["resources"],
-                                             callbacks=[TuneReportCallback()], mlflow={"uri": uri, "run_id": run_id},
-                                             progress=False, verbose=sweep.get("verbose", False)),
-                        cfg.ray.max_failures)
-        # The outputs land in the storage; with a URI through a folder of this node's that is then removed.
-        out = Path(store) if not storage_io.is_uri(store) else Path(tempfile.mkdtemp(prefix=f"cdd-{trial_id}-"))
-        summary = collect_outputs(final, out)
-        finish_tracking(uri, run_id, out, summary)
+    # a trial restarted by a resumed sweep continues its own run
+    run_id = mlflow_run_for(storage_io.join(store, "mlflow_run_id"), cfg, uri, resume=True,
+                            parent_run_id=sweep["parent_run_id"],
+                            tags={"ray_trial_id": trial_id, "sweep": sweep["name"], "role": "trial"})
+    # The outputs land in the storage; with a URI through a folder of this node's that is then removed.
+    out = Path(store) if not storage_io.is_uri(store) else Path(tempfile.mkdtemp(prefix=f"cdd-{trial_id}-"))
+
+    def publish() -> None:
         if storage_io.is_uri(store):
             storage_io.upload(out, store)
             shutil.rmtree(out, ignore_errors=True)
         storage_io.write_text(storage_io.join(store, "trial.json"),  # last: the trial is done
                               json.dumps({"trial_id": trial_id, "run_id": run_id, "params": params}))
+
+    # no progress bar: the sweep's table (cdd_ray.console.SweepTable) shows every trial
+    fit_tracked(lambda: make_trainer(cfg, sweep["storage"], cfg.name, sweep["resources"],
+                                     callbacks=[TuneReportCallback()], mlflow={"uri": uri, "run_id": run_id},
+                                     progress=False, verbose=sweep.get("verbose", False)),
+                cfg.ray.max_failures, uri, run_id, out, then=publish)
 
 
 def trial_run_name(number: int, params: dict[str, Any]) -> str:
@@ -294,8 +290,6 @@ def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_ru
     """An unconstrained reference run (a child of the sweep, MLflow tag ``role``), its outputs in ``out`` and, when
     ``store`` (a folder of the run storage) is another place, there too; reused from ``store`` when the sweep is
     resumed. ``overrides``: config keys for this run only (e.g. ``optim.balanced`` for the rebalanced one)."""
-    from cdd_ray.runner import collect_outputs, finish_tracking, fit_run, make_trainer, tracked, worker_resources
-
     store = store or str(out)
     saved = storage_io.read_text(storage_io.join(store, "summary.json"))
     if saved and json.loads(saved).get("role") == role:  # written last: the run is complete
@@ -309,13 +303,11 @@ def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_ru
         cfg.optim.warmup = min(cfg.optim.warmup, steps // 10)
     apply_overrides(cfg, overrides or {})
     validate(cfg)
+    resources = worker_resources(cfg)
     run_id = tracking.start_run(cfg, uri, parent_run_id=parent_run_id, extra_tags={"sweep": base.name, "role": role})
-    with tracked(uri, run_id):
-        resources = worker_resources(cfg)
-        final = fit_run(lambda: make_trainer(cfg, storage, cfg.name, resources, verbose=verbose,
-                                             mlflow={"uri": uri, "run_id": run_id}), cfg.ray.max_failures)
-        summary = collect_outputs(final, out)
-        finish_tracking(uri, run_id, out, summary)
+    summary = fit_tracked(lambda: make_trainer(cfg, storage, cfg.name, resources, verbose=verbose,
+                                               mlflow={"uri": uri, "run_id": run_id}), cfg.ray.max_failures,
+                          uri, run_id, out)
     summary.update(run_id=run_id, role=role)
     if store != str(out):  # a URI storage: the outputs go there too, the driver keeps its copy
         storage_io.upload(out, store)
@@ -509,8 +501,6 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from cdd_ray.runner import init_ray, resolve_storage
-
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # fid/tv arrive with the final report only
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # so Tuner.restore does not re-run finished trials
     # Ctrl-C raises KeyboardInterrupt here (Tune's own handler would end the sweep as if it had finished);
@@ -538,15 +528,8 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     uri = preflight.check_tracking(tracking.tracking_uri())
     init_ray(base.ray.address, verbose=verbose)
     conc, resources = plan_resources(base)
-    parent_file = storage_io.join(store, "mlflow_parent_run_id")
-    saved_parent = storage_io.read_text(parent_file) if resume else None
-    if saved_parent:
-        parent = saved_parent.strip()
-        tracking.client(uri).update_run(parent, status="RUNNING")
-    else:
-        parent = tracking.start_run(base, uri, extra_tags={"role": "sweep", "sweep": base.name,
-                                                           "search_space": space.path})
-        storage_io.write_text(parent_file, parent)
+    parent = mlflow_run_for(storage_io.join(store, "mlflow_parent_run_id"), base, uri, resume,
+                            tags={"role": "sweep", "sweep": base.name, "search_space": space.path})
     sweep_dir.mkdir(parents=True, exist_ok=True)
     unequal = budget_knobs(space)
     if unequal:
@@ -558,8 +541,6 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
               flush=True)
         return run_unconstrained(base, storage, sweep_dir / role, uri, parent, role, steps, init_from, overrides,
                                  store=storage_io.join(store, role), verbose=verbose)
-
-    from cdd_ray.runner import tracked
 
     with tracked(uri, parent):
         relative = "dual.b_rel" in space.params and not base.is_finetune

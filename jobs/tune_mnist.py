@@ -43,7 +43,7 @@ def main() -> None:
                    help="trials start from the baseline and train this many steps (default: optim.steps // 4; "
                         "0: every trial trains from scratch)")
     args = p.parse_args()
-    from cdd_ray.placement import cluster_gpus
+    from cdd_ray.session import cluster_gpus
 
     try:
         gpus = cluster_gpus(args.address or "")  # the cluster's, not this driver's (a CPU head of a GPU cluster)

@@ -192,7 +192,7 @@ def test_smoke_sweep_on_s3_warm_starts_on_any_node_and_resumes_from_another_driv
 def test_jobs_size_from_the_cluster_not_the_driver(stack):
     """The driver here has no GPU; the cluster advertises 2 (node 1): the tune job's GPU decision reads the
     cluster's."""
-    code = "from cdd_ray.placement import cluster_gpus; import torch; print(cluster_gpus(), torch.cuda.device_count())"
+    code = "from cdd_ray.session import cluster_gpus; import torch; print(cluster_gpus(), torch.cuda.device_count())"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=stack["tmp"],
                        env={**os.environ, **BASE_ENV, "RAY_ADDRESS": stack["address"]})
     assert p.returncode == 0, p.stderr[-3000:]

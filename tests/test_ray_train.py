@@ -9,7 +9,8 @@ import pytest
 from cdd_ray import tracking
 from cdd_ray.config import ConfigError, build_config
 from cdd_ray.data import prepare_split
-from cdd_ray.runner import check_run_name, init_ray, resolve_storage, run_ray
+from cdd_ray.runner import check_run_name, run_ray
+from cdd_ray.session import init_ray, resolve_storage
 from cdd_ray.train_loop import train
 
 ray = pytest.importorskip("ray")

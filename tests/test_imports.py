@@ -1,0 +1,82 @@
+"""The package's import graph, read from the source (top-level and function-level imports alike): no module
+imports itself through others, and the pure primal-dual loop knows nothing of Ray or MLflow."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "cdd_ray"
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+
+
+def imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any depth of its code (``from a import b`` names ``a.b`` when that is a
+    module, else ``a``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found
+
+
+def package_graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = {d for d in imports(path) if d in modules and d != name and d != "cdd_ray"}
+        # "from cdd_ray.x import y": keep cdd_ray.x.y when it is a module, else cdd_ray.x
+        graph[name] = {d for d in deps if not any(o.startswith(d + ".") and o in deps for o in deps)}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The graph's strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_cycles_are_found():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_package_has_no_import_cycle():
+    graph = package_graph()
+    assert {"cdd_ray.runner", "cdd_ray.worker", "cdd_ray.train_loop"} <= set(graph)
+    assert "cdd_ray.train_loop" in graph["cdd_ray.worker"]  # the graph sees imports
+    assert cycles(graph) == []
+
+
+def test_the_pure_loop_knows_nothing_of_ray_or_mlflow():
+    for module in ("train_loop", "dual"):
+        outside = {d.split(".")[0] for d in imports(PACKAGE / f"{module}.py")} & {"ray", "mlflow"}
+        assert not outside, (module, outside)
