@@ -143,7 +143,9 @@ def ray_cluster(tmp: Path, nodes: list[dict], env: dict[str, str], ray_tmp: str 
             node_env.pop("RAY_ADDRESS", None)
             log = tmp / f"node{i}.log"
             # A port free_port() found free can be taken by another Ray of the machine (the suite's other worker)
-            # before this node binds it: Ray then exits with "address already in use". Start again on new ports.
+            # before this node binds it: Ray then exits with "address already in use". And Ray waits a fixed 30 s
+            # for a new node's raylet to register, which a busy 2-core machine can miss ("The current node timed
+            # out during startup"; seen when the suite's two workers start Rays at once). Start again, new ports.
             for attempt in range(3):
                 cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1",
                        "--num-cpus", str(node.get("cpus", 1)), "--num-gpus", str(node.get("gpus", 0)),
@@ -163,7 +165,9 @@ def ray_cluster(tmp: Path, nodes: list[dict], env: dict[str, str], ray_tmp: str 
                     break
                 except RuntimeError:
                     stop([proc])
-                    if attempt == 2 or "address already in use" not in log.read_text():
+                    text = log.read_text()
+                    if attempt == 2 or ("address already in use" not in text
+                                        and "timed out during startup" not in text):
                         raise
             procs.append(proc)
         wait_for(lambda: _alive_nodes(address, tmp) >= len(nodes), f"{len(nodes)} ray nodes", timeout=120,
