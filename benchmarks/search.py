@@ -43,7 +43,8 @@ from cdd_ray.config import build_config  # noqa: E402
 from cdd_ray.front import hypervolume  # noqa: E402
 from cdd_ray.runner import run_local  # noqa: E402
 from cdd_ray.samplers import SAMPLERS, make_sampler  # noqa: E402
-from cdd_ray.tune import OBJECTIVES, live_class_losses, load_space, trial_config  # noqa: E402
+from cdd_ray.metrics import OBJECTIVES  # noqa: E402
+from cdd_ray.tune import live_class_losses, load_space, trial_config  # noqa: E402
 
 REF = (0.0, 0.9)  # (precision, tv_to_uniform): the worst of each
 CHEAP = {  # the smoke preset's 8x8 UNet, a little wider; the real task's data sizes

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator, NoReturn
 
 from cdd_ray.config import PRESETS, Config, ConfigError, build_config, parse_set, validate
+from cdd_ray.metrics import FAIRNESS_METRICS, QUALITY_METRICS
 from cdd_ray.placement import check_this_machine
 from cdd_ray.samplers import DEFAULT_SAMPLER, SAMPLERS, STARTUP_TRIALS
 from cdd_ray.tracking import TrackingError
@@ -88,13 +89,13 @@ SWEEP_CPU = ["optim.steps=1200", "eval.n_samples=500", "eval.sampler_steps=25", 
 def add_target_flags(p: argparse.ArgumentParser) -> None:
     """The sweep's objectives and fairness targets (minority-class tasks)."""
     p.add_argument("--quality", default="precision",
-                   choices=["precision", "precision_class_mean", "fid_class_mean", "fid", "fid_data", "recall"],
+                   choices=QUALITY_METRICS,
                    help="quality objective (docs/TUNING.md): precision (default; per sample, so share-weighted over "
                         "classes: it moves with the class mix when classes differ in precision), precision_class_mean "
                         "(per-class precision, equal class weights: mix-free), fid_class_mean (per-class FID, mean; "
                         "mix-free), fid (balanced reference, the paper's; rewards "
                         "fairness too), fid_data (training class mix; penalises fairness), recall")
-    p.add_argument("--fairness", default="tv_to_uniform", choices=["tv_to_uniform", "fd"],
+    p.add_argument("--fairness", default="tv_to_uniform", choices=FAIRNESS_METRICS,
                    help="fairness objective: tv_to_uniform or fd (L2 distance of the class shares to uniform)")
     p.add_argument("--max-tv", type=float, default=None, metavar="X",
                    help="fairness target: search for the best quality with tv_to_uniform <= X")

@@ -73,7 +73,8 @@ def choose(rows: list[dict[str, Any]], objectives: tuple[str, str], pick: str | 
            max_fairness: float | None) -> dict[str, Any]:
     """The trial a rule picks: ``quality`` (best first objective), ``fairness`` (lowest second objective; ties
     to the better quality) or ``max_fairness`` (best quality with the second objective at most that)."""
-    from cdd_ray.front import feasibility, sign
+    from cdd_ray.front import feasibility
+    from cdd_ray.metrics import sign
 
     quality, fairness = objectives
     if not rows:

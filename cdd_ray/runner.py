@@ -25,6 +25,7 @@ from cdd_ray import storage as storage_io
 from cdd_ray.config import Config, ConfigError
 from cdd_ray.data import check_source, prepare_split
 from cdd_ray.evaluation import evaluate
+from cdd_ray.metrics import FINETUNE_METRICS, INTERVAL_METRICS
 from cdd_ray.model import build_noise_scheduler
 from cdd_ray.outputs import build_summary, write_outputs
 from cdd_ray.placement import check_this_machine, cluster_nodes
@@ -34,8 +35,6 @@ from cdd_ray.train_loop import train
 from cdd_ray.worker import FAULT_ON_LOAD_ENV, KillOnLoad, train_loop_per_worker
 
 log = logging.getLogger(__name__)
-FINETUNE_METRICS = ("new_share", "old_share", "forgetting", "old_tv_to_pretrained", "train_loss_new",
-                    "heldout_loss_new", "distance_to_pretrained", "pretrained_old_share")
 
 
 def run_local(cfg: Config, out: str | Path, progress: bool = True, track: bool = True,
@@ -114,11 +113,6 @@ def finish_tracking(uri: str, run_id: str, out: Path, summary: dict[str, Any],
     except tracking.TrackingError as e:
         raise tracking.TrackingError(f"{e}; the run's outputs and checkpoint are complete in {str(out)!r}") from e
     summary["mlflow_run_id"] = run_id
-
-
-# Metrics that carry a 95% interval in summary.json as <metric>_ci: [lo, hi]; in MLflow as eval/<metric>_ci_lo / _ci_hi.
-INTERVAL_METRICS = ("fid", "fid_data", "fid_class_mean", "precision", "precision_class_mean", "recall",
-                    "tv_to_uniform", "tv_excess", "fd", "minority_share")
 
 
 def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:

@@ -28,6 +28,7 @@ from cdd_ray.checkpoint import Snapshot
 from cdd_ray.config import Config, ConfigError
 from cdd_ray.data import Split
 from cdd_ray.dual import DualState
+from cdd_ray.metrics import ASHA_LOSS
 from cdd_ray.model import add_noise, autocast_for, build_ema, build_noise_scheduler, unet_for
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,6 @@ class LoopResult:
 BlockCallback = Callable[[dict[str, float], Callable[[], Snapshot]], None]
 # Called every ``ray.report_every`` primal steps (never at the final step) with the window's mean losses.
 ReportCallback = Callable[[dict[str, float]], None]
-# The window metric ASHA compares trials on: the mean over the window's primal steps of the mean denoising
-# loss over the objective and every constraint (or monitored) dataset, each weighted alike (``loss_mean``
-# over the window). Only the window reports carry it, so ASHA's clock is primal steps.
-ASHA_LOSS = "asha_loss"
 
 
 @dataclass

@@ -36,8 +36,10 @@ from cdd_ray.console import SweepTable, short_name, trial_number, tune_verbosity
 from cdd_ray.config import Config, ConfigError, allowed_keys, apply_overrides, config_from_dict, flatten, validate
 from cdd_ray.data import check_source
 from cdd_ray.evaluation.fairness import FLOORS, samples_needed
-from cdd_ray.front import (MAXIMISED, feasibility, format_differences, format_feasibility, format_front, name_of,
+from cdd_ray.front import (feasibility, format_differences, format_feasibility, format_front, name_of,
                            pareto_front, refuse_incomparable, write_front)
+from cdd_ray.metrics import (ASHA_LOSS, BUDGET_COLUMNS, FAIRNESS_METRICS, MAXIMISED, OBJECTIVE_METRICS, OBJECTIVES,
+                             SWEEP_METRICS, direction)
 from cdd_ray.placement import check_this_machine, cluster_nodes, sweep_resources
 from cdd_ray.runner import fit_tracked, make_trainer, mlflow_run_for, tracked, worker_resources
 from cdd_ray.session import init_ray, resolve_storage
@@ -45,33 +47,6 @@ from cdd_ray.samplers import DEFAULT_SAMPLER, make_sampler
 
 log = logging.getLogger(__name__)
 
-# The quality objective: precision (default; maximised), the share of generated samples inside the k-NN
-# manifold of real held-out digits in the FID feature space. It is per sample and does not score the mix as
-# such, but it is the share-weighted mean of per-class precision, so a mix shift moves it as far as classes
-# differ in precision. fid_class_mean (per-class FID, averaged) weights the classes alike.
-# fid (class-balanced reference, the paper's) rewards fairness too, so with tv it collapses the front;
-# fid_data (reference in the training data's mix) penalises fairness itself: it measured the class mix
-# (a trial with minority share 0.14 scored fid_data 109.6 against 44-52 for every other trial).
-QUALITY_METRICS = ("precision", "precision_class_mean", "fid_class_mean", "fid", "fid_data", "recall")
-FAIRNESS_METRICS = ("tv_to_uniform", "fd")
-OBJECTIVES = ("precision", "tv_to_uniform")
-# Fine-tuning's front: learning the new data (held-out loss on new-class images the model never saw)
-# vs forgetting the old classes (1 - old-class share / the pre-trained model's old-class share).
-FINETUNE_OBJECTIVES = ("heldout_loss_new", "forgetting")
-# Every metric a sweep may optimise; each row of the front carries all of them that the trials report.
-OBJECTIVE_METRICS = (*QUALITY_METRICS, *FAIRNESS_METRICS, "heldout_loss_new", "forgetting", "old_tv_to_pretrained",
-                     "distance_to_pretrained")
-# Each check beside its floor (what a perfect model scores with this many samples; evaluation/fairness.py).
-SWEEP_METRICS = (*OBJECTIVE_METRICS, "tv_excess", "minority_share", "tv_floor", "new_share", "old_share",
-                 "prediction_error", "prediction_error_floor", "prediction_error_baseline",
-                 "prediction_error_baseline_floor")
-# ASHA compares trials on the mean denoising loss over the objective and every constraint dataset, each
-# weighted alike: it prunes trials that learn slowly or diverge (too large lr or eta) without favouring
-# trials that give the constraints less weight, as the objective loss alone would.
-# Only the metric-only reports every ray.report_every primal steps carry it (cdd_ray.train_loop.ASHA_LOSS: the
-# window's mean of loss_mean); ASHA's time_attr is the primal step, so trials with different dual.primal_steps
-# or lengths are compared at the same amount of training. ASHA skips results without it (checkpoints, final).
-ASHA_METRIC = "asha_loss"
 DERIVED_KEYS = ("dual.b_rel", "optim.batch_ratio")
 # Equal budget = the same training compute and the same optimiser for every point on the map. These keys change
 # one or the other; the references keep the base config's values, so a space that searches one of them compares
@@ -79,8 +54,6 @@ DERIVED_KEYS = ("dual.b_rel", "optim.batch_ratio")
 # The shipped spaces search constraint thresholds and dual step sizes only.
 BUDGET_KNOBS = ("optim.lr", "optim.steps", "optim.batch_size", "optim.constraint_batch_size", "optim.batch_ratio",
                 "optim.warmup", "optim.weight_decay", "optim.grad_clip", "optim.precision")
-# What makes a row's budget checkable: primal steps, images through the gradient step, the optimiser's settings.
-BUDGET_COLUMNS = ("steps", "train_images", "lr", "batch_size", "constraint_batch_size")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 
 
@@ -389,7 +362,7 @@ class ConstrainedOptunaSearch(OptunaSearch):
         else:
             values = None
             state = optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED
-            for key, attr in (("step", "stopped_at_step"), (ASHA_METRIC, ASHA_METRIC)):
+            for key, attr in (("step", "stopped_at_step"), (ASHA_LOSS, ASHA_LOSS)):
                 if isinstance(result.get(key), (int, float)):
                     ot_trial.set_user_attr(attr, result[key])
         try:
@@ -595,7 +568,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
             # the restored Tuner brings its own RunConfig: the console table and run names it started with
             tuner = tune.Tuner.restore(storage_io.join(store, "tuner"), trainable, resume_errored=True)
         else:
-            # ASHA's clock is primal steps (time_attr "step"; only the window reports carry ASHA_METRIC). max_t is
+            # ASHA's clock is primal steps (time_attr "step"; only the window reports carry ASHA_LOSS). max_t is
             # above any trial's steps: ASHA must never stop a trial at its final report, which would cut off its
             # output collection. One rung at about half the trial, on a multiple of report_every (a report step).
             every = trial_base.ray.report_every
@@ -606,7 +579,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
                 param_space={**to_tune(space), "sweep": sweep_cfg},
                 tune_config=tune.TuneConfig(
                     search_alg=_searcher(objectives, seed, limits, sampler, study, base.name),
-                    scheduler=ASHAScheduler(time_attr="step", metric=ASHA_METRIC, mode="min", max_t=max_t,
+                    scheduler=ASHAScheduler(time_attr="step", metric=ASHA_LOSS, mode="min", max_t=max_t,
                                             grace_period=grace, reduction_factor=3),
                     num_samples=num_samples, max_concurrent_trials=conc,
                 ),
@@ -703,7 +676,7 @@ def sweep_note(res: SweepResult, sampler: str, budget: str) -> str:
     """The sweep parent run's description in MLflow (Markdown): what was searched for, the equal budget, and the
     front with its intervals beside the references (what the job prints)."""
     q, f = res.objectives
-    better = {o: "higher" if o in MAXIMISED else "lower" for o in res.objectives}
+    better = {o: direction(o) for o in res.objectives}
     target = (" under " + " and ".join(f"{m} <= {x:g}" for m, x in res.limits.items())) if res.limits else ""
     return "\n\n".join([
         f"**Sweep {res.out.name}**: {len(res.rows)} trials searched by Optuna ({sampler}) on Ray Tune for {q} "
@@ -750,9 +723,8 @@ def report(res: SweepResult) -> str:
     everything is."""
     q, f = res.objectives
     done = sum(r["status"] == "done" for r in res.rows)
-    lines = [f"Pareto front ({q} {'higher' if q in MAXIMISED else 'lower'} is better, {f} "
-             f"{'higher' if f in MAXIMISED else 'lower'} is better; {len(res.rows)} trials, {done} finished, "
-             f"{len(res.front)} on the front). Values with 95% bootstrap intervals:",
+    lines = [f"Pareto front ({q} {direction(q)} is better, {f} {direction(f)} is better; {len(res.rows)} trials, "
+             f"{done} finished, {len(res.front)} on the front). Values with 95% bootstrap intervals:",
              format_front(res.front, res.references, res.objectives, (*SWEEP_METRICS, "quality_classes"))]
     if any(r.get("differences") for r in [*res.references, *res.front]):
         lines += ["Differences to the references (point - reference, with the 95% interval of the difference: paired "

@@ -7,6 +7,7 @@ import torch
 from cdd_ray import checkpoint
 from cdd_ray.checkpoint import Snapshot
 from cdd_ray.config import build_config
+from cdd_ray.metrics import ASHA_LOSS
 from cdd_ray.model import build_noise_scheduler, build_unet
 from cdd_ray.train_loop import NonFiniteLossError, fused_losses, train
 
@@ -307,13 +308,13 @@ def test_window_reports_at_multiples_of_report_every_with_window_means(monkeypat
         window = torch.tensor(recorded[r["step"] - 4:r["step"]], dtype=torch.float64)
         means = window.mean(dim=0)
         assert r["window_steps"] == 4
-        assert r[tl.ASHA_LOSS] == pytest.approx(means.mean().item(), rel=1e-6)
+        assert r[ASHA_LOSS] == pytest.approx(means.mean().item(), rel=1e-6)
         assert r["window_loss_objective"] == pytest.approx(means[0].item(), rel=1e-6)
         for i, c in enumerate((4, 5, 7)):
             assert r[f"window_loss_class_{c}"] == pytest.approx(means[1 + i].item(), rel=1e-6)
         assert "loss_mean" not in r and "lambda_class_4" not in r
     for m in result.history:  # block (checkpoint) metrics never carry ASHA's metric
-        assert tl.ASHA_LOSS not in m
+        assert ASHA_LOSS not in m
     # Without a callback (or with report_every 0) nothing else changes: the same training.
     plain = train(build_config("smoke", overrides={"optim.steps": 13, "dual.primal_steps": 3}), smoke_split)
     assert plain.dual.lam_history == result.dual.lam_history
@@ -337,13 +338,6 @@ def test_report_every_is_validated():
     with pytest.raises(ConfigError, match=r"ray.report_every: -1 must be >= 0"):
         build_config("smoke", overrides={"ray.report_every": -1})
     assert build_config("smoke").ray.report_every == 0
-
-
-def test_asha_metric_is_the_window_metric():
-    from cdd_ray.train_loop import ASHA_LOSS
-    from cdd_ray.tune import ASHA_METRIC
-
-    assert ASHA_METRIC == ASHA_LOSS == "asha_loss"
 
 
 # ---------------------------------------------------------------- class-balanced sampling

@@ -542,7 +542,8 @@ def test_asha_clock_is_primal_steps_whatever_dual_primal_steps(ray_session, tmp_
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from cdd_ray.tune import ASHA_METRIC, run_trial
+    from cdd_ray.metrics import ASHA_LOSS
+    from cdd_ray.tune import run_trial
 
     monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # as run_sweep: checkpoints lack asha_loss
     base = build_config("smoke", overrides={"name": "clock", "ray.storage": str(tmp_path / "ray"), "optim.steps": 8,
@@ -557,7 +558,7 @@ def test_asha_clock_is_primal_steps_whatever_dual_primal_steps(ray_session, tmp_
         tune.with_resources(run_trial, {"CPU": 0.1}),
         param_space={"dual.primal_steps": tune.grid_search([1, 3]), "sweep": sweep},
         # run_sweep's scheduler for 8-step trials; a rung at step 4 (a report step), which ASHA may act on.
-        tune_config=tune.TuneConfig(scheduler=ASHAScheduler(time_attr="step", metric=ASHA_METRIC, mode="min",
+        tune_config=tune.TuneConfig(scheduler=ASHAScheduler(time_attr="step", metric=ASHA_LOSS, mode="min",
                                                             max_t=9, grace_period=4, reduction_factor=3),
                                     max_concurrent_trials=conc),
         run_config=tune.RunConfig(name="tuner", storage_path=str(tmp_path / "tuner")),
@@ -568,7 +569,7 @@ def test_asha_clock_is_primal_steps_whatever_dual_primal_steps(ray_session, tmp_
     for r in results:
         df = r.metrics_dataframe
         ps = r.config["dual.primal_steps"]
-        has = df[ASHA_METRIC].notna() if ASHA_METRIC in df else df["step"] < 0
+        has = df[ASHA_LOSS].notna() if ASHA_LOSS in df else df["step"] < 0
         asha_steps[ps] = [int(s) for s in df.loc[has, "step"]]
         # Checkpoint reports (every dual step: steps 1..7 or 3, 6) and the final one never carry asha_loss.
         # (ASHA may have stopped the trial at step 4, after its first checkpoint report.)
