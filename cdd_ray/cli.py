@@ -249,7 +249,7 @@ def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
     from cdd_ray.session import cluster_gpus  # Ray itself (a second): only the sweep's jobs ask the cluster
     from cdd_ray.tasks import task_config
     from cdd_ray.tracking import tracking_uri, ui_hint
-    from cdd_ray.tune import load_space, report, run_sweep
+    from cdd_ray.sweep import load_space, report, run_sweep
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(p, unconstrained=False)
