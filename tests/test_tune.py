@@ -440,6 +440,8 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
             name = c.data.tags["mlflow.runName"]
             assert name.startswith(f"{number} {c.data.params['dual.kind']} ") and " eta=" in name, name
             assert ("gamma=" in name) == (c.data.params["dual.kind"] == "resilient"), name
+    # the caller's config is the caller's: the space's fixed keys (optim.lr 0.002) went into the sweep's copy
+    assert base.optim.lr == build_config("smoke").optim.lr != 0.002
     with pytest.raises(ConfigError, match=r"objectives: \['is', 'tv_to_uniform'\] must be two different metrics"):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, objectives=("is", "tv_to_uniform"))
     with pytest.raises(ConfigError, match=r"--max-tv: 1.5 must be in \(0, 1\)"):
