@@ -31,7 +31,8 @@ from cdd_ray.outputs import build_summary, write_outputs
 from cdd_ray.placement import check_this_machine, cluster_nodes
 from cdd_ray.placement import worker_resources as per_worker
 from cdd_ray.session import init_ray, resolve_storage
-from cdd_ray.train_loop import train
+from cdd_ray.progress import make_bar, with_bar
+from cdd_ray.train_loop import Hooks, train
 from cdd_ray.worker import FAULT_ON_LOAD_ENV, KillOnLoad, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,10 @@ def _run_local(cfg: Config, out: str | Path, progress: bool, buffer: tracking.Me
         if metrics["step"] >= cfg.optim.steps:
             final["snap"] = snapshot()
 
-    result = train(cfg, split, on_block=keep_last, progress=progress)
+    bar = make_bar(progress, 0, cfg.optim.steps)
+    result = train(cfg, split, hooks=Hooks(on_block=with_bar(bar, cfg.constraint_names(), keep_last)))
+    if bar is not None:
+        bar.close()
     ev = evaluate(result.ema_unet, build_noise_scheduler(cfg.model), split, cfg, result.dual.by_name())
     summary = build_summary(cfg, result, ev, split, time.perf_counter() - t0)
     write_outputs(out, cfg, result, ev, summary)
