@@ -20,18 +20,17 @@ from typing import Any, Callable
 
 import torch
 
-from cdd_ray import checkpoint, preflight, tracking
-from cdd_ray import storage as storage_io
+from cdd_ray import checkpoint, preflight, storage as storage_io, tracking
 from cdd_ray.config import Config, ConfigError
+from cdd_ray.console import train_log_level
 from cdd_ray.data import check_source, prepare_split
 from cdd_ray.evaluation import evaluate
 from cdd_ray.metrics import FINETUNE_METRICS, INTERVAL_METRICS
 from cdd_ray.model import build_noise_scheduler
 from cdd_ray.outputs import build_summary, write_outputs
-from cdd_ray.placement import check_this_machine, cluster_nodes
-from cdd_ray.placement import worker_resources as per_worker
-from cdd_ray.session import init_ray, resolve_storage
+from cdd_ray.placement import check_this_machine, cluster_nodes, worker_resources as per_worker
 from cdd_ray.progress import make_bar, with_bar
+from cdd_ray.session import init_ray, resolve_storage
 from cdd_ray.train_loop import Hooks, train
 from cdd_ray.worker import FAULT_ON_LOAD_ENV, KillOnLoad, train_loop_per_worker
 
@@ -79,7 +78,6 @@ def _run_local(cfg: Config, out: str | Path, progress: bool, buffer: tracking.Me
     write_outputs(out, cfg, result, ev, summary)
     checkpoint.save(out / "checkpoint", final["snap"])
     return summary
-
 
 # ---------------------------------------------------------------- MLflow
 
@@ -169,8 +167,6 @@ def make_trainer(cfg: Config, storage: str, name: str, resources: dict[str, floa
     paths) on the console too."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from cdd_ray.console import train_log_level
 
     # Ray Train's controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and each
     # ray.train.report() waits for that poll; 0.5 s keeps a checkpoint report cheap.

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from cdd_ray.checkpoint import Snapshot
+from cdd_ray import storage
+from cdd_ray.checkpoint import CheckpointError, Snapshot, load_model
 from cdd_ray.config import Config, ConfigError
 from cdd_ray.data import Split
 from cdd_ray.dual import DualState
@@ -370,8 +371,6 @@ def train(cfg: Config, split: Split, worker: Worker | None = None, resume: Snaps
 
 def build_anchor(cfg: Config, new_data: torch.Tensor, device: torch.device) -> Anchor:
     """The frozen pre-trained UNet (its EMA weights: the model that was sampled) and its input source."""
-    from cdd_ray.checkpoint import load_model
-
     pre, _, _ = load_model(cfg.finetune.pretrained, ema=True)
     _check_shape(pre, cfg, "finetune.pretrained", cfg.finetune.pretrained)
     pre.eval().requires_grad_(False)
@@ -383,9 +382,6 @@ def _warm_start_weights(directory: str, cfg: Config) -> dict[str, torch.Tensor]:
     """UNet weights of another run's checkpoint (a local folder, or one in the run storage: a URI); the
     architecture must match this run's preset."""
     import tempfile
-
-    from cdd_ray import storage
-    from cdd_ray.checkpoint import load_model
 
     if storage.is_uri(directory):
         with tempfile.TemporaryDirectory(prefix="cdd-init-from-") as tmp:
@@ -402,8 +398,6 @@ def _warm_start_weights(directory: str, cfg: Config) -> dict[str, torch.Tensor]:
 
 
 def _check_shape(unet: torch.nn.Module, cfg: Config, field_: str, directory: str) -> None:
-    from cdd_ray.checkpoint import CheckpointError
-
     mine = unet_for(cfg).config
     def norm(v: Any) -> Any:
         return list(v) if isinstance(v, (list, tuple)) else v
