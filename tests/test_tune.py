@@ -468,11 +468,16 @@ def test_register_each_rule_registers_its_trial_and_the_model_generates(smoke_sw
     fairest = min(done, key=lambda r: (r["tv_to_uniform"], -r["precision"]))
     artifacts_before = {r["run_id"]: [a.path for a in client.list_artifacts(r["run_id"])] for r in done}
 
-    q = register("sweep-t", pick="quality", alias="quality")
-    f = register("sweep-t", pick="fairness", alias="fairness")
-    bound = fairest["tv_to_uniform"] + 1e-6  # only trials as fair as the fairest qualify
     # the README's command as a user types it (run with -m, the model's class would be __main__'s: it is logged
     # from code instead of pickled)
+    cli = subprocess.run([sys.executable, "-m", "cdd_ray.register", "--sweep", "sweep-t", "--pick", "quality",
+                          "--alias", "quality"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert "registered cdd-ray-mnist version 1 as @quality" in cli.stdout
+    q = client.get_model_version_by_alias("cdd-ray-mnist", "quality")
+    q = {"version": q.version, "rule": q.tags["rule"], "run_id": q.run_id}
+    f = register("sweep-t", pick="fairness", alias="fairness")
+    bound = fairest["tv_to_uniform"] + 1e-6  # only trials as fair as the fairest qualify
     cli = subprocess.run([sys.executable, "-m", "cdd_ray.register", "--sweep", "sweep-t", "--max-tv", str(bound)],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)  # alias: champion
     assert cli.returncode == 0, cli.stderr[-3000:]
