@@ -243,18 +243,19 @@ def test_the_front_table_and_fairness_targets():
 
 
 class StopTheSecond(ASHAScheduler):
-    """ASHA's stop made certain: the second trial to reach the rung (step 2 of 4) is stopped there, whatever its
-    loss; the first goes on. Ray then ends the stopped trial's processes as it does on any ASHA stop."""
+    """ASHA's stop made certain: the second trial the searcher proposed is stopped at the rung (step 2 of 4),
+    whatever its loss; the first goes on. Ray then ends the stopped trial's processes as it does on any ASHA stop.
+    (By proposal order, not by which trial reaches the rung first: two trials at once reach it in either order.)"""
+
+    def on_trial_add(self, tune_controller, trial):
+        super().on_trial_add(tune_controller, trial)
+        self.__dict__.setdefault("added", []).append(trial.trial_id)
 
     def on_trial_result(self, tune_controller, trial, result):
         if result.get("step", 0) < 2 or "asha_loss" not in result:
             return TrialScheduler.CONTINUE
-        at_rung = self.__dict__.setdefault("at_rung", [])
-        if trial.trial_id not in at_rung:
-            at_rung.append(trial.trial_id)
-            if len(at_rung) == 2:
-                return TrialScheduler.STOP
-        return TrialScheduler.CONTINUE
+        added = self.__dict__.get("added", [])
+        return TrialScheduler.STOP if added.index(trial.trial_id) == 1 else TrialScheduler.CONTINUE
 
 
 @pytest.fixture(scope="module")
