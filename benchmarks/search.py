@@ -1,7 +1,7 @@
 """Which Optuna sampler searches within the default budget? Front hypervolume after the same number of trials.
 
 A cheap version of the default sweep (``python jobs/tune_mnist.py``): the real search space
-(search_spaces/mnist_minority.yaml), the real trial (``cdd_ray.tune.trial_config``: derived keys, ``dual.b_rel``
+(search_spaces/mnist_minority.yaml), the real trial (``cdd_ray.sweep.space.trial_config``: derived keys, ``dual.b_rel``
 from the baseline's live per-class losses; the pure primal-dual loop; the full evaluation), warm-started from one
 unconstrained baseline as the sweep's trials are, and the sweep's two objectives (precision up, tv_to_uniform
 down). What is cheaper: an 8x8 UNet (16, 32, 32), a 64-image objective batch, shorter runs, 500 samples at
@@ -43,7 +43,9 @@ from cdd_ray.config import build_config  # noqa: E402
 from cdd_ray.front import hypervolume  # noqa: E402
 from cdd_ray.runner import run_local  # noqa: E402
 from cdd_ray.samplers import SAMPLERS, make_sampler  # noqa: E402
-from cdd_ray.tune import OBJECTIVES, live_class_losses, load_space, trial_config  # noqa: E402
+from cdd_ray.metrics import OBJECTIVES  # noqa: E402
+from cdd_ray.sweep.references import live_class_losses  # noqa: E402
+from cdd_ray.sweep.space import load_space, trial_config  # noqa: E402
 
 REF = (0.0, 0.9)  # (precision, tv_to_uniform): the worst of each
 CHEAP = {  # the smoke preset's 8x8 UNet, a little wider; the real task's data sizes

@@ -1,6 +1,6 @@
 """Tuning throughput: trials per hour of the default MNIST sweep on this machine, and how concurrency is chosen.
 
-Runs ``tune.run_sweep`` with the default CPU sweep's settings (jobs/tune_mnist.py: cpu preset, 500 evaluation
+Runs ``cdd_ray.sweep.run_sweep`` with the default CPU sweep's settings (jobs/tune_mnist.py: cpu preset, 500 evaluation
 samples at DDIM 25, warm-started trials, ASHA) but shorter: a --baseline-steps baseline and --num-samples
 trials of --trial-steps steps. Measured: the trials phase (first trial start to last trial end), each trial's
 wall time in its worker, its training steps/s and fixed cost (wall minus training: data, evaluation,
@@ -27,7 +27,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from cdd_ray.config import build_config  # noqa: E402
 from cdd_ray.placement import Node, cluster_nodes, sweep_resources  # noqa: E402
-from cdd_ray.tune import load_space, run_sweep  # noqa: E402
+from cdd_ray.sweep import load_space, run_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRIAL_STEPS = 300  # jobs/tune_mnist.py: optim.steps=1200, warm start = steps // 4

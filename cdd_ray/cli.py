@@ -12,10 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NoReturn
 
+from cdd_ray.budget import parse_duration
 from cdd_ray.config import PRESETS, Config, ConfigError, build_config, parse_set, validate
+from cdd_ray.metrics import FAIRNESS_METRICS, QUALITY_METRICS
 from cdd_ray.placement import check_this_machine
 from cdd_ray.samplers import DEFAULT_SAMPLER, SAMPLERS, STARTUP_TRIALS
-from cdd_ray.tracking import TrackingError
+from cdd_ray.tasks import task_config
+from cdd_ray.tracking import TrackingError, tracking_uri, ui_hint
 
 
 def add_config_flags(p: argparse.ArgumentParser, unconstrained: bool = True) -> None:
@@ -68,7 +71,6 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
                         "tables); by default they stay in Ray's log files and the console shows a progress bar "
                         "(a run) or the trials' table (a sweep)")
 
-
 _FLAG_KEYS = {"name": "name", "workers": "ray.workers", "gpu": "ray.gpu", "storage": "ray.storage",
               "address": "ray.address", "root": "data.root", "vae": "model.vae"}
 SUMMARY_KEYS = ("minority_share", "minority_share_ci", "tv_to_uniform", "tv_to_uniform_ci", "tv_floor", "tv_excess",
@@ -88,19 +90,18 @@ SWEEP_CPU = ["optim.steps=1200", "eval.n_samples=500", "eval.sampler_steps=25", 
 def add_target_flags(p: argparse.ArgumentParser) -> None:
     """The sweep's objectives and fairness targets (minority-class tasks)."""
     p.add_argument("--quality", default="precision",
-                   choices=["precision", "precision_class_mean", "fid_class_mean", "fid", "fid_data", "recall"],
+                   choices=QUALITY_METRICS,
                    help="quality objective (docs/TUNING.md): precision (default; per sample, so share-weighted over "
                         "classes: it moves with the class mix when classes differ in precision), precision_class_mean "
                         "(per-class precision, equal class weights: mix-free), fid_class_mean (per-class FID, mean; "
                         "mix-free), fid (balanced reference, the paper's; rewards "
                         "fairness too), fid_data (training class mix; penalises fairness), recall")
-    p.add_argument("--fairness", default="tv_to_uniform", choices=["tv_to_uniform", "fd"],
+    p.add_argument("--fairness", default="tv_to_uniform", choices=FAIRNESS_METRICS,
                    help="fairness objective: tv_to_uniform or fd (L2 distance of the class shares to uniform)")
     p.add_argument("--max-tv", type=float, default=None, metavar="X",
                    help="fairness target: search for the best quality with tv_to_uniform <= X")
     p.add_argument("--max-fd", type=float, default=None, metavar="X",
                    help="fairness target: search for the best quality with fd <= X")
-
 
 DEFAULT_CPU_BUDGET = "45m"
 
@@ -118,8 +119,6 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
 
 def time_budget(args: argparse.Namespace, on_cpu: bool) -> float | None:
     """Seconds of --time-budget (its CPU default when not given); None: no budget."""
-    from cdd_ray.budget import parse_duration
-
     if args.time_budget is None:
         return parse_duration(DEFAULT_CPU_BUDGET) if on_cpu and not args.smoke else None
     return parse_duration(args.time_budget)
@@ -190,7 +189,7 @@ def run_training(cfg: Config, args: argparse.Namespace, guard: JobGuard) -> tupl
     refused first, in seconds: before the training code is imported and a Ray started."""
     if not args.local:
         check_this_machine(cfg)
-    from cdd_ray.runner import run_local, run_ray
+    from cdd_ray.runner import run_local, run_ray  # torch, Ray, MLflow: after the flags are checked (fast errors)
 
     setup_logging()
     out = args.out or f"runs/{cfg.name}"
@@ -211,7 +210,6 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
-
 # ---------------------------------------------------------------- the Celeb-A / ImageNet-subset jobs
 
 
@@ -222,8 +220,6 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
 
 def train_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
     """``jobs/train_<task>.py``: one constrained (or --unconstrained) run of a ``cdd_ray.tasks`` task."""
-    from cdd_ray.tasks import task_config
-
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(p)
     add_baseline_flag(p)
@@ -246,9 +242,7 @@ def train_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
 def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
     """``jobs/tune_<task>.py``: baselines + Optuna trials on Ray Tune; prints the quality / fairness front."""
     from cdd_ray.session import cluster_gpus  # Ray itself (a second): only the sweep's jobs ask the cluster
-    from cdd_ray.tasks import task_config
-    from cdd_ray.tracking import tracking_uri, ui_hint
-    from cdd_ray.tune import load_space, report, run_sweep
+    from cdd_ray.sweep import load_space, report, run_sweep  # torch, Ray Tune, Optuna: the sweep's jobs only
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(p, unconstrained=False)

@@ -32,7 +32,6 @@ import numpy as np
 from cdd_ray import storage as storage_io
 from cdd_ray.evaluation.fairness import percentile_interval, tv_floor
 from cdd_ray.evaluation.quality import recentred_interval
-from cdd_ray.front import sign
 
 SHARE_METRICS = ("tv_to_uniform", "tv_excess", "fd", "minority_share")
 HIT_METRICS = ("precision", "precision_class_mean", "recall")

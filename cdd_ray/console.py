@@ -5,8 +5,8 @@ By default the console carries what a user decides from; ``--verbose`` brings Ra
   resource requests) and Tune's status tables stay in Ray's log files (``train_log_level``, ``tune_verbosity``);
   warnings and errors print in full;
 - a training run shows one progress bar: primal step of the budget, ETA, the objective loss and lambda per
-  constraint (``cdd_ray.train_loop.bar_text``; on a terminal Ray draws a worker's bar on the driver, in a log it
-  is a line a minute: ``cdd_ray.train_loop.LineProgress``);
+  constraint (``cdd_ray.progress.bar_text``; on a terminal Ray draws a worker's bar on the driver, in a log it
+  is a line a minute: ``cdd_ray.progress.LineProgress``);
 - a sweep shows a compact table of its trials, refreshed in place on a terminal and every two minutes (and when a
   trial starts or ends) in a log, with trials done / running / pending and the sweep's ETA (``SweepTable``).
 """

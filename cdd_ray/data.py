@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cdd_ray.config import Config, ConfigError, DataConfig
+from cdd_ray.config import IMAGE_SUFFIXES, Config, ConfigError, DataConfig, class_folders
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,6 @@ def _celeba(root: str, attribute: str, size: int) -> Source:
 
 
 def _imagefolder(root: str, size: int) -> Source:
-    from cdd_ray.config import IMAGE_SUFFIXES, class_folders
-
     base = Path(root).expanduser()
     paths, labels = [], []
     for i, name in enumerate(class_folders(root)):
@@ -305,7 +303,7 @@ def to_latents(split: Split, vae_path: str) -> Split:
     import hashlib
     import os
 
-    from cdd_ray.model import encode, load_vae
+    from cdd_ray.model import encode, load_vae  # diffusers: latent runs only
 
     vae_dir = Path(vae_path).expanduser()
     h = hashlib.sha256(split.objective.numpy().tobytes())

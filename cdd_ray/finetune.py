@@ -73,7 +73,7 @@ def resolve_pretrained(ref: str, uri: str | None = None) -> Path:
 
 def _download(run_id: str, uri: str | None) -> Path:
     """The run's logged ``model/`` artifact, cached under $CDD_RAY_CACHE/pretrained/<run id>."""
-    from cdd_ray.sample import MODEL_ARTIFACT, download_model
+    from cdd_ray.sample import MODEL_ARTIFACT, download_model  # torch, MLflow: a --pretrained run id only
 
     dst = Path(os.environ.get("CDD_RAY_CACHE") or "~/.cache/cdd_ray").expanduser() / "pretrained" / run_id
     if (dst / MODEL_ARTIFACT / "unet").is_dir():

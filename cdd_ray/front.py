@@ -2,7 +2,8 @@
 
 A row is one evaluated model: a trial (``role`` "trial") or a reference run (``role`` "baseline",
 "baseline-continued", "baseline-rebalanced"), with its metrics, their intervals (``<metric>_ci``:
-[lo, hi]) and, for trials, ``params``. Objectives in ``MAXIMISED`` are maximised, all others minimised.
+[lo, hi]) and, for trials, ``params``. Objectives in ``cdd_ray.metrics.MAXIMISED`` are maximised, all others
+minimised.
 A point is compared with a reference by the 95% interval of their *difference* (``differences``: {reference role:
 {metric: [d, lo, hi]}}, from ``cdd_ray.compare``), not by whether their own intervals overlap: two intervals can
 overlap while the difference, measured on the same noise, is clear. A difference is shown when its interval
@@ -17,7 +18,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-MAXIMISED = ("precision", "precision_class_mean", "recall")
+from cdd_ray.metrics import sign
+
 AXIS_LABELS = {
     "precision": "precision ({features} features; higher is better)",
     "precision_class_mean": "precision, mean over classes ({features} features; higher is better)",
@@ -32,11 +34,6 @@ AXIS_LABELS = {
 }
 REFERENCE_LABELS = {"baseline": "unconstrained", "baseline-continued": "unconstrained",
                     "baseline-rebalanced": "rebalanced data"}
-
-
-def sign(metric: str) -> float:
-    """+1 for a minimised metric, -1 for a maximised one: ``sign(m) * value`` is always minimised."""
-    return -1.0 if metric in MAXIMISED else 1.0
 
 
 def _ok(r: dict[str, Any], objectives: tuple[str, ...]) -> bool:

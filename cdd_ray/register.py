@@ -29,7 +29,9 @@ from typing import Any
 import torch
 
 from cdd_ray import tracking
-from cdd_ray.config import ConfigError
+from cdd_ray.config import ConfigError, config_from_dict
+from cdd_ray.front import feasibility
+from cdd_ray.metrics import sign
 
 PICKS = ("quality", "fairness")
 DEFAULT_ALIAS = "champion"
@@ -73,8 +75,6 @@ def choose(rows: list[dict[str, Any]], objectives: tuple[str, str], pick: str | 
            max_fairness: float | None) -> dict[str, Any]:
     """The trial a rule picks: ``quality`` (best first objective), ``fairness`` (lowest second objective; ties
     to the better quality) or ``max_fairness`` (best quality with the second objective at most that)."""
-    from cdd_ray.front import feasibility, sign
-
     quality, fairness = objectives
     if not rows:
         raise ConfigError("--sweep: the sweep has no finished, evaluated trial to register")
@@ -100,8 +100,7 @@ def default_model_name(cfg: dict[str, Any]) -> str:
 def _labeller_artifacts(cfg_dict: dict[str, Any], dst: Path) -> dict[str, str]:
     """The labeller the evaluation used, saved beside the model: the run's TorchScript classifier, or the
     classifier cdd_ray trains for this data (from its cache, else trained again, deterministically)."""
-    from cdd_ray.config import config_from_dict
-    from cdd_ray.data import prepare_split
+    from cdd_ray.data import prepare_split  # torch: after the rule picked a trial (fast errors before)
     from cdd_ray.evaluation.labeller import get_classifier
 
     cfg = config_from_dict(cfg_dict)
@@ -124,8 +123,8 @@ def register(sweep: str, pick: str | None = None, max_fairness: float | None = N
     registered (model name, version, alias, the chosen trial and its run)."""
     import mlflow
 
-    import cdd_ray
-    from cdd_ray.sample import download_model
+    import cdd_ray  # the package's source is logged with the model
+    from cdd_ray.sample import download_model  # torch, MLflow: when registering
 
     if (pick is None) == (max_fairness is None):
         raise ConfigError("give one rule: --pick quality | fairness, or --max-tv X")

@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cdd_ray import preflight, tracking
-from cdd_ray.config import Config, ConfigError, build_config, config_from_dict
+from cdd_ray.config import Config, ConfigError, apply_overrides, build_config, config_from_dict, validate
+from cdd_ray.finetune import finetune_config, pretrain_config
+from cdd_ray.tasks import task_config
 
 TASKS = ("mnist", "finetune", "celeba", "imagenet")
 SCALES = {"paper": "paper", "cpu": "cpu", "smoke": "smoke"}  # --scale -> preset
@@ -63,11 +65,7 @@ def task_config_for(task: str, scale: str, flags: dict[str, Any]) -> Config:
     if task == "mnist":
         return build_config(preset, None, flags)
     if task == "finetune":
-        from cdd_ray.finetune import pretrain_config
-
         return pretrain_config(preset, None, flags)
-    from cdd_ray.tasks import task_config
-
     return task_config(task, preset, None, flags)
 
 
@@ -83,7 +81,7 @@ def reproduce(task: str, scale: str, out: str | Path, overrides: dict[str, Any],
     uri = preflight.check_tracking(tracking.tracking_uri())
     parent = tracking.start_run(_named(base, name), uri, extra_tags={"role": "reproduction", "task": task,
                                                                       "scale": scale})
-    from cdd_ray.runner import tracked
+    from cdd_ray.runner import tracked  # torch, Ray: after --task and --scale are checked (fast errors)
 
     roles: list[str] = []
     with tracked(uri, parent):
@@ -119,8 +117,6 @@ def _named(cfg: Config, name: str) -> Config:
 
 def _variant(cfg: Config, changes: dict[str, Any]) -> Config:
     """A validated copy of ``cfg`` with flat ``changes`` (``unconstrained``, ``optim.init_from``, ...)."""
-    from cdd_ray.config import apply_overrides, validate
-
     new = apply_overrides(config_from_dict(cfg.to_dict()), changes)
     validate(new)
     return new
@@ -142,8 +138,6 @@ def _train_task(task: str, base: Config, out: Path, run: Callable[[str, Config],
                             budget=f"the paper's protocol: the constrained model starts from the unconstrained one "
                                    f"({steps} steps) and trains {steps} more; the compared unconstrained model trained "
                                    f"the same {steps} more from the same weights ({2 * steps} steps each)")
-    from cdd_ray.finetune import finetune_config
-
     pre = run("pretrained", base)
     ckpt = out / "pretrained" / "checkpoint"
     ft = {k: v for k, v in flags.items() if not k.startswith(("data.", "model."))}  # those come from pre-training
@@ -152,7 +146,6 @@ def _train_task(task: str, base: Config, out: Path, run: Callable[[str, Config],
     return Reproduction(task, "", (u, c), extra={"pre-trained": pre},
                         budget=f"pre-trained {steps} steps without the new class; both fine-tunings "
                                f"{c['steps']} steps from it")
-
 
 # ---------------------------------------------------------------- reproduction.md
 

@@ -20,22 +20,21 @@ from typing import Any, Callable
 
 import torch
 
-from cdd_ray import checkpoint, preflight, tracking
-from cdd_ray import storage as storage_io
+from cdd_ray import checkpoint, preflight, storage as storage_io, tracking
 from cdd_ray.config import Config, ConfigError
+from cdd_ray.console import train_log_level
 from cdd_ray.data import check_source, prepare_split
 from cdd_ray.evaluation import evaluate
+from cdd_ray.metrics import FINETUNE_METRICS, INTERVAL_METRICS
 from cdd_ray.model import build_noise_scheduler
 from cdd_ray.outputs import build_summary, write_outputs
-from cdd_ray.placement import check_this_machine, cluster_nodes
-from cdd_ray.placement import worker_resources as per_worker
+from cdd_ray.placement import check_this_machine, cluster_nodes, worker_resources as per_worker
+from cdd_ray.progress import make_bar, with_bar
 from cdd_ray.session import init_ray, resolve_storage
-from cdd_ray.train_loop import train
+from cdd_ray.train_loop import Hooks, train
 from cdd_ray.worker import FAULT_ON_LOAD_ENV, KillOnLoad, train_loop_per_worker
 
 log = logging.getLogger(__name__)
-FINETUNE_METRICS = ("new_share", "old_share", "forgetting", "old_tv_to_pretrained", "train_loss_new",
-                    "heldout_loss_new", "distance_to_pretrained", "pretrained_old_share")
 
 
 def run_local(cfg: Config, out: str | Path, progress: bool = True, track: bool = True,
@@ -70,13 +69,15 @@ def _run_local(cfg: Config, out: str | Path, progress: bool, buffer: tracking.Me
         if metrics["step"] >= cfg.optim.steps:
             final["snap"] = snapshot()
 
-    result = train(cfg, split, on_block=keep_last, progress=progress)
+    bar = make_bar(progress, 0, cfg.optim.steps)
+    result = train(cfg, split, hooks=Hooks(on_block=with_bar(bar, cfg.constraint_names(), keep_last)))
+    if bar is not None:
+        bar.close()
     ev = evaluate(result.ema_unet, build_noise_scheduler(cfg.model), split, cfg, result.dual.by_name())
     summary = build_summary(cfg, result, ev, split, time.perf_counter() - t0)
     write_outputs(out, cfg, result, ev, summary)
     checkpoint.save(out / "checkpoint", final["snap"])
     return summary
-
 
 # ---------------------------------------------------------------- MLflow
 
@@ -114,11 +115,6 @@ def finish_tracking(uri: str, run_id: str, out: Path, summary: dict[str, Any],
     except tracking.TrackingError as e:
         raise tracking.TrackingError(f"{e}; the run's outputs and checkpoint are complete in {str(out)!r}") from e
     summary["mlflow_run_id"] = run_id
-
-
-# Metrics that carry a 95% interval in summary.json as <metric>_ci: [lo, hi]; in MLflow as eval/<metric>_ci_lo / _ci_hi.
-INTERVAL_METRICS = ("fid", "fid_data", "fid_class_mean", "precision", "precision_class_mean", "recall",
-                    "tv_to_uniform", "tv_excess", "fd", "minority_share")
 
 
 def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
@@ -171,8 +167,6 @@ def make_trainer(cfg: Config, storage: str, name: str, resources: dict[str, floa
     paths) on the console too."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from cdd_ray.console import train_log_level
 
     # Ray Train's controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and each
     # ray.train.report() waits for that poll; 0.5 s keeps a checkpoint report cheap.

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cdd_ray import checkpoint
+from cdd_ray import checkpoint, tracking
 from cdd_ray.config import Config, ConfigError, config_from_dict
 from cdd_ray.data import to_uint8
 from cdd_ray.evaluation.sampling import sample
@@ -27,8 +27,6 @@ MODEL_ARTIFACT = "model"  # the final checkpoint's artifact path in every traini
 
 def download_model(run_id: str, uri: str | None, dst: str) -> Path:
     """Fetch the run's ``model/`` artifact; an unknown run id raises ConfigError naming the run and the URI."""
-    from cdd_ray import tracking
-
     uri = uri or tracking.tracking_uri()
     c = tracking.client(uri)
     try:
@@ -61,8 +59,6 @@ def generate(ckpt_dir: str | Path, n: int, steps: int | None, seed: int, device:
 def generate_registered(model_uri: str, n: int, steps: int | None, seed: int, uri: str | None) -> np.ndarray:
     """Images from a registered pyfunc model (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``)."""
     import mlflow
-
-    from cdd_ray import tracking
 
     mlflow.set_tracking_uri(uri or tracking.tracking_uri())
     try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +23,12 @@ import torch
 import torch.distributed as dist
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from cdd_ray.checkpoint import Snapshot
+from cdd_ray import storage
+from cdd_ray.checkpoint import CheckpointError, Snapshot, load_model
 from cdd_ray.config import Config, ConfigError
 from cdd_ray.data import Split
 from cdd_ray.dual import DualState
+from cdd_ray.metrics import ASHA_LOSS
 from cdd_ray.model import add_noise, autocast_for, build_ema, build_noise_scheduler, unet_for
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,6 @@ class LoopResult:
 BlockCallback = Callable[[dict[str, float], Callable[[], Snapshot]], None]
 # Called every ``ray.report_every`` primal steps (never at the final step) with the window's mean losses.
 ReportCallback = Callable[[dict[str, float]], None]
-# The window metric ASHA compares trials on: the mean over the window's primal steps of the mean denoising
-# loss over the objective and every constraint (or monitored) dataset, each weighted alike (``loss_mean``
-# over the window). Only the window reports carry it, so ASHA's clock is primal steps.
-ASHA_LOSS = "asha_loss"
 
 
 @dataclass
@@ -204,30 +201,31 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def train(
-    cfg: Config,
-    split: Split,
-    worker: Worker | None = None,
-    on_block: BlockCallback | None = None,
-    resume: Snapshot | None = None,
-    prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-    fault: Callable[[int], None] | None = None,
-    progress: bool | str | Callable[[int, int], Any] | None = False,
-    on_report: ReportCallback | None = None,
-) -> LoopResult:
-    """Run the primal-dual loop for ``cfg.optim.steps`` primal steps (continuing ``resume`` if given).
+@dataclass
+class Hooks:
+    """How a caller sees into and steers the loop, every one optional: the loop itself knows nothing of Ray,
+    MLflow or progress bars.
 
-    ``on_block(metrics, snapshot)`` is called after every block of ``dual.primal_steps`` steps (after
-    the dual step); ``snapshot()`` builds a checkpoint of the current state on demand.
-    ``on_report(metrics)`` (with ``ray.report_every`` > 0) is called when the primal step count is a
-    multiple of ``ray.report_every``, whatever the block boundaries, except at the final step: the losses'
-    means over the steps since the previous report, all-reduced over ranks (``_window_metrics``), after that
-    step's optimizer step and dual step (and ``on_block``), so everything up to the report step is done and
-    recorded when it is sent; a non-finite window mean raises ``NonFiniteLossError`` there.
-    ``prepare_model`` wraps the UNet for data parallelism (Ray's ``prepare_model``);
-    ``fault(step)`` is a test hook called before every primal step. ``progress``: rank 0's bar (``_progress_bar``).
-    """
+    ``prepare_model`` wraps the UNet for data parallelism (Ray's ``prepare_model``). ``before_step(step)`` runs
+    before every primal step (the fault test hook). ``on_block(metrics, snapshot)`` runs after every block of
+    ``dual.primal_steps`` steps, after its dual step; ``snapshot()`` builds a checkpoint of the current state on
+    demand (a collective: every rank calls it). ``on_report(metrics)`` (with ``ray.report_every`` > 0) runs when
+    the primal step count is a multiple of ``ray.report_every``, whatever the block boundaries, except at the final
+    step: the losses' means over the steps since the previous report, all-reduced over ranks (``_window_metrics``),
+    after that step's optimizer step and dual step (and ``on_block``), so everything up to the report step is done
+    and recorded when it is sent; a non-finite window mean raises ``NonFiniteLossError`` there."""
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    before_step: Callable[[int], None] | None = None
+    on_block: BlockCallback | None = None
+    on_report: ReportCallback | None = None
+
+
+def train(cfg: Config, split: Split, worker: Worker | None = None, resume: Snapshot | None = None,
+          hooks: Hooks | None = None) -> LoopResult:
+    """Run the primal-dual loop for ``cfg.optim.steps`` primal steps (continuing ``resume`` if given), as rank
+    ``worker`` of its workers (one process by default), calling out through ``hooks``."""
     worker = worker or Worker()
+    hooks = hooks or Hooks()
     dev = worker.device
     o, names = cfg.optim, cfg.constraint_names()
     # Monitored losses: recorded per block, no gradient weight. Fine-tuning always measures the distance to
@@ -251,7 +249,7 @@ def train(
         unet.to(memory_format=torch.channels_last)
     ema = build_ema(unet, cfg.model.ema_decay)
     noise_scheduler = build_noise_scheduler(cfg.model)
-    model = prepare_model(unet) if prepare_model else unet
+    model = hooks.prepare_model(unet) if hooks.prepare_model else unet
     if o.compile:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=o.lr, weight_decay=o.weight_decay)
@@ -302,16 +300,15 @@ def train(
     lam = torch.tensor(dual.lam, device=dev)
     block = torch.zeros(1 + len(names) + len(monitored), device=dev)
     block_n = 0
-    report_every = cfg.ray.report_every if on_report is not None else 0
+    report_every = cfg.ray.report_every if hooks.on_report is not None else 0
     window = torch.zeros_like(block) if report_every else None  # the losses since the last report
     window_n = 0
     start_step = step
-    bar = _progress_bar(progress if worker.rank == 0 else False, step, o.steps)
     t0 = time.perf_counter()
     model.train()
     while step < o.steps:
-        if fault is not None:
-            fault(step)
+        if hooks.before_step is not None:
+            hooks.before_step(step)
         drawn = sampler.draw()
         with amp:
             losses = fused_losses(model, noise_scheduler, drawn[:n_train], noise_gen, anchor,
@@ -343,7 +340,7 @@ def train(
             lr_sched.step()
             ema.step(unet.parameters())
             if window_ends:
-                _send_window(step, window, window_n, worker, names + monitored, on_report)
+                _send_window(step, window, window_n, worker, names + monitored, hooks.on_report)
                 window_n = 0
             continue
         # Block boundary: the block means come to the host (all-reduced over ranks).
@@ -361,16 +358,11 @@ def train(
         history.append(metrics)
         block.zero_()
         block_n = 0
-        if bar is not None:
-            bar.set_description(bar_text(metrics, names))
-            bar.update(step - bar.n)
-        if on_block is not None:
-            on_block(metrics, snapshot)
+        if hooks.on_block is not None:
+            hooks.on_block(metrics, snapshot)
         if window_ends:
-            _send_window(step, window, window_n, worker, names + monitored, on_report)
+            _send_window(step, window, window_n, worker, names + monitored, hooks.on_report)
             window_n = 0
-    if bar is not None:
-        bar.close()
     ema_unet = unet_for(cfg).to(dev)
     ema.copy_to(ema_unet.parameters())
     return LoopResult(unet=unet, ema_unet=ema_unet, dual=dual, history=history, step=step,
@@ -379,8 +371,6 @@ def train(
 
 def build_anchor(cfg: Config, new_data: torch.Tensor, device: torch.device) -> Anchor:
     """The frozen pre-trained UNet (its EMA weights: the model that was sampled) and its input source."""
-    from cdd_ray.checkpoint import load_model
-
     pre, _, _ = load_model(cfg.finetune.pretrained, ema=True)
     _check_shape(pre, cfg, "finetune.pretrained", cfg.finetune.pretrained)
     pre.eval().requires_grad_(False)
@@ -392,9 +382,6 @@ def _warm_start_weights(directory: str, cfg: Config) -> dict[str, torch.Tensor]:
     """UNet weights of another run's checkpoint (a local folder, or one in the run storage: a URI); the
     architecture must match this run's preset."""
     import tempfile
-
-    from cdd_ray import storage
-    from cdd_ray.checkpoint import load_model
 
     if storage.is_uri(directory):
         with tempfile.TemporaryDirectory(prefix="cdd-init-from-") as tmp:
@@ -411,8 +398,6 @@ def _warm_start_weights(directory: str, cfg: Config) -> dict[str, torch.Tensor]:
 
 
 def _check_shape(unet: torch.nn.Module, cfg: Config, field_: str, directory: str) -> None:
-    from cdd_ray.checkpoint import CheckpointError
-
     mine = unet_for(cfg).config
     def norm(v: Any) -> Any:
         return list(v) if isinstance(v, (list, tuple)) else v
@@ -496,59 +481,6 @@ def _block_metrics(step: int, dual: DualState, names: list[str], means: list[flo
     for i, n in enumerate(monitored):
         m[f"loss_{n}"] = means[1 + len(names) + i]
     return m
-
-
-def bar_text(metrics: dict[str, float], names: list[str]) -> str:
-    """The training bar's description: the objective loss and lambda per constraint (``class_4`` -> ``λ4``)."""
-    parts = [f"loss {metrics['loss_objective']:.4f}"]
-    parts += [f"λ{n.removeprefix('class_')} {metrics[f'lambda_{n}']:.3f}" for n in names]
-    return "train " + " ".join(parts)
-
-
-def _progress_bar(progress: bool | str | Callable[[int, int], Any], start: int, total: int):
-    """Rank 0's progress: ``True``/``"bar"``: a tqdm bar on a terminal, else (``"lines"``, or a log file) a line
-    every minute (``LineProgress``); a callable: ``progress(start, total)`` makes it
-    (``cdd_ray.worker.ray_progress``); False: none."""
-    if not progress:
-        return None
-    if callable(progress):
-        return progress(start, total)
-    if progress == "lines" or not sys.stderr.isatty():
-        return LineProgress(start, total)
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
-
-
-class LineProgress:
-    """A progress bar for a log: a line (step of the budget, the bar's text, elapsed, ETA) every ``every_s`` and at
-    the end, where a tqdm bar would write a frame per refresh on one endless line (or, in a Ray worker, a line
-    per refresh)."""
-
-    def __init__(self, start: int, total: int, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
-        self.n, self.total, self.start, self.every_s, self.clock = start, total, start, every_s, clock
-        self.desc = "train"
-        self.t0 = self.last = clock()
-
-    def set_description(self, desc: str) -> None:
-        self.desc = desc
-
-    def update(self, k: int = 1) -> None:
-        self.n += k
-        if self.clock() - self.last >= self.every_s:
-            self.print()
-
-    def close(self) -> None:
-        self.print()  # where the run ended
-
-    def print(self) -> None:
-        self.last = now = self.clock()
-        rate = (self.n - self.start) / max(now - self.t0, 1e-9)
-        left = f"{(self.total - self.n) / rate / 60:.1f} min" if rate > 0 else "?"
-        # not print(): in a Ray Train worker print goes to a logger and the console, so it would print twice
-        sys.stdout.write(f"{self.desc}: step {self.n}/{self.total} ({100 * self.n / self.total:.0f}%), "
-                         f"{(now - self.t0) / 60:.1f} min, ETA {left}\n")
-        sys.stdout.flush()
 
 
 def _snapshot(cfg, unet, ema, optimizer, lr_sched, scaler, sampler, noise_gen, dual, step, worker,

@@ -25,7 +25,8 @@ from cdd_ray.model import build_noise_scheduler
 from cdd_ray.outputs import build_summary, write_outputs
 from cdd_ray.preflight import check_node_files, on_node
 from cdd_ray.tracking import PENDING_FILE, MetricBuffer, dual_step_metrics, last_logged_primal_step
-from cdd_ray.train_loop import Worker, train
+from cdd_ray.progress import make_bar, with_bar
+from cdd_ray.train_loop import Hooks, Worker, train
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +189,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             mlflow_buffer.flush(raise_errors=False)
         ray.train.report(metrics)  # every rank, at the same steps; no checkpoint
 
-    fault = make_fault(cfg.fault, worker.rank, config.get("fault_marker"))
     progress = config.get("progress", "bar")  # "bar": Ray draws it on the driver; "lines" (a log) or False
-    result = train(cfg, split, worker, on_block=on_block, resume=resume,
-                   prepare_model=ray.train.torch.prepare_model, fault=fault,
-                   progress=ray_progress if progress in (True, "bar") else progress,
-                   on_report=on_report if cfg.ray.report_every > 0 else None)
+    start = int(resume.meta["step"]) if resume is not None else 0
+    bar = (make_bar(ray_progress if progress in (True, "bar") else progress, start, cfg.optim.steps)
+           if worker.rank == 0 else None)
+    hooks = Hooks(prepare_model=ray.train.torch.prepare_model,
+                  before_step=make_fault(cfg.fault, worker.rank, config.get("fault_marker")),
+                  on_block=with_bar(bar, names, on_block),
+                  on_report=on_report if cfg.ray.report_every > 0 else None)
+    result = train(cfg, split, worker, resume=resume, hooks=hooks)
+    if bar is not None:
+        bar.close()
     metrics = dict(result.history[-1]) if result.history else {"step": result.step}
     snap = final.get("snap")
     if snap is None and resume is not None and result.start_step >= cfg.optim.steps:

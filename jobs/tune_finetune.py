@@ -36,7 +36,8 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="a few steps per trial: checks the machinery")
     args = p.parse_args()
     from cdd_ray.finetune import finetune_config, resolve_pretrained
-    from cdd_ray.tune import FINETUNE_OBJECTIVES, load_space, report, run_sweep
+    from cdd_ray.metrics import FINETUNE_OBJECTIVES
+    from cdd_ray.sweep import load_space, report, run_sweep
 
     with job_errors() as guard:
         check_resume(args)

@@ -71,7 +71,7 @@ def main() -> None:
         fail(e)
     setup_logging()
     from cdd_ray.tracking import tracking_uri, ui_hint
-    from cdd_ray.tune import load_space, report, run_sweep
+    from cdd_ray.sweep import load_space, report, run_sweep
 
     with job_errors() as guard:
         guard.resume_name = cfg.name

@@ -10,8 +10,8 @@ algorithm (a step, a batch, a seed, a loss weight) moves them by more than 1e-2.
 compared there: they go through the classifier's argmax labels of 32 samples, where one label that flips moves a
 share by 1/32 and the FIDs by tens.
 
-``CDD_RAY_SAVE_GOLDEN=1 pytest tests/test_runner.py tests/test_tune.py -k golden`` writes them again (only for a
-change meant to alter the numbers; say so in its commit)."""
+``CDD_RAY_SAVE_GOLDEN=1 pytest -n 0`` on the tests that call ``check`` (CONTRIBUTING.md lists them) writes them
+again: only for a change meant to alter the numbers (say so in its commit)."""
 
 import json
 import os

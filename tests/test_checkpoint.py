@@ -6,14 +6,14 @@ import torch
 from cdd_ray import checkpoint
 from cdd_ray.checkpoint import CheckpointError
 from cdd_ray.config import build_config
-from cdd_ray.train_loop import train
+from cdd_ray.train_loop import Hooks, train
 
 
 @pytest.fixture(scope="module")
 def snap(smoke_split):
     cfg = build_config("smoke", overrides={"optim.steps": 4})
     out = {}
-    train(cfg, smoke_split, on_block=lambda m, s: out.update(snap=s()))
+    train(cfg, smoke_split, hooks=Hooks(on_block=lambda m, s: out.update(snap=s())))
     return out["snap"]
 
 

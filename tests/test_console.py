@@ -4,7 +4,7 @@ import io
 from dataclasses import dataclass, field
 
 from cdd_ray.console import SweepTable, dashboard_message
-from cdd_ray.train_loop import bar_text
+from cdd_ray.progress import bar_text
 
 
 @dataclass
@@ -122,7 +122,7 @@ def test_training_bar_text_has_the_loss_and_each_lambda():
 
 
 def test_a_log_gets_a_progress_line_a_minute_with_the_eta(capsys):
-    from cdd_ray.train_loop import LineProgress
+    from cdd_ray.progress import LineProgress
 
     clock = Clock()
     bar = LineProgress(100, 1100, every_s=60, clock=clock)  # resumed at step 100

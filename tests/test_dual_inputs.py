@@ -110,7 +110,7 @@ def child_main(rank: int, world: int, store: str, split_path: str, out_path: str
                             timeout=timedelta(seconds=90))
     try:
         result = tl.train(cfg, split, worker=tl.Worker(rank, world, torch.device("cpu")),
-                          prepare_model=lambda m: torch.nn.parallel.DistributedDataParallel(m))
+                          hooks=tl.Hooks(prepare_model=lambda m: torch.nn.parallel.DistributedDataParallel(m)))
         rec["final_lam"] = list(result.dual.lam)
         rec["dual_step"] = result.dual.step
         rec["weights_sum"] = float(sum(p.detach().double().sum() for p in result.unet.parameters()))
@@ -271,7 +271,7 @@ def test_applied_gradient_is_that_of_the_lagrangian(monkeypatch, smoke_split, on
     monkeypatch.setattr(tl, "fused_losses", fused_rec)
     monkeypatch.setattr(tl, "_optimizer_step", opt_rec)
     monkeypatch.setattr(DualState, "update", update_rec)
-    result = tl.train(cfg, split, prepare_model=lambda m: m.double())
+    result = tl.train(cfg, split, hooks=tl.Hooks(prepare_model=lambda m: m.double()))
     assert result.step == 3 and len(steps) == 3 and len(applied) == 3 and len(lam_after) == 3
     # Non-trivial multipliers: non-zero, and different per constraint after the first dual step.
     assert all(v > 0 for s in steps for v in s["lam"])

@@ -1,5 +1,5 @@
 """The package's import graph, read from the source (top-level and function-level imports alike): no module
-imports itself through others, and the pure primal-dual loop knows nothing of Ray or MLflow."""
+imports itself through others, and the pure primal-dual loop knows nothing of Ray, MLflow or progress bars."""
 
 import ast
 from pathlib import Path
@@ -76,7 +76,7 @@ def test_the_package_has_no_import_cycle():
     assert cycles(graph) == []
 
 
-def test_the_pure_loop_knows_nothing_of_ray_or_mlflow():
+def test_the_pure_loop_knows_nothing_of_ray_mlflow_or_progress_bars():
     for module in ("train_loop", "dual"):
-        outside = {d.split(".")[0] for d in imports(PACKAGE / f"{module}.py")} & {"ray", "mlflow"}
+        outside = {d.split(".")[0] for d in imports(PACKAGE / f"{module}.py")} & {"ray", "mlflow", "tqdm"}
         assert not outside, (module, outside)

@@ -9,7 +9,7 @@ import pytest
 
 from cdd_ray import tracking
 from cdd_ray.config import build_config
-from cdd_ray.tune import load_space, run_sweep
+from cdd_ray.sweep import load_space, run_sweep
 from helpers import placement_groups_left
 
 # Every trial's worker is SIGKILLed (as the OOM killer does) twice: while it loads its training function (where Ray

@@ -7,8 +7,9 @@ import torch
 from cdd_ray import checkpoint
 from cdd_ray.checkpoint import Snapshot
 from cdd_ray.config import build_config
+from cdd_ray.metrics import ASHA_LOSS
 from cdd_ray.model import build_noise_scheduler, build_unet
-from cdd_ray.train_loop import NonFiniteLossError, fused_losses, train
+from cdd_ray.train_loop import Hooks, NonFiniteLossError, fused_losses, train
 
 
 def count_forwards(monkeypatch):
@@ -116,7 +117,7 @@ def test_resume_from_snapshot_continues_exactly(smoke_split, optimizer):
             raise KeyboardInterrupt  # the run dies after its checkpoint at step 4
 
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, smoke_split, on_block=keep)
+        train(cfg, smoke_split, hooks=Hooks(on_block=keep))
     resumed = train(cfg, smoke_split, resume=snaps[4])
     assert resumed.step == 8 and resumed.dual.step == 4
     assert len(resumed.dual.lam_history) == len(full.dual.lam_history) == 4
@@ -149,8 +150,8 @@ def test_non_finite_loss_stops_before_lambda_update(smoke_split, tmp_path):
     tl.unet_for = capture
     try:
         with pytest.raises(NonFiniteLossError, match="non-finite loss at step 4"):
-            train(cfg, smoke_split, fault=poison,
-                  on_block=lambda m, s: (seen.append(m["lambda_class_4"]), checkpoint.save(tmp_path / "ckpt", s())))
+            train(cfg, smoke_split, hooks=Hooks(before_step=poison, on_block=lambda m, s: (
+                seen.append(m["lambda_class_4"]), checkpoint.save(tmp_path / "ckpt", s()))))
     finally:
         tl.unet_for = original
     assert len(seen) == 1 and all(math.isfinite(v) for v in seen)
@@ -192,7 +193,7 @@ def test_a_non_finite_step_in_the_middle_of_a_block_is_never_applied(monkeypatch
     monkeypatch.setattr(tl, "fused_losses", fused)
     monkeypatch.setattr(tl, "unet_for", unet_for)
     with pytest.raises(NonFiniteLossError, match=f"non-finite {poison} .*at step 5:.*the optimiser did not apply"):
-        train(cfg, smoke_split, fault=fault)
+        train(cfg, smoke_split, hooks=Hooks(before_step=fault))
     assert calls["n"] == 5  # stopped at once, not at the block boundary (step 6)
     after = seen["unet"].state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -214,7 +215,7 @@ def test_resume_with_more_workers_gives_the_new_rank_its_own_streams(monkeypatch
 
     monkeypatch.setattr(tl, "fused_losses", recorded)
     snaps: dict[int, Snapshot] = {}
-    full = train(cfg, smoke_split, on_block=lambda m, s: snaps.setdefault(int(m["step"]), s()))
+    full = train(cfg, smoke_split, hooks=Hooks(on_block=lambda m, s: snaps.setdefault(int(m["step"]), s())))
     uninterrupted = draws[4:]
     draws.clear()
     fresh_rank1 = train(dataclasses.replace(cfg), smoke_split, worker=tl.Worker(rank=1))
@@ -299,7 +300,7 @@ def test_window_reports_at_multiples_of_report_every_with_window_means(monkeypat
     monkeypatch.setattr(tl, "fused_losses", recording)
     cfg = build_config("smoke", overrides={"optim.steps": 13, "dual.primal_steps": 3, "ray.report_every": 4})
     reports = []
-    result = train(cfg, smoke_split, on_report=reports.append)
+    result = train(cfg, smoke_split, hooks=Hooks(on_report=reports.append))
     assert len(recorded) == 13 and [m["step"] for m in result.history] == [3, 6, 9, 12, 13]
     # Steps 4 and 8 are inside dual-step blocks, 12 is a block boundary; 13 (the final step) is not reported.
     assert [r["step"] for r in reports] == [4, 8, 12]
@@ -307,13 +308,13 @@ def test_window_reports_at_multiples_of_report_every_with_window_means(monkeypat
         window = torch.tensor(recorded[r["step"] - 4:r["step"]], dtype=torch.float64)
         means = window.mean(dim=0)
         assert r["window_steps"] == 4
-        assert r[tl.ASHA_LOSS] == pytest.approx(means.mean().item(), rel=1e-6)
+        assert r[ASHA_LOSS] == pytest.approx(means.mean().item(), rel=1e-6)
         assert r["window_loss_objective"] == pytest.approx(means[0].item(), rel=1e-6)
         for i, c in enumerate((4, 5, 7)):
             assert r[f"window_loss_class_{c}"] == pytest.approx(means[1 + i].item(), rel=1e-6)
         assert "loss_mean" not in r and "lambda_class_4" not in r
     for m in result.history:  # block (checkpoint) metrics never carry ASHA's metric
-        assert tl.ASHA_LOSS not in m
+        assert ASHA_LOSS not in m
     # Without a callback (or with report_every 0) nothing else changes: the same training.
     plain = train(build_config("smoke", overrides={"optim.steps": 13, "dual.primal_steps": 3}), smoke_split)
     assert plain.dual.lam_history == result.dual.lam_history
@@ -325,8 +326,8 @@ def test_a_report_comes_after_every_dual_step_up_to_its_step(smoke_split):
     step of a block that ends at the report's step (12 here)."""
     cfg = build_config("smoke", overrides={"optim.steps": 13, "dual.primal_steps": 3, "ray.report_every": 4})
     events = []
-    train(cfg, smoke_split, on_block=lambda m, snap: events.append(("block", m["step"])),
-          on_report=lambda m: events.append(("report", m["step"])))
+    train(cfg, smoke_split, hooks=Hooks(on_block=lambda m, snap: events.append(("block", m["step"])),
+                                        on_report=lambda m: events.append(("report", m["step"]))))
     assert events == [("block", 3), ("report", 4), ("block", 6), ("report", 8), ("block", 9), ("block", 12),
                       ("report", 12), ("block", 13)]
 
@@ -337,13 +338,6 @@ def test_report_every_is_validated():
     with pytest.raises(ConfigError, match=r"ray.report_every: -1 must be >= 0"):
         build_config("smoke", overrides={"ray.report_every": -1})
     assert build_config("smoke").ray.report_every == 0
-
-
-def test_asha_metric_is_the_window_metric():
-    from cdd_ray.train_loop import ASHA_LOSS
-    from cdd_ray.tune import ASHA_METRIC
-
-    assert ASHA_METRIC == ASHA_LOSS == "asha_loss"
 
 
 # ---------------------------------------------------------------- class-balanced sampling
@@ -413,7 +407,7 @@ def test_monitor_constraints_records_class_losses_without_changing_training(monk
         if metrics["step"] == 4:
             snaps[4] = snapshot()
 
-    mon = train(mon_cfg, smoke_split, on_block=keep)
+    mon = train(mon_cfg, smoke_split, hooks=Hooks(on_block=keep))
     assert calls["n"] == 8  # the monitored batches join the one fused forward
     names = [f"loss_class_{c}" for c in (4, 5, 7)]
     for p, m in zip(plain.history, mon.history):

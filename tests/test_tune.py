@@ -17,7 +17,9 @@ from cdd_ray import tracking
 from cdd_ray.config import ConfigError, build_config
 from cdd_ray.front import name_of
 from cdd_ray.placement import Node, sweep_resources
-from cdd_ray.tune import load_space, pareto_front, run_sweep, to_tune, trial_config
+from cdd_ray.front import pareto_front
+from cdd_ray.sweep import load_space, report, run_sweep
+from cdd_ray.sweep.space import to_tune, trial_config
 import golden
 from helpers import placement_groups_left
 
@@ -49,7 +51,7 @@ def test_shipped_space_loads():
 @pytest.mark.parametrize("name", ["mnist_minority", "celeba_minority", "imagenet_minority", "mnist_finetune"])
 def test_shipped_spaces_search_thresholds_and_dual_steps_at_equal_budget(name):
     """The references train with the base config's lr, batches and steps: a shipped space searches none of them."""
-    from cdd_ray.tune import BUDGET_KNOBS, budget_knobs
+    from cdd_ray.sweep.space import BUDGET_KNOBS, budget_knobs
 
     root = os.path.dirname(os.path.dirname(__file__))
     space = load_space(os.path.join(root, "search_spaces", f"{name}.yaml"))
@@ -58,7 +60,7 @@ def test_shipped_spaces_search_thresholds_and_dual_steps_at_equal_budget(name):
 
 
 def test_a_space_that_searches_the_budget_is_named_unequal(tmp_path):
-    from cdd_ray.tune import budget_knobs, unequal_budget_note
+    from cdd_ray.sweep.space import budget_knobs, unequal_budget_note
 
     space = load_space(write(tmp_path, """
 params:
@@ -130,7 +132,7 @@ def test_trial_config_resolves_derived_keys():
 
 def test_trial_runs_are_named_by_number_kind_and_the_params_the_kind_uses():
     from cdd_ray.front import name_of
-    from cdd_ray.tune import trial_run_name
+    from cdd_ray.sweep.trial import trial_run_name
 
     params = {"dual.kind": "resilient", "dual.gamma": 0.2123, "dual.b_rel": 0.93, "dual.eta": 0.1234,
               "optim.batch_ratio": 4}
@@ -148,7 +150,7 @@ def test_trial_runs_are_named_off_tunes_event_loop(tmp_path, monkeypatch):
     import pickle
     import types
 
-    from cdd_ray.tune import TrialRunNames
+    from cdd_ray.sweep.trial import TrialRunNames
 
     uri = os.environ["MLFLOW_TRACKING_URI"]
     run_id = tracking.start_run(build_config("smoke"), uri)
@@ -177,7 +179,7 @@ def test_trial_runs_are_named_off_tunes_event_loop(tmp_path, monkeypatch):
 
 
 def test_trial_runs_left_running_end_failed_after_the_sweep_and_killed_on_ctrl_c():
-    from cdd_ray.tune import close_stopped_children
+    from cdd_ray.sweep.results import close_stopped_children
 
     uri = os.environ["MLFLOW_TRACKING_URI"]
     cfg = build_config("smoke")
@@ -241,18 +243,19 @@ def test_the_front_table_and_fairness_targets():
 
 
 class StopTheSecond(ASHAScheduler):
-    """ASHA's stop made certain: the second trial to reach the rung (step 2 of 4) is stopped there, whatever its
-    loss; the first goes on. Ray then ends the stopped trial's processes as it does on any ASHA stop."""
+    """ASHA's stop made certain: the second trial the searcher proposed is stopped at the rung (step 2 of 4),
+    whatever its loss; the first goes on. Ray then ends the stopped trial's processes as it does on any ASHA stop.
+    (By proposal order, not by which trial reaches the rung first: two trials at once reach it in either order.)"""
+
+    def on_trial_add(self, tune_controller, trial):
+        super().on_trial_add(tune_controller, trial)
+        self.__dict__.setdefault("added", []).append(trial.trial_id)
 
     def on_trial_result(self, tune_controller, trial, result):
         if result.get("step", 0) < 2 or "asha_loss" not in result:
             return TrialScheduler.CONTINUE
-        at_rung = self.__dict__.setdefault("at_rung", [])
-        if trial.trial_id not in at_rung:
-            at_rung.append(trial.trial_id)
-            if len(at_rung) == 2:
-                return TrialScheduler.STOP
-        return TrialScheduler.CONTINUE
+        added = self.__dict__.get("added", [])
+        return TrialScheduler.STOP if added.index(trial.trial_id) == 1 else TrialScheduler.CONTINUE
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +266,6 @@ def smoke_sweep(ray_session, tmp_path_factory):
     the stopped trial has in MLflow was sent at its report windows."""
     import ray.tune.schedulers
 
-    import cdd_ray.tune as tune_mod
     from cdd_ray.budget import MARGIN, Throughput
 
     tmp_path = tmp_path_factory.mktemp("sweep")
@@ -276,7 +278,7 @@ def smoke_sweep(ray_session, tmp_path_factory):
                                             "optim.threads": 1})
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
-        mp.setattr(tune_mod.Throughput, "from_baseline", classmethod(lambda cls, *a: Throughput(s, 0.0)))
+        mp.setattr(Throughput, "from_baseline", classmethod(lambda cls, *a: Throughput(s, 0.0)))
         mp.setattr(ray.tune.schedulers, "ASHAScheduler", StopTheSecond)
         res = run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, limits={"tv_to_uniform": 0.99},
                         warm_start_steps=6, time_budget_s=budget)
@@ -297,8 +299,6 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
     """A warm-started smoke sweep under a time budget: the trials and both references at the planned steps (equal
     budget) and the planned count; the plan printed and written before the trials start; the front with its
     intervals, the references and the fairness target; everything in MLflow under one parent run."""
-    import cdd_ray.tune as tune_mod
-
     res, printed, base, tmp_path = smoke_sweep
     # the plan made from the baseline's measurement is what runs
     assert (res.plan["trial_steps"], res.plan["num_trials"]) == (4, 2)
@@ -308,7 +308,7 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
     assert "trials: 2 finished, 0 running, 0 pending" in printed
     table = printed[printed.rindex("trial  id "):].splitlines()
     assert {line.split()[1] for line in table[1:-1]} == {r["trial_id"] for r in res.rows}
-    text = tune_mod.report(res)
+    text = report(res)
     assert "time budget 600 min" in text and "(asked: 2 x 6); cut: trials and references train 4 steps" in text
     plan_file = res.out / "plan.json"
     assert json.loads((res.out / "front" / "plan.json").read_text()) == json.loads(plan_file.read_text())
@@ -431,7 +431,7 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
     assert note.startswith("**Sweep sweep-t**: 2 trials searched by Optuna (tpe) on Ray Tune for precision (higher "
                            "is better) and tv_to_uniform (lower is better) under tv_to_uniform <= 0.99.")
     assert ("**Budget**: every trial and both references trained 4 primal steps, warm-started from the unconstrained "
-            "baseline's 8 steps.") in note and tune_mod.report(res) in note
+            "baseline's 8 steps.") in note and report(res) in note
     # trial runs named as the console's table numbers them, with the params their dual kind uses
     table_ids = {line.split()[0]: line.split()[1] for line in table[1:-1]}
     for c in children:
@@ -441,6 +441,8 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
             name = c.data.tags["mlflow.runName"]
             assert name.startswith(f"{number} {c.data.params['dual.kind']} ") and " eta=" in name, name
             assert ("gamma=" in name) == (c.data.params["dual.kind"] == "resilient"), name
+    # the caller's config is the caller's: the space's fixed keys (optim.lr 0.002) went into the sweep's copy
+    assert base.optim.lr == build_config("smoke").optim.lr != 0.002
     with pytest.raises(ConfigError, match=r"objectives: \['is', 'tv_to_uniform'\] must be two different metrics"):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, objectives=("is", "tv_to_uniform"))
     with pytest.raises(ConfigError, match=r"--max-tv: 1.5 must be in \(0, 1\)"):
@@ -467,11 +469,16 @@ def test_register_each_rule_registers_its_trial_and_the_model_generates(smoke_sw
     fairest = min(done, key=lambda r: (r["tv_to_uniform"], -r["precision"]))
     artifacts_before = {r["run_id"]: [a.path for a in client.list_artifacts(r["run_id"])] for r in done}
 
-    q = register("sweep-t", pick="quality", alias="quality")
-    f = register("sweep-t", pick="fairness", alias="fairness")
-    bound = fairest["tv_to_uniform"] + 1e-6  # only trials as fair as the fairest qualify
     # the README's command as a user types it (run with -m, the model's class would be __main__'s: it is logged
     # from code instead of pickled)
+    cli = subprocess.run([sys.executable, "-m", "cdd_ray.register", "--sweep", "sweep-t", "--pick", "quality",
+                          "--alias", "quality"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert "registered cdd-ray-mnist version 1 as @quality" in cli.stdout
+    q = client.get_model_version_by_alias("cdd-ray-mnist", "quality")
+    q = {"version": q.version, "rule": q.tags["rule"], "run_id": q.run_id}
+    f = register("sweep-t", pick="fairness", alias="fairness")
+    bound = fairest["tv_to_uniform"] + 1e-6  # only trials as fair as the fairest qualify
     cli = subprocess.run([sys.executable, "-m", "cdd_ray.register", "--sweep", "sweep-t", "--max-tv", str(bound)],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)  # alias: champion
     assert cli.returncode == 0, cli.stderr[-3000:]
@@ -542,7 +549,8 @@ def test_asha_clock_is_primal_steps_whatever_dual_primal_steps(ray_session, tmp_
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from cdd_ray.tune import ASHA_METRIC, run_trial
+    from cdd_ray.metrics import ASHA_LOSS
+    from cdd_ray.sweep.trial import run_trial
 
     monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # as run_sweep: checkpoints lack asha_loss
     base = build_config("smoke", overrides={"name": "clock", "ray.storage": str(tmp_path / "ray"), "optim.steps": 8,
@@ -557,7 +565,7 @@ def test_asha_clock_is_primal_steps_whatever_dual_primal_steps(ray_session, tmp_
         tune.with_resources(run_trial, {"CPU": 0.1}),
         param_space={"dual.primal_steps": tune.grid_search([1, 3]), "sweep": sweep},
         # run_sweep's scheduler for 8-step trials; a rung at step 4 (a report step), which ASHA may act on.
-        tune_config=tune.TuneConfig(scheduler=ASHAScheduler(time_attr="step", metric=ASHA_METRIC, mode="min",
+        tune_config=tune.TuneConfig(scheduler=ASHAScheduler(time_attr="step", metric=ASHA_LOSS, mode="min",
                                                             max_t=9, grace_period=4, reduction_factor=3),
                                     max_concurrent_trials=conc),
         run_config=tune.RunConfig(name="tuner", storage_path=str(tmp_path / "tuner")),
@@ -568,7 +576,7 @@ def test_asha_clock_is_primal_steps_whatever_dual_primal_steps(ray_session, tmp_
     for r in results:
         df = r.metrics_dataframe
         ps = r.config["dual.primal_steps"]
-        has = df[ASHA_METRIC].notna() if ASHA_METRIC in df else df["step"] < 0
+        has = df[ASHA_LOSS].notna() if ASHA_LOSS in df else df["step"] < 0
         asha_steps[ps] = [int(s) for s in df.loc[has, "step"]]
         # Checkpoint reports (every dual step: steps 1..7 or 3, 6) and the final one never carry asha_loss.
         # (ASHA may have stopped the trial at step 4, after its first checkpoint report.)
@@ -588,9 +596,9 @@ def test_fairness_target_reaches_optuna_as_a_constraint(sampler, kind):
 
     from ray import tune
 
-    from cdd_ray.tune import _searcher
+    from cdd_ray.sweep.search import make_searcher
 
-    searcher = _searcher(("precision", "tv_to_uniform"), 0, {"tv_to_uniform": 0.1}, sampler)
+    searcher = make_searcher(("precision", "tv_to_uniform"), 0, {"tv_to_uniform": 0.1}, sampler)
     searcher.set_search_properties(None, None, {"x": tune.uniform(0, 1)})
     for i, tv in enumerate([0.05, 0.1, 0.3]):
         searcher.suggest(f"t{i}")
@@ -638,10 +646,10 @@ def test_every_trial_reaches_the_study_as_it_ended_and_the_study_is_kept(tmp_pat
     import optuna
     from ray import tune
 
-    from cdd_ray.tune import _searcher, study_states, study_url
+    from cdd_ray.sweep.search import make_searcher, study_states, study_url
 
     url = study_url(tmp_path)
-    searcher = _searcher(("precision", "tv_to_uniform"), 0, {"tv_to_uniform": 0.1}, sampler, url, "sweep-x")
+    searcher = make_searcher(("precision", "tv_to_uniform"), 0, {"tv_to_uniform": 0.1}, sampler, url, "sweep-x")
     searcher.set_search_properties(None, None, {"x": tune.uniform(0, 1)})
     ends = [({"precision": 0.7, "tv_to_uniform": 0.08, "step": 8}, False),
             *[({"step": 4, "asha_loss": 0.3 + i / 10, "window_steps": 2}, False) for i in range(3)],
@@ -672,7 +680,7 @@ def test_a_study_in_uri_storage_is_continued_by_a_resume_from_another_driver(tmp
     from ray import tune
 
     from cdd_ray import storage as storage_io
-    from cdd_ray.tune import _searcher, searcher_study, study_states
+    from cdd_ray.sweep.search import make_searcher, searcher_study, study_states
 
     store = f"file://{tmp_path / 'bucket' / 'sweep-u'}"
     first, second = tmp_path / "driver1", tmp_path / "driver2"
@@ -680,7 +688,7 @@ def test_a_study_in_uri_storage_is_continued_by_a_resume_from_another_driver(tmp
     monkeypatch.chdir(first)
     url = searcher_study(first / "runs" / "sweep-u", store, uri_storage=True, resume=False)
     assert url == "sqlite:///runs/sweep-u/study/optuna.db"  # relative to the driver's working directory
-    searcher = _searcher(("precision", "tv_to_uniform"), 0, {}, "tpe", url, "sweep-u")
+    searcher = make_searcher(("precision", "tv_to_uniform"), 0, {}, "tpe", url, "sweep-u")
     searcher.set_search_properties(None, None, {"x": tune.uniform(0, 1)})
     searcher.suggest("t0")
     searcher.on_trial_complete("t0", {"precision": 0.7, "tv_to_uniform": 0.08})
@@ -785,10 +793,8 @@ def test_optuna_dashboard_shows_the_sweeps_study_as_the_report_says(smoke_sweep,
 
     from helpers import end_process_group, free_port, wait_for_health
 
-    import cdd_ray.tune as tune_mod
-
     res = smoke_sweep[0]
-    command = tune_mod.report(res).split("see it with: ", 1)[1].splitlines()[0]
+    command = report(res).split("see it with: ", 1)[1].splitlines()[0]
     argv = shlex.split(command)
     assert argv[0] == "optuna-dashboard"
     port = free_port()

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cdd_ray.config import Config, EvalConfig
+from cdd_ray.config import Config, ConfigError, EvalConfig
 from cdd_ray.data import Split
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,6 @@ def external_classifier(path: str, n_classes: int) -> nn.Module:
     try:
         model = torch.jit.load(str(Path(path).expanduser()), map_location="cpu").eval()
     except Exception as e:  # noqa: BLE001
-        from cdd_ray.config import ConfigError
-
         raise ConfigError(f"eval.classifier_path: {path!r} is not a TorchScript model: {e}") from None
     return _CheckedClassifier(model, n_classes, path)
 
@@ -118,8 +116,6 @@ class _CheckedClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)
         if out.dim() != 2 or out.shape[1] != self.n_classes:
-            from cdd_ray.config import ConfigError
-
             raise ConfigError(f"eval.classifier_path: {self.path!r} returned shape {tuple(out.shape)}; expected "
                               f"(N, {self.n_classes}) logits over data.classes")
         return out

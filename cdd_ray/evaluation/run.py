@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from cdd_ray.checkpoint import load_model
 from cdd_ray.config import Config, ConfigError
 from cdd_ray.data import Split, to_uint8
 from cdd_ray.dual import predicted_shares
@@ -144,8 +145,6 @@ def finetune_metrics(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Co
     the new classes (their gap is the over-fitting signal); distance_to_pretrained: the constraint's value
     on fixed Gaussian inputs.
     """
-    from cdd_ray.checkpoint import load_model
-
     e, f = cfg.eval, cfg.finetune
     new_pos = [split.classes.index(c) for c in f.new_classes]
     old_pos = [i for i in range(len(split.classes)) if i not in new_pos]

@@ -1,0 +1,191 @@
+"""What a sweep ends with: its rows (references and trials), each point's differences to the references, the front,
+the budget line, what the jobs print and the parent run's MLflow description."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cdd_ray import compare, tracking
+from cdd_ray import storage as storage_io
+from cdd_ray.front import format_differences, format_feasibility, format_front, name_of, write_front
+from cdd_ray.metrics import BUDGET_COLUMNS, OBJECTIVES, SWEEP_METRICS, direction
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    rows: list[dict[str, Any]]
+    front: list[dict[str, Any]]
+    baseline: dict[str, Any]  # the unconstrained reference (continued for the trials' budget when warm-started)
+    out: Path
+    objectives: tuple[str, str] = OBJECTIVES
+    references: list[dict[str, Any]] = field(default_factory=list)  # the unconstrained and rebalanced rows
+    limits: dict[str, float] = field(default_factory=dict)  # fairness targets (--max-tv, --max-fd)
+    feasible: dict[str, Any] = field(default_factory=dict)  # front.feasibility() of the trials under limits
+    plan: dict[str, Any] = field(default_factory=dict)  # the time budget's Plan (empty: no budget)
+    wall_s: float = 0.0  # of this call of run_sweep (a resumed sweep: since the resume)
+    store: str = ""  # the sweep's folder in the run storage (what --resume and the trials read)
+    budget_knobs: list[str] = field(default_factory=list)  # searched keys that change compute or optimiser
+    study: str = ""  # the Optuna study's storage URL
+    study_states: dict[str, int] = field(default_factory=dict)  # Optuna's trial states at the end: count each
+
+
+def close_stopped_children(uri: str, parent_run_id: str, status: str = "FAILED") -> None:
+    """The sweep's trial runs still RUNNING when it ends get ``status``: KILLED on Ctrl-C (every running trial);
+    FAILED after the trials, where only a trial whose process died can have left one (ASHA's stopped trials are
+    FINISHED by mark_stopped_early first)."""
+    c = tracking.client(uri)
+    exp = c.get_run(parent_run_id).info.experiment_id
+    for r in c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                                "attributes.status = 'RUNNING'"):
+        tracking.end_run(uri, r.info.run_id, status)
+
+
+def compare_runs(references: list[dict[str, Any]], rows: list[dict[str, Any]], store: str, outputs: str,
+                 objectives: tuple[str, str]) -> None:
+    """Every evaluated run that is not refused, as ``cdd_ray.compare`` reads it: its class-mean quality restated
+    over the classes all of them have (``quality_classes``), and its ``differences`` to each reference (the
+    objectives and the mix-free quality and fairness measures, each with the 95% interval of the difference)."""
+    folders = [(r, storage_io.join(store, r["role"])) for r in references]
+    folders += [(r, storage_io.join(outputs, str(r["trial_id"]))) for r in rows if r["status"] == "done"]
+    runs = [(r, e) for r, folder in folders if not r.get("refused") and (e := compare.load(folder)) is not None]
+    classes = compare.common_classes([e for _, e in runs])
+    for r, e in runs:
+        compare.restate_class_quality(r, e, classes)
+    refs = {r["role"]: e for r, e in runs if r.get("role", "trial") != "trial"}
+    metrics = tuple(dict.fromkeys(m for m in (*objectives, "precision_class_mean", "fid_class_mean", "tv_excess",
+                                              "minority_share") if m in compare.DIFF_METRICS))
+    for r, e in runs:
+        r["differences"] = compare.differences(e, refs, metrics, classes)
+
+
+def budget_line(res: SweepResult) -> str:
+    """The budget of every printed point, checkable: steps, images through the gradient step, learning rate."""
+    def span(rows: list[dict[str, Any]], key: str) -> str:
+        vals = sorted({r[key] for r in rows if isinstance(r.get(key), (int, float))})
+        return "-" if not vals else f"{vals[0]:g}" if len(vals) == 1 else f"{vals[0]:g}-{vals[-1]:g}"
+
+    done = [r for r in res.rows if r["status"] == "done"]
+    line = (f"budget: references {span(res.references, 'steps')} steps at lr {span(res.references, 'lr')} "
+            f"({span(res.references, 'train_images')} training images); finished trials {span(done, 'steps')} "
+            f"steps at lr {span(done, 'lr')} ({span(done, 'train_images')} images: the objective's batches plus "
+            "one batch per constraint)")
+    return line + (".\n" + "NOT AT EQUAL BUDGET: the space searches " + ", ".join(res.budget_knobs) + "."
+                   if res.budget_knobs else ".")
+
+
+def sweep_note(res: SweepResult, sampler: str, budget: str) -> str:
+    """The sweep parent run's description in MLflow (Markdown): what was searched for, the equal budget, and the
+    front with its intervals beside the references (what the job prints)."""
+    q, f = res.objectives
+    better = {o: direction(o) for o in res.objectives}
+    target = (" under " + " and ".join(f"{m} <= {x:g}" for m, x in res.limits.items())) if res.limits else ""
+    return "\n\n".join([
+        f"**Sweep {res.out.name}**: {len(res.rows)} trials searched by Optuna ({sampler}) on Ray Tune for {q} "
+        f"({better[q]} is better) and {f} ({better[f]} is better){target}.",
+        f"**Budget**: {budget}.", report(res)])
+
+
+def mark_stopped_early(uri: str, rows: list[dict[str, Any]], outputs: str) -> None:
+    """A trial ASHA stopped ended as the search meant it to: its run is FINISHED with tags ``stopped_early=true``
+    and ``stopped_at_step`` (KILLED is for a person's Ctrl-C). Ray ends the trial's process from outside, so the
+    run was left RUNNING, or FAILED where the stop landed inside the trial's own clean-up. ``outputs``: the
+    trials' folder in the run storage."""
+    for r in rows:
+        if r["status"] != "stopped early":
+            continue
+        run_id = storage_io.read_text(storage_io.join(outputs, str(r.get("trial_id")), "mlflow_run_id"))
+        if run_id:
+            tracking.set_tags(uri, run_id.strip(), {"stopped_early": "true", "stopped_at_step": str(r.get("steps"))})
+            tracking.end_run(uri, run_id.strip(), "FINISHED")
+
+
+def trial_rows(results, outputs: str, param_keys: list[str], objectives: tuple[str, str]) -> list[dict[str, Any]]:
+    """One row per trial: a finished trial's summary.json (metrics with their intervals), else what it reported
+    before ASHA stopped it. ``outputs``: the trials' folder in the run storage."""
+    rows = []
+    for number, r in enumerate(results, 1):  # the ResultGrid keeps Tune's order of the trials
+        m = r.metrics or {}
+        out = storage_io.join(outputs, str(m.get("trial_id", "")))
+        info = json.loads(storage_io.read_text(storage_io.join(out, "trial.json")) or "{}")
+        summary = json.loads(storage_io.read_text(storage_io.join(out, "summary.json"))) if info else m
+        rows.append({"role": "trial", "trial_id": m.get("trial_id"), "number": number,
+                     **{k: summary.get(k) for k in SWEEP_METRICS},
+                     **{f"{k}_ci": summary[f"{k}_ci"] for k in SWEEP_METRICS if summary.get(f"{k}_ci")},
+                     **{k: summary.get(k, m.get("step") if k == "steps" else None) for k in BUDGET_COLUMNS},
+                     "fid_features": summary.get("fid_features"), "data_source": summary.get("data_source"),
+                     "run_id": info.get("run_id"),
+                     "status": "error" if r.error else ("done" if info else "stopped early"),
+                     "params": {k: (r.config or {}).get(k) for k in param_keys}})
+    return rows
+
+
+def report(res: SweepResult) -> str:
+    """What the jobs print: the front with its intervals and references, the fairness target's answer, where
+    everything is."""
+    q, f = res.objectives
+    done = sum(r["status"] == "done" for r in res.rows)
+    lines = [f"Pareto front ({q} {direction(q)} is better, {f} {direction(f)} is better; {len(res.rows)} trials, "
+             f"{done} finished, {len(res.front)} on the front). Values with 95% bootstrap intervals:",
+             format_front(res.front, res.references, res.objectives, (*SWEEP_METRICS, "quality_classes"))]
+    if any(r.get("differences") for r in [*res.references, *res.front]):
+        lines += ["Differences to the references (point - reference, with the 95% interval of the difference: paired "
+                  "over the shared sampling noise for shares and precision, FIDs from independent bootstraps; "
+                  "'better' / 'worse' where it excludes 0, otherwise these samples show no difference; all "
+                  "metrics in front/differences.csv):",
+                  format_differences(res.front, res.references, res.objectives)]
+    floor = next((r.get("tv_floor") for r in res.references if r.get("tv_floor") is not None), None)
+    if floor is not None:
+        lines.append(f"tv_floor {floor:.3f}: the tv_to_uniform of an exactly uniform generator with this many samples "
+                     "(tv_excess = tv_to_uniform - tv_floor).")
+    classes = next((r["quality_classes"] for r in [*res.references, *res.rows] if r.get("quality_classes") is not None),
+                   None)
+    if classes is not None:
+        lines.append(f"fid_class_mean and precision_class_mean average the same classes for every point: "
+                     f"{classes or 'none'} (the classes every evaluated run generated enough samples of).")
+    refused = [r for r in res.rows if r.get("refused")]
+    if refused:
+        lines.append("refused (evaluated on other data or features than the references, kept off the front): "
+                     + ", ".join(f"{name_of(r)} ({r['refused']})" for r in refused))
+    if res.limits:
+        lines.append(format_feasibility(res.feasible, res.limits, q))
+    lines.append(budget_line(res))
+    if res.study:
+        lines.append("Optuna study: " + ", ".join(f"{n} {k}" for k, n in sorted(res.study_states.items()))
+                     + f" trials; see it with: optuna-dashboard {res.study}")
+    if res.plan:
+        pl = res.plan
+        lines.append(f"time budget {pl['budget_s'] / 60:.0f} min, took {res.wall_s / 60:.1f} min: {pl['num_trials']} trials "
+                     f"and the references at {pl['trial_steps']} steps (asked: {pl['requested_trials']} x "
+                     f"{pl['requested_steps']}); {pl['cut']}")
+    lines += [f"sweep folder: {res.out}  (front/pareto.csv, front/differences.csv, front/tradeoff.png, "
+              "front/best_configs.json)"
+              + (f"; the sweep's state and outputs: {res.store}" if res.store and res.store != str(res.out) else ""),
+              f"MLflow parent run: {res.parent_run_id}"]
+    return "\n".join(lines)
+
+
+def publish(uri: str, parent: str, sweep_dir: Path, upload_to: str, rows: list[dict[str, Any]],
+            front: list[dict[str, Any]], references: list[dict[str, Any]], objectives: tuple[str, str],
+            sweep_plan: dict[str, Any], limits: dict[str, float], sampler: str) -> None:
+    """The front's files in ``sweep_dir/front`` (and the plan beside them), uploaded with the study to
+    ``upload_to`` (a URI storage's sweep folder; "" for none), logged to the parent run with the sweep's metrics
+    (each reference's as ``<role>/<metric>``) and tags."""
+    write_front(sweep_dir / "front", rows, front, references, objectives,
+                (*SWEEP_METRICS, "quality_classes", *BUDGET_COLUMNS))
+    if sweep_plan:
+        (sweep_dir / "front" / "plan.json").write_text(json.dumps(sweep_plan, indent=2))
+    if upload_to:
+        storage_io.upload(sweep_dir / "front", storage_io.join(upload_to, "front"))
+    tracking.log_artifacts(uri, parent, sweep_dir / "front")
+    tracking.log_artifacts(uri, parent, sweep_dir / "study", "study")
+    if upload_to:
+        storage_io.upload(sweep_dir / "study", storage_io.join(upload_to, "study"))
+    tracking.log_metrics(uri, parent, {"sweep/trials": len(rows), "sweep/front_size": len(front), **{
+        f"{r['role']}/{k}": r[k] for r in references for k in SWEEP_METRICS  # e.g. baseline-continued/fid
+        if isinstance(r.get(k), (int, float))}}, 0)
+    tracking.set_tags(uri, parent, {"objectives": ",".join(objectives), "sampler": sampler, **{
+        f"max_{m}": str(x) for m, x in limits.items()}})

@@ -1,0 +1,251 @@
+"""``run_sweep``: one sweep, from its checks to its published front.
+
+Flow: check the request and lay out the storage; an MLflow parent run; the unconstrained baseline (its
+per-class losses anchor ``dual.b_rel``); with a time budget, the plan that sizes the trials; the references at the
+trials' budget (the baseline continued, the rebalanced baseline); the Tuner (``cdd_ray.sweep.search``) running the
+trials (``cdd_ray.sweep.trial``); then the rows, the front and its differences, published to the sweep folder and
+the parent run (``cdd_ray.sweep.results``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cdd_ray import preflight, tracking
+from cdd_ray import storage as storage_io
+from cdd_ray.budget import Plan, Throughput, plan
+from cdd_ray.config import Config, ConfigError, apply_overrides, config_from_dict, validate
+from cdd_ray.data import check_source
+from cdd_ray.front import feasibility, pareto_front, refuse_incomparable
+from cdd_ray.metrics import OBJECTIVE_METRICS, OBJECTIVES
+from cdd_ray.placement import check_this_machine, cluster_nodes, sweep_resources
+from cdd_ray.runner import mlflow_run_for, tracked
+from cdd_ray.samplers import DEFAULT_SAMPLER, make_sampler
+from cdd_ray.session import init_ray, resolve_storage
+from cdd_ray.sweep.references import live_class_losses, run_unconstrained
+from cdd_ray.sweep.results import (SweepResult, close_stopped_children, compare_runs, mark_stopped_early, publish,
+                                   sweep_note, trial_rows)
+from cdd_ray.sweep.search import check_limits, make_tuner, searcher_study, study_states, study_url
+from cdd_ray.sweep.space import SearchSpace, budget_knobs, largest_trial_images, unequal_budget_note
+
+
+def plan_resources(cfg: Config) -> tuple[int, dict[str, float]]:
+    """Concurrent trials and per-worker resources for the connected Ray cluster's nodes
+    (``cdd_ray.placement.sweep_resources``)."""
+    return sweep_resources(cluster_nodes(), cfg)
+
+
+def budget_plan(base: Config, space: SearchSpace, pre: dict[str, Any], driver_s: float, used_s: float,
+                time_budget_s: float, num_samples: int, warm_start_steps: int, monitored: bool, conc: int) -> Plan:
+    """Size the trials from what the baseline measured (cdd_ray.budget)."""
+    k = len(base.constraint_names())
+    base_images = base.optim.batch_size + (k * base.optim.constraint_batch_size if monitored else 0)
+    tp = Throughput.from_baseline(pre, max(driver_s, float(pre.get("wall_s") or 0.0)), base_images)
+    steps = warm_start_steps or base.optim.steps
+    every = base.ray.report_every
+    return plan(time_budget_s, used_s, tp, steps=steps, trials=num_samples,
+                min_steps=max(2 * every, steps // 3), trial_images=largest_trial_images(space, base),
+                reference_images=base.optim.batch_size,
+                references=int(warm_start_steps > 0) + int(not base.is_finetune),
+                parallel=conc if base.ray.gpu else 1, cut_steps=warm_start_steps > 0)
+
+
+@dataclass
+class Place:
+    """Where a sweep lives. Everything it needs is in ``store``, in the run storage (a local or shared folder, or a
+    URI): trials on any node and a --resume from any driver find it there. ``sweep_dir`` is the driver's folder of
+    what a user reads (the front, the references' outputs): the store itself when the storage is a folder."""
+    storage: str
+    store: str
+    sweep_dir: Path
+    uri_storage: bool
+
+
+def check_request(base: Config, objectives: tuple[str, str], limits: dict[str, float], sampler: str, seed: int
+                  ) -> None:
+    """The sweep's own arguments, refused before any work."""
+    bad = [o for o in objectives if o not in OBJECTIVE_METRICS]
+    if bad or len(objectives) != 2 or objectives[0] == objectives[1]:
+        raise ConfigError(f"objectives: {list(objectives)} must be two different metrics from: "
+                          f"{', '.join(OBJECTIVE_METRICS)}")
+    check_limits(limits, base.eval.n_samples, len(base.data.classes))
+    make_sampler(sampler, seed)  # an unknown sampler fails here
+
+
+def quiet_tune(verbose: bool) -> None:
+    """Ray Tune's process-wide settings for a sweep (environment variables it reads when the Tuner starts)."""
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # fid/tv arrive with the final report only
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # so Tuner.restore does not re-run finished trials
+    # Ctrl-C raises KeyboardInterrupt here (Tune's own handler would end the sweep as if it had finished);
+    # the sweep state saved every few seconds is what --resume continues from.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    if not verbose:  # Tune's legacy console is silent at verbose=0 (the new one still prints its header box)
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def place(base: Config, resume: bool) -> Place:
+    """The sweep's storage, checked writable; a sweep of that name must exist for --resume and not without it."""
+    storage = preflight.check_storage(resolve_storage(base.ray.storage))
+    store = storage_io.join(storage, base.name)
+    uri_storage = storage_io.is_uri(storage)
+    sweep_dir = Path(store) if not uri_storage else Path("runs").resolve() / base.name
+    exists = storage_io.exists(storage_io.join(store, "mlflow_parent_run_id"))
+    if exists and not resume:
+        raise ConfigError(f"name: a sweep {base.name!r} already exists under {storage!r}; pass --resume or another --name")
+    if resume and not exists:
+        raise ConfigError(f"--resume: no sweep {base.name!r} under {storage!r}")
+    return Place(storage, store, sweep_dir, uri_storage)
+
+
+def resolved_base(base: Config, space: SearchSpace) -> Config:
+    """A copy of ``base`` with the space's fixed keys, checked against this machine and its data, and every "auto"
+    decided on the driver (``cdd_ray.preflight``): every trial, reference and worker gets these choices."""
+    base = config_from_dict(base.to_dict())
+    apply_overrides(base, space.fixed)
+    validate(base)
+    check_this_machine(base, sweep=True)  # before a local Ray starts
+    check_source(base.data)
+    return preflight.resolve(base)
+
+
+def time_plan(base: Config, space: SearchSpace, pre: dict[str, Any], store: str, driver_s: float, used_s: float,
+              time_budget_s: float, num_samples: int, warm_start_steps: int, relative: bool, conc: int
+              ) -> dict[str, Any]:
+    """The time budget's plan (``cdd_ray.budget``), printed and kept in the store; a resumed sweep keeps the plan
+    it started with."""
+    plan_file = storage_io.join(store, "plan.json")
+    saved = storage_io.read_text(plan_file)
+    if saved:
+        sweep_plan = json.loads(saved)
+        print(f"time budget: the interrupted sweep's plan: {sweep_plan['num_trials']} trials of "
+              f"{sweep_plan['trial_steps']} steps. {sweep_plan['cut']}", flush=True)
+        return sweep_plan
+    p = budget_plan(base, space, pre, driver_s, used_s, time_budget_s, num_samples, warm_start_steps, relative, conc)
+    storage_io.write_text(plan_file, json.dumps(p.to_dict(), indent=2))
+    print(p.describe(), flush=True)
+    return p.to_dict()
+
+
+def trials_base(base: Config, warm_start_steps: int, store: str) -> Config:
+    """The config every trial starts from: reports often enough for ASHA's clock (about 8 per trial) and, when
+    warm-started, the baseline's weights and ``warm_start_steps`` steps."""
+    trial_base = config_from_dict(base.to_dict())
+    if trial_base.ray.report_every == 0:
+        trial_base.ray.report_every = max(1, (warm_start_steps or trial_base.optim.steps) // 8)
+    if warm_start_steps > 0:
+        trial_base.optim.init_from = storage_io.join(store, "baseline", "checkpoint")  # workers read it there
+        trial_base.optim.steps = warm_start_steps
+        trial_base.optim.warmup = min(base.optim.warmup, warm_start_steps // 10)
+    return trial_base
+
+
+def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool = False, seed: int = 0,
+              warm_start_steps: int = 0, objectives: tuple[str, str] = OBJECTIVES,
+              limits: dict[str, float] | None = None, sampler: str = DEFAULT_SAMPLER,
+              time_budget_s: float | None = None, started: float | None = None, verbose: bool = False) -> SweepResult:
+    """Baseline, then ``num_samples`` Optuna trials on Ray Tune; returns the front. ``base`` is not changed.
+
+    ``warm_start_steps`` > 0: the baseline trains ``optim.steps`` unconstrained steps once; every trial
+    starts from its weights and trains ``warm_start_steps`` more (with its constraints). The reference
+    point is then the baseline continued unconstrained for the same ``warm_start_steps`` from the same
+    weights, so it has had exactly the training budget of every trial.
+    A second reference, the rebalanced baseline (unconstrained, objective batches drawn class-balanced), gets
+    the same budget and warm start: the obvious rival of dual training.
+    ``objectives``: the two metrics Optuna optimises (``cdd_ray.metrics.MAXIMISED`` ones up, the rest down) and the
+    front is drawn in (from OBJECTIVE_METRICS). ``limits``: fairness targets {metric: largest allowed value}; Optuna
+    then searches under them and the result names the best trial meeting them (``feasible``). ``sampler``: the
+    Optuna sampler (SAMPLERS). ``time_budget_s``: the sweep ends within this many seconds from ``started``
+    (default: now): the baseline measures the machine and ``cdd_ray.budget.plan`` sizes the trials' steps and
+    count (printed before the trials start, kept in plan.json so that --resume keeps it, and reported with the
+    front). The console shows the references' progress bars, then the trials' table
+    (``cdd_ray.console.SweepTable``); ``verbose``: Ray's and Tune's own lines too.
+    """
+    started = time.time() if started is None else started
+    limits = dict(limits or {})
+    check_request(base, objectives, limits, sampler, seed)
+    quiet_tune(verbose)
+    where = place(base, resume)
+    base = resolved_base(base, space)
+    uri = preflight.check_tracking(tracking.tracking_uri())
+    init_ray(base.ray.address, verbose=verbose)
+    conc, resources = plan_resources(base)
+    parent = mlflow_run_for(storage_io.join(where.store, "mlflow_parent_run_id"), base, uri, resume,
+                            tags={"role": "sweep", "sweep": base.name, "search_space": space.path})
+    where.sweep_dir.mkdir(parents=True, exist_ok=True)
+    unequal = budget_knobs(space)
+    if unequal:
+        print(unequal_budget_note(unequal, base), flush=True)
+        tracking.set_tags(uri, parent, {"equal_budget": "false", "budget_knobs_searched": ",".join(unequal)})
+
+    def reference(role: str, steps: int, init_from: str = "", overrides: dict[str, Any] | None = None):
+        print(f"{role}: unconstrained, {steps} steps" + (" from the baseline's weights" if init_from else ""),
+              flush=True)
+        return run_unconstrained(base, where.storage, where.sweep_dir / role, uri, parent, role, steps, init_from,
+                                 overrides, store=storage_io.join(where.store, role), verbose=verbose)
+
+    with tracked(uri, parent):
+        relative = "dual.b_rel" in space.params and not base.is_finetune
+        t_base = time.time()
+        pre = reference("baseline", base.optim.steps,
+                        overrides={"optim.monitor_constraints": True} if relative else None)
+        sweep_plan = {}
+        if time_budget_s:
+            sweep_plan = time_plan(base, space, pre, where.store, time.time() - t_base, time.time() - started,
+                                   time_budget_s, num_samples, warm_start_steps, relative, conc)
+            num_samples = sweep_plan["num_trials"]
+            if warm_start_steps > 0:
+                warm_start_steps = sweep_plan["trial_steps"]
+            tracking.set_tags(uri, parent, {"time_budget_s": str(time_budget_s), "budget_cut": sweep_plan["cut"]})
+        trial_base = trials_base(base, warm_start_steps, where.store)
+        baseline = pre
+        if warm_start_steps > 0:
+            baseline = reference("baseline-continued", warm_start_steps, trial_base.optim.init_from)
+        references = [baseline]
+        if not base.is_finetune:
+            # the theory check's q for every trial: the budget-matched baseline's measured class shares
+            trial_base.eval.baseline_shares = list(baseline["class_shares"])
+            references.append(reference("baseline-rebalanced", trial_base.optim.steps, trial_base.optim.init_from,
+                                        overrides={"optim.balanced": True}))
+        # dual.b_rel is relative to the baseline's live training loss on each constraint's data (what the
+        # constraint bounds), not to its EMA model's evaluation.
+        losses = (live_class_losses(storage_io.join(where.store, "baseline", "history.json"),
+                                    base.constraint_names()) if relative else {})
+        sweep_cfg = {
+            "name": base.name, "base": trial_base.to_dict(), "param_keys": list(space.params),
+            "storage": where.storage, "outputs": storage_io.join(where.store, "trials"), "mlflow_uri": uri,
+            "parent_run_id": parent, "baseline_losses": losses, "resources": resources, "verbose": verbose,
+        }
+        study = searcher_study(where.sweep_dir, where.store, where.uri_storage, resume)
+        tuner = make_tuner(space, trial_base, sweep_cfg, where.store, resume, objectives, seed, limits, sampler,
+                           study, num_samples, conc, verbose)
+        try:
+            results = tuner.fit()
+        except KeyboardInterrupt:  # the parent is marked KILLED by tracked(); so are its running trials
+            close_stopped_children(uri, parent, "KILLED")
+            if where.uri_storage:  # a --resume from any driver continues this study
+                storage_io.upload(where.sweep_dir / "study", storage_io.join(where.store, "study"))
+            raise
+        states = study_states(study, base.name)
+        rows = trial_rows(results, sweep_cfg["outputs"], list(space.params), objectives)
+        mark_stopped_early(uri, rows, sweep_cfg["outputs"])
+        close_stopped_children(uri, parent)  # anything else left RUNNING
+        refuse_incomparable(rows, references)
+        compare_runs(references, rows, where.store, sweep_cfg["outputs"], objectives)
+        front = pareto_front(rows, objectives)
+        feasible = feasibility(rows, limits, objectives[0]) if limits else {}
+        publish(uri, parent, where.sweep_dir, where.store if where.uri_storage else "", rows, front, references,
+                objectives, sweep_plan, limits, sampler)
+    res = SweepResult(parent_run_id=parent, rows=rows, front=front, baseline=baseline, out=where.sweep_dir,
+                      objectives=objectives, references=references, limits=limits, feasible=feasible,
+                      plan=sweep_plan, wall_s=time.time() - started, store=where.store, budget_knobs=unequal,
+                      study=study_url(where.sweep_dir), study_states=states)
+    budget = (f"every trial and {'both references' if len(references) > 1 else 'the reference'} trained "
+              f"{trial_base.optim.steps} primal steps" + (
+                  f", warm-started from the unconstrained baseline's {base.optim.steps} steps" if warm_start_steps > 0
+                  else " from scratch"))
+    tracking.set_tags(uri, parent, {"mlflow.note.content": sweep_note(res, sampler, budget)})
+    return res
