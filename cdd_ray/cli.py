@@ -240,9 +240,11 @@ def train_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
 
 
 def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
-    """``jobs/tune_<task>.py``: baselines + Optuna trials on Ray Tune; prints the quality / fairness front."""
-    from cdd_ray.session import cluster_gpus  # Ray itself (a second): only the sweep's jobs ask the cluster
-    from cdd_ray.sweep import load_space, report, run_sweep  # torch, Ray Tune, Optuna: the sweep's jobs only
+    """``jobs/tune_<task>.py`` (``mnist`` or a ``cdd_ray.tasks`` task): baselines + Optuna trials on Ray Tune;
+    prints the quality / fairness front. On a cluster with GPUs and no --preset: the ``paper`` preset, one GPU per
+    worker. Everything this machine or the cluster cannot hold is refused in seconds, before the sweep's code is
+    imported."""
+    from cdd_ray.session import cluster_gpus  # Ray itself (a second or two): only the sweep's jobs ask the cluster
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(p, unconstrained=False)
@@ -262,14 +264,21 @@ def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
     started = time.time()
     with job_errors() as guard:
         check_resume(args)
-        budget = time_budget(args, on_cpu=not args.gpu and cluster_gpus(args.address or "") == 0)
         if args.num_samples < 1:
             raise ConfigError(f"--num-samples: {args.num_samples} must be >= 1")
+        gpus = cluster_gpus(args.address or "")  # the cluster's, not this driver's (a CPU head of a GPU cluster)
         preset = "smoke" if args.smoke and args.preset is None else args.preset
+        if preset is None and gpus > 0:  # one worker per GPU, the authors' model
+            preset, args.gpu = "paper", True
+        budget = time_budget(args, on_cpu=not args.gpu and gpus == 0)
         extra = SWEEP_SMOKE if args.smoke else (SWEEP_CPU if preset in (None, "cpu") else [])
-        cfg = task_config(task, preset, args.config, parse_set(extra + args.overrides) | flag_overrides(args))
-        cfg = name_run(cfg, args, f"{task}-sweep")
-        check_this_machine(cfg, sweep=True)
+        overrides = parse_set(extra + args.overrides) | flag_overrides(args)
+        cfg = (build_config(preset, args.config, overrides) if task == "mnist"
+               else task_config(task, preset, args.config, overrides))
+        cfg = name_run(cfg, args, "sweep" if task == "mnist" else f"{task}-sweep")
+        check_this_machine(cfg, sweep=True)  # in seconds: before the sweep's code is imported and a Ray started
+        from cdd_ray.sweep import load_space, report, run_sweep  # torch, Ray Tune, Optuna: after the checks
+
         space = load_space(args.space)
         warm = cfg.optim.steps // 4 if args.warm_start_steps is None else args.warm_start_steps
         if warm < 0:
