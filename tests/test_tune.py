@@ -242,10 +242,11 @@ def test_the_front_table_and_fairness_targets():
         format_feasibility(none, {"tv_to_uniform": 0.05}, "precision")
 
 
-class StopTheSecond(ASHAScheduler):
-    """ASHA's stop made certain: the second trial the searcher proposed is stopped at the rung (step 2 of 4),
-    whatever its loss; the first goes on. Ray then ends the stopped trial's processes as it does on any ASHA stop.
-    (By proposal order, not by which trial reaches the rung first: two trials at once reach it in either order.)"""
+class StopTheFirst(ASHAScheduler):
+    """ASHA's stop made certain: the first trial the searcher proposed is stopped at the rung (step 2 of 4),
+    whatever its loss; the second goes on. Ray then ends the stopped trial's processes as it does on any ASHA stop.
+    (By proposal order, not by which trial reaches the rung first: two trials at once reach it in either order.
+    The first, so that the front holds the trial it held when tests/golden/sweep_smoke.json was saved.)"""
 
     def on_trial_add(self, tune_controller, trial):
         super().on_trial_add(tune_controller, trial)
@@ -255,14 +256,14 @@ class StopTheSecond(ASHAScheduler):
         if result.get("step", 0) < 2 or "asha_loss" not in result:
             return TrialScheduler.CONTINUE
         added = self.__dict__.get("added", [])
-        return TrialScheduler.STOP if added.index(trial.trial_id) == 1 else TrialScheduler.CONTINUE
+        return TrialScheduler.STOP if added.index(trial.trial_id) == 0 else TrialScheduler.CONTINUE
 
 
 @pytest.fixture(scope="module")
 def smoke_sweep(ray_session, tmp_path_factory):
     """One warm-started smoke sweep under a time budget (what it printed kept), shared by the sweep's tests and
     the registration's (tests/test_register.py has the rules' unit tests). One trial is stopped by ASHA at its
-    rung (StopTheSecond); checkpoints only at the end (ray.checkpoint_every 4 of a trial's 2 dual steps), so what
+    rung (StopTheFirst); checkpoints only at the end (ray.checkpoint_every 4 of a trial's 2 dual steps), so what
     the stopped trial has in MLflow was sent at its report windows."""
     import ray.tune.schedulers
 
@@ -279,7 +280,7 @@ def smoke_sweep(ray_session, tmp_path_factory):
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
         mp.setattr(Throughput, "from_baseline", classmethod(lambda cls, *a: Throughput(s, 0.0)))
-        mp.setattr(ray.tune.schedulers, "ASHAScheduler", StopTheSecond)
+        mp.setattr(ray.tune.schedulers, "ASHAScheduler", StopTheFirst)
         res = run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, limits={"tv_to_uniform": 0.99},
                         warm_start_steps=6, time_budget_s=budget)
     return res, printed.getvalue(), base, tmp_path
@@ -312,7 +313,7 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
     assert "time budget 600 min" in text and "(asked: 2 x 6); cut: trials and references train 4 steps" in text
     plan_file = res.out / "plan.json"
     assert json.loads((res.out / "front" / "plan.json").read_text()) == json.loads(plan_file.read_text())
-    # ASHA stopped the second trial at its rung (StopTheSecond); the other finished, none errored.
+    # ASHA stopped the second trial at its rung (StopTheFirst); the other finished, none errored.
     assert sorted(r["status"] for r in res.rows) == ["done", "stopped early"], res.rows
     assert 1 <= len(res.front) <= 2
     assert set(res.baseline) >= {"fid", "fid_data", "tv_to_uniform", "minority_losses", "precision", "fd"}
