@@ -313,7 +313,7 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
     assert "time budget 600 min" in text and "(asked: 2 x 6); cut: trials and references train 4 steps" in text
     plan_file = res.out / "plan.json"
     assert json.loads((res.out / "front" / "plan.json").read_text()) == json.loads(plan_file.read_text())
-    # ASHA stopped the second trial at its rung (StopTheFirst); the other finished, none errored.
+    # ASHA stopped the first trial at its rung (StopTheFirst); the other finished, none errored.
     assert sorted(r["status"] for r in res.rows) == ["done", "stopped early"], res.rows
     assert 1 <= len(res.front) <= 2
     assert set(res.baseline) >= {"fid", "fid_data", "tv_to_uniform", "minority_losses", "precision", "fd"}
