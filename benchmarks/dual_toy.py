@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cdd_ray.dual import DualState  # noqa: E402
+from cdd_ray.core.dual import DualState  # noqa: E402
 
 
 def simulate(optimizer: str, kind: str, b: float, kp: float = 0.0, nu: float = 0.0, steps: int = 375,

@@ -1,7 +1,7 @@
 """Peak memory of a fused constrained primal step vs number of constraints K and batch sizes.
 
 Each configuration runs in a fresh subprocess (peak memory is per process): build the preset's UNet and
-AdamW, run 3 fused steps (``train_loop.fused_losses`` + backward + optimiser step) and report
+AdamW, run 3 fused steps (``cdd_ray.core.losses.fused_losses`` + backward + optimiser step) and report
 - CUDA: ``torch.cuda.max_memory_allocated`` (tensors only);
 - CPU: peak resident set size minus the resident size just before the first step (activations,
   gradients, optimiser state and allocator slack of the step).
@@ -28,7 +28,7 @@ def measure(preset: str, k: int, batch: int, cbatch: int, device: str) -> dict:
     from cdd_ray.config import build_config
     from cdd_ray.model import build_noise_scheduler, build_unet
     from cdd_ray.model import autocast_for
-    from cdd_ray.train_loop import fused_losses
+    from cdd_ray.core.losses import fused_losses
 
     dev = torch.device(device)
     cfg = build_config(preset)

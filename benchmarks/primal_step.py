@@ -2,7 +2,7 @@
 
 For K constraints a step sees an objective batch of B images and K constraint batches of C images.
 - fused:        cdd-ray: ONE UNet forward over the concatenated B + K*C images, per-dataset losses from
-                its segments, one backward of the Lagrangian (``train_loop.fused_losses``);
+                its segments, one backward of the Lagrangian (``cdd_ray.core.losses.fused_losses``);
 - per-dataset:  the authors' approach: K + 1 forwards (one per dataset), one backward of the Lagrangian;
 - unconstrained: one forward over the same B + K*C images, one plain mean loss.
 Every step includes zero_grad, backward, gradient clipping and the AdamW step. Modes are interleaved
@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from cdd_ray.config import build_config  # noqa: E402
 from cdd_ray.model import build_noise_scheduler, build_unet, n_params  # noqa: E402
 from cdd_ray.model import autocast_for  # noqa: E402
-from cdd_ray.train_loop import fused_losses  # noqa: E402
+from cdd_ray.core.losses import fused_losses  # noqa: E402
 
 MODES = ("fused", "per-dataset", "unconstrained")
 

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import torch
 from diffusers import UNet2DModel
 
-from cdd_ray.dual import DualState
+from cdd_ray.core.dual import DualState
 
 log = logging.getLogger(__name__)
 FILES = ("unet", "unet_ema", "trainer_state.pt", "dual_state.json", "config.json", "meta.json")

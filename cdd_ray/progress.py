@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from cdd_ray.train_loop import BlockCallback
+from cdd_ray.core.loop import BlockCallback
 
 
 def bar_text(metrics: dict[str, float], names: list[str]) -> str:

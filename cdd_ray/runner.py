@@ -23,6 +23,7 @@ import torch
 from cdd_ray import checkpoint, preflight, storage as storage_io, tracking
 from cdd_ray.config import Config, ConfigError
 from cdd_ray.console import train_log_level
+from cdd_ray.core.loop import Hooks, train
 from cdd_ray.data import check_source, prepare_split
 from cdd_ray.evaluation import evaluate
 from cdd_ray.metrics import FINETUNE_METRICS, INTERVAL_METRICS
@@ -31,7 +32,6 @@ from cdd_ray.outputs import build_summary, write_outputs
 from cdd_ray.placement import check_this_machine, cluster_nodes, worker_resources as per_worker
 from cdd_ray.progress import make_bar, with_bar
 from cdd_ray.session import init_ray, resolve_storage
-from cdd_ray.train_loop import Hooks, train
 from cdd_ray.worker import FAULT_ON_LOAD_ENV, KillOnLoad, train_loop_per_worker
 
 log = logging.getLogger(__name__)

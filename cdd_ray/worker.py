@@ -1,5 +1,5 @@
 """The Ray Train worker: the function each worker of a run's ``TorchTrainer`` runs around the pure loop
-(``cdd_ray.train_loop.train``): resume from Ray's (or a newer) checkpoint, report windows and checkpoints to Ray
+(``cdd_ray.core.loop.train``): resume from Ray's (or a newer) checkpoint, report windows and checkpoints to Ray
 Train, send each dual step's metrics to MLflow (rank 0), evaluate and write the run's outputs (rank 0), and the
 test hooks that fail a worker on purpose (``fault.*``)."""
 
@@ -19,14 +19,14 @@ import torch
 from cdd_ray import checkpoint, storage
 from cdd_ray.checkpoint import Snapshot
 from cdd_ray.config import ConfigError, config_from_dict
+from cdd_ray.core.loop import Hooks, Worker, train
 from cdd_ray.data import prepare_split
 from cdd_ray.evaluation import evaluate
 from cdd_ray.model import build_noise_scheduler
 from cdd_ray.outputs import build_summary, write_outputs
 from cdd_ray.preflight import check_node_files, on_node
-from cdd_ray.tracking import PENDING_FILE, MetricBuffer, dual_step_metrics, last_logged_primal_step
 from cdd_ray.progress import make_bar, with_bar
-from cdd_ray.train_loop import Hooks, Worker, train
+from cdd_ray.tracking import PENDING_FILE, MetricBuffer, dual_step_metrics, last_logged_primal_step
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,6 @@ def make_fault(fault_cfg, rank: int, marker: str | None) -> Callable[[int], None
         raise RuntimeError(f"injected fault at step {step} on rank {rank}")
 
     return fault
-
 
 FAULT_ON_LOAD_ENV = "CDD_RAY_FAULT_ON_LOAD"  # set in the workers' runtime env of a fit with fault.kill_on_load
 

@@ -6,7 +6,7 @@ import torch
 from cdd_ray import checkpoint
 from cdd_ray.checkpoint import CheckpointError
 from cdd_ray.config import build_config
-from cdd_ray.train_loop import Hooks, train
+from cdd_ray.core.loop import Hooks, train
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdd_ray.dual import DualState, dual_error, dual_step, nupi_step, predicted_shares, resilient_fixed_point
+from cdd_ray.core.dual import DualState, dual_error, dual_step, nupi_step, predicted_shares, resilient_fixed_point
 
 
 def test_plain_step_hand_computed():

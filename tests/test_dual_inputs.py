@@ -68,13 +68,14 @@ def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
 
 
 def child_main(rank: int, world: int, store: str, split_path: str, out_path: str, overrides: str) -> None:
-    """One rank: patch recorders into cdd_ray.train_loop / DualState, run ``train``, dump the records."""
+    """One rank: patch recorders into cdd_ray.core's loop and losses / DualState, run ``train``, dump the records."""
     from datetime import timedelta
 
     import torch.distributed as dist
 
-    import cdd_ray.train_loop as tl
-    from cdd_ray.dual import DualState
+    import cdd_ray.core.losses as losses_mod
+    import cdd_ray.core.loop as tl
+    from cdd_ray.core.dual import DualState
 
     torch.set_num_threads(1)
     cfg = build_config("smoke", overrides=json.loads(overrides))
@@ -82,7 +83,7 @@ def child_main(rank: int, world: int, store: str, split_path: str, out_path: str
     rec: dict = {"losses": [], "own": [], "updates": [], "steps_at_update": [], "lam_after": []}
     cap: dict = {}
 
-    orig_add_noise, orig_fused, orig_update = tl.add_noise, tl.fused_losses, DualState.update
+    orig_add_noise, orig_fused, orig_update = losses_mod.add_noise, tl.fused_losses, DualState.update
 
     def add_noise_rec(sched, x0, noise, t):
         if not cap:  # the first call of a step noises the training batches
@@ -105,7 +106,7 @@ def child_main(rank: int, world: int, store: str, split_path: str, out_path: str
         rec["lam_after"].append(list(self.lam))
         return res
 
-    tl.add_noise, tl.fused_losses, DualState.update = add_noise_rec, fused_rec, update_rec
+    losses_mod.add_noise, tl.fused_losses, DualState.update = add_noise_rec, fused_rec, update_rec
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=90))
     try:
@@ -222,8 +223,9 @@ def one_thread():
 
 @pytest.mark.parametrize("grad_clip", [1e9, 0.05], ids=["no-clip", "clipped"])
 def test_applied_gradient_is_that_of_the_lagrangian(monkeypatch, smoke_split, one_thread, grad_clip):
-    import cdd_ray.train_loop as tl
-    from cdd_ray.dual import DualState
+    import cdd_ray.core.losses as losses_mod
+    import cdd_ray.core.loop as tl
+    from cdd_ray.core.dual import DualState
     from cdd_ray.model import build_noise_scheduler
 
     lam0 = 0.7
@@ -241,7 +243,7 @@ def test_applied_gradient_is_that_of_the_lagrangian(monkeypatch, smoke_split, on
     applied: list[list[torch.Tensor]] = []
     lam_after: list[list[float]] = []
     cap: dict = {}
-    orig_add_noise, orig_fused, orig_opt, orig_update = tl.add_noise, tl.fused_losses, tl._optimizer_step, \
+    orig_add_noise, orig_fused, orig_opt, orig_update = losses_mod.add_noise, tl.fused_losses, tl._optimizer_step, \
         DualState.update
 
     def add_noise_rec(sched, x0, noise, t):
@@ -267,7 +269,7 @@ def test_applied_gradient_is_that_of_the_lagrangian(monkeypatch, smoke_split, on
         lam_after.append(list(self.lam))
         return res
 
-    monkeypatch.setattr(tl, "add_noise", add_noise_rec)
+    monkeypatch.setattr(losses_mod, "add_noise", add_noise_rec)
     monkeypatch.setattr(tl, "fused_losses", fused_rec)
     monkeypatch.setattr(tl, "_optimizer_step", opt_rec)
     monkeypatch.setattr(DualState, "update", update_rec)

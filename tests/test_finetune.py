@@ -15,7 +15,8 @@ from cdd_ray.config import ConfigError, build_config
 from cdd_ray.data import load_source, split_indices
 from cdd_ray.finetune import finetune_config, pretrain_config, resolve_pretrained
 from cdd_ray.model import build_noise_scheduler, build_unet
-from cdd_ray.train_loop import Anchor, fused_losses, train
+from cdd_ray.core.losses import Anchor, fused_losses
+from cdd_ray.core.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,7 +153,7 @@ def test_finetune_under_cpu_bf16_autocast_starts_at_exactly_zero_constraint(monk
     and while theta = the pre-trained model the constraint is exactly 0; then it grows."""
     from diffusers import UNet2DModel
 
-    import cdd_ray.train_loop as tl
+    import cdd_ray.core.loop as tl
     from cdd_ray.data import prepare_split
 
     cfg = finetune_config(resolve_pretrained(str(pretrained)), None, None,

@@ -11,7 +11,7 @@ from cdd_ray.config import ConfigError, build_config
 from cdd_ray.data import prepare_split
 from cdd_ray.runner import check_run_name, run_ray
 from cdd_ray.session import init_ray, resolve_storage
-from cdd_ray.train_loop import train
+from cdd_ray.core.loop import train
 
 ray = pytest.importorskip("ray")
 

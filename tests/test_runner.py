@@ -224,5 +224,5 @@ def test_a_jobs_console_is_calm_and_a_real_error_prints_in_full(tmp_path):
                          env=env)
     assert bad.returncode == 1
     assert bad.stderr.count("RuntimeError: injected fault at step 2 on rank 0") >= 2, bad.stderr[-4000:]
-    assert "Traceback (most recent call last):" in bad.stderr and 'train_loop.py", line' in bad.stderr
+    assert "Traceback (most recent call last):" in bad.stderr and 'core/loop.py", line' in bad.stderr
     assert "ray.train.WorkerGroupError: Training failed due to worker errors" in bad.stderr

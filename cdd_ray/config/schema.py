@@ -71,7 +71,7 @@ class DualConfig:
     gamma: float = 0.15  # relaxation cost (resilient only); see docs/CONFIGURATION.md for the choice
     primal_steps: int = 2  # primal steps per dual step
     lambda_init: float = 0.0
-    # The dual optimiser (cdd_ray/dual.py): gradient = projected ascent (the paper's); nupi = the nuPI controller
+    # The dual optimiser (cdd_ray/core/dual.py): gradient = projected ascent (the paper's); nupi = the nuPI controller
     # (Sohrabi et al., ICML 2024) with proportional gain kp, integral gain ki and EMA factor nu of the error.
     # kp = 0, ki = 1 is the gradient step. kp = 10, nu = 0.9: picked on a simulated noisy, lagging loss
     # (benchmarks/dual_toy.py); measured in training against the gradient step in docs/CONFIGURATION.md "The dual step".

@@ -19,8 +19,8 @@ import torch.nn as nn
 
 from cdd_ray.checkpoint import load_model
 from cdd_ray.config import Config, ConfigError
+from cdd_ray.core.dual import predicted_shares
 from cdd_ray.data import Split, to_uint8
-from cdd_ray.dual import predicted_shares
 from cdd_ray.evaluation.fairness import class_shares, fairness_metrics, prediction_error_floor, tv_between
 from cdd_ray.evaluation.labeller import (DigitClassifier, classifier_features, external_classifier, get_classifier,
                                          inception_features, inception_weights, predict)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cdd_ray.dual import predicted_shares
+from cdd_ray.core.dual import predicted_shares
 from cdd_ray.evaluation.fairness import (class_shares, fairness_metrics, fd_floor, fd_to_uniform, minority_share,
                                          prediction_error_floor, samples_needed, share_intervals, tv_floor,
                                          tv_to_uniform)

@@ -6,30 +6,29 @@ Lagrangian L0 + sum_i lambda_i L_i, one AdamW step. Every ``dual.primal_steps`` 
 constraint losses of the block are averaged over ranks and one dual step updates lambda, which is
 therefore identical on every rank. Host-device syncs: one boolean per primal step (the non-finite guard,
 before the optimiser step), the block means at these block boundaries and, when ``ray.report_every`` > 0 and
-an ``on_report`` callback is given, the window means once per report window.
-"""
+an ``on_report`` callback is given, the window means once per report window."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from cdd_ray import storage
-from cdd_ray.checkpoint import CheckpointError, Snapshot, load_model
-from cdd_ray.config import Config, ConfigError
+from cdd_ray.checkpoint import Snapshot
+from cdd_ray.config import Config
+from cdd_ray.core.batches import MONITOR_STREAM, NOISE_STREAM, BatchSampler, stream_seed
+from cdd_ray.core.dual import DualState
+from cdd_ray.core.losses import build_anchor, fused_losses
+from cdd_ray.core.state import snapshot_of, warm_start_weights
 from cdd_ray.data import Split
-from cdd_ray.dual import DualState
 from cdd_ray.metrics import ASHA_LOSS
-from cdd_ray.model import add_noise, autocast_for, build_ema, build_noise_scheduler, unet_for
+from cdd_ray.model import autocast_for, build_ema, build_noise_scheduler, unet_for
 
 log = logging.getLogger(__name__)
 
@@ -65,140 +64,9 @@ class LoopResult:
 
 
 BlockCallback = Callable[[dict[str, float], Callable[[], Snapshot]], None]
+
 # Called every ``ray.report_every`` primal steps (never at the final step) with the window's mean losses.
 ReportCallback = Callable[[dict[str, float]], None]
-
-
-@dataclass
-class Anchor:
-    """Fine-tuning's constraint target: a frozen pre-trained UNet and where its inputs x_t come from.
-
-    The constraint is E ||eps_theta(x_t, t) - eps_pre(x_t, t)||^2; eps_theta runs inside the fused
-    forward (so the constraint carries gradient to theta), eps_pre without gradient.
-    """
-
-    unet: torch.nn.Module
-    n: int  # x_t per primal step
-    data: torch.Tensor | None = None  # None: x_t is Gaussian noise; else these images, noised
-
-    def inputs(self, noise_scheduler, generator: torch.Generator, shape: tuple[int, ...],
-               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        dev = generator.device
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (self.n,), generator=generator, device=dev)
-        noise = torch.randn((self.n, *shape), generator=generator, device=dev, dtype=dtype)
-        if self.data is None:
-            return noise, t
-        idx = torch.randint(0, self.data.shape[0], (self.n,), generator=generator, device=dev)
-        return add_noise(noise_scheduler, self.data[idx.to(self.data.device)], noise, t), t
-
-
-def fused_losses(unet: torch.nn.Module, noise_scheduler, batches: list[torch.Tensor],
-                 generator: torch.Generator, anchor: Anchor | None = None,
-                 monitored: list[torch.Tensor] | None = None,
-                 monitor_generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """Per-dataset mean denoising losses from ONE forward over the concatenated batches.
-
-    With an ``anchor``, its inputs join the same forward and the next loss is the mean squared
-    distance between this UNet's and the frozen pre-trained UNet's noise predictions on them.
-    ``monitored`` batches join the same forward too and their mean denoising losses come last; their noise
-    and timesteps come from ``monitor_generator``, so ``generator``'s draws (the training's noise) are the
-    same as without them. The caller gives them no gradient weight (GroupNorm: per-sample, so they do not
-    change the other samples' predictions either).
-    """
-    x0 = torch.cat(batches)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
-                      generator=generator, device=x0.device)
-    inputs, ts = add_noise(noise_scheduler, x0, noise, t), t
-    na = 0
-    if anchor is not None:
-        xa, ta = anchor.inputs(noise_scheduler, generator, tuple(x0.shape[1:]), x0.dtype)
-        inputs, ts, na = torch.cat([inputs, xa]), torch.cat([t, ta]), xa.shape[0]
-    if monitored:
-        gm = monitor_generator if monitor_generator is not None else generator
-        xm = torch.cat(monitored)
-        noise_m = torch.randn(xm.shape, generator=gm, device=xm.device, dtype=xm.dtype)
-        tm = torch.randint(0, noise_scheduler.config.num_train_timesteps, (xm.shape[0],), generator=gm,
-                           device=xm.device)
-        inputs, ts = torch.cat([inputs, add_noise(noise_scheduler, xm, noise_m, tm)]), torch.cat([ts, tm])
-    pred = _full(unet(inputs, ts).sample)
-    n = x0.shape[0]
-    per_sample = (pred[:n] - _full(noise)).pow(2).mean(dim=(1, 2, 3))
-    losses = [seg.mean() for seg in per_sample.split([b.shape[0] for b in batches])]
-    if anchor is not None:
-        with torch.no_grad():
-            target = _full(anchor.unet(xa, ta).sample)
-        losses.append((pred[n:n + na] - target).pow(2).mean())
-    if monitored:
-        per_m = (pred[n + na:] - _full(noise_m)).pow(2).mean(dim=(1, 2, 3))
-        losses += [seg.mean() for seg in per_m.split([b.shape[0] for b in monitored])]
-    return losses
-
-
-def _full(x: torch.Tensor) -> torch.Tensor:
-    """Losses in at least fp32 (autocast outputs are bf16/fp16; fp64 stays fp64)."""
-    return x.float() if x.element_size() < 4 else x
-
-
-NOISE_STREAM, MONITOR_STREAM = 997, 1999  # stream ids of the noise generators (datasets are 0, 1, ...)
-
-
-def stream_seed(seed: int, rank: int, stream: int, joined_at: int = 0) -> int:
-    """The seed of one random stream of one rank. ``joined_at`` > 0: the step at which this rank joined a run
-    resumed with more workers than its checkpoint had, so that it never replays a stream any rank drew before
-    (not even its own namesake's from before a resume with fewer workers)."""
-    return seed * 1_000_003 + rank * 7919 + stream + joined_at * 1_000_000_007
-
-
-class BatchSampler:
-    """Uniform sampling with replacement from device-resident tensors, one generator per dataset.
-
-    ``balanced_labels`` (the first dataset's class labels): that dataset is drawn class-balanced instead:
-    each draw picks one of its classes uniformly, then an image of that class uniformly (with replacement),
-    from the same generator, so it is reproducible per rank and resumable like the uniform draws.
-    """
-
-    def __init__(self, datasets: list[torch.Tensor], sizes: list[int], seed: int, rank: int,
-                 balanced_labels: torch.Tensor | None = None, joined_at: int = 0):
-        self.datasets, self.sizes = datasets, sizes
-        self.generators = [torch.Generator().manual_seed(stream_seed(seed, rank, i, joined_at))
-                           for i in range(len(datasets))]
-        self.balanced = None
-        if balanced_labels is not None:
-            y = balanced_labels.cpu()
-            if y.shape[0] != datasets[0].shape[0]:
-                raise ValueError(f"balanced_labels: {y.shape[0]} labels for {datasets[0].shape[0]} images")
-            _, counts = torch.unique(y, sorted=True, return_counts=True)
-            # Indices grouped by class; class k's images are order[starts[k] : starts[k] + counts[k]].
-            self.balanced = (torch.argsort(y, stable=True), torch.cumsum(counts, 0) - counts, counts)
-
-    def draw(self) -> list[torch.Tensor]:
-        out = []
-        for i, (data, n, g) in enumerate(zip(self.datasets, self.sizes, self.generators)):
-            if i == 0 and self.balanced is not None:
-                idx = self._balanced_index(n, g)
-            else:
-                idx = torch.randint(0, data.shape[0], (n,), generator=g)
-            out.append(data[idx.to(data.device, non_blocking=True)])
-        return out
-
-    def _balanced_index(self, n: int, g: torch.Generator) -> torch.Tensor:
-        order, starts, counts = self.balanced
-        k = torch.randint(0, counts.shape[0], (n,), generator=g)
-        # Uniform within the class: a 62-bit integer modulo the class size (bias < size / 2^62).
-        j = torch.randint(0, 2 ** 62, (n,), generator=g) % counts[k]
-        return order[starts[k] + j]
-
-    def state(self) -> list[torch.Tensor]:
-        return [g.get_state() for g in self.generators]
-
-    def load_state(self, states: list[torch.Tensor]) -> None:
-        for g, s in zip(self.generators, states):
-            g.set_state(s)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 @dataclass
@@ -239,7 +107,7 @@ def train(cfg: Config, split: Split, worker: Worker | None = None, resume: Snaps
     if resume is not None:
         unet.load_state_dict(resume.unet.state_dict())
     elif o.init_from:
-        unet.load_state_dict(_warm_start_weights(o.init_from, cfg))
+        unet.load_state_dict(warm_start_weights(o.init_from, cfg))
     # Fine-tuning: the frozen pre-trained UNet is the constraint's target and, on a fresh start, theta's init.
     anchor = build_anchor(cfg, split.objective.to(dev), dev) if cfg.is_finetune else None
     if anchor is not None and resume is None and not o.init_from:
@@ -294,7 +162,7 @@ def train(cfg: Config, split: Split, worker: Worker | None = None, resume: Snaps
     history: list[dict[str, float]] = list(resume.meta.get("history", [])) if resume is not None else []
 
     def snapshot() -> Snapshot:
-        return _snapshot(cfg, unet, ema, optimizer, lr_sched, scaler, sampler, noise_gen, dual, step, worker,
+        return snapshot_of(cfg, unet, ema, optimizer, lr_sched, scaler, sampler, noise_gen, dual, step, worker,
                          history, monitor_gen)
 
     lam = torch.tensor(dual.lam, device=dev)
@@ -367,45 +235,6 @@ def train(cfg: Config, split: Split, worker: Worker | None = None, resume: Snaps
     ema.copy_to(ema_unet.parameters())
     return LoopResult(unet=unet, ema_unet=ema_unet, dual=dual, history=history, step=step,
                       train_s=time.perf_counter() - t0, start_step=start_step)
-
-
-def build_anchor(cfg: Config, new_data: torch.Tensor, device: torch.device) -> Anchor:
-    """The frozen pre-trained UNet (its EMA weights: the model that was sampled) and its input source."""
-    pre, _, _ = load_model(cfg.finetune.pretrained, ema=True)
-    _check_shape(pre, cfg, "finetune.pretrained", cfg.finetune.pretrained)
-    pre.eval().requires_grad_(False)
-    data = new_data if cfg.finetune.anchor_inputs == "data" else None
-    return Anchor(unet=pre.to(device), n=cfg.optim.constraint_batch_size, data=data)
-
-
-def _warm_start_weights(directory: str, cfg: Config) -> dict[str, torch.Tensor]:
-    """UNet weights of another run's checkpoint (a local folder, or one in the run storage: a URI); the
-    architecture must match this run's preset."""
-    import tempfile
-
-    if storage.is_uri(directory):
-        with tempfile.TemporaryDirectory(prefix="cdd-init-from-") as tmp:
-            try:
-                storage.download(storage.join(directory, "unet"), Path(tmp) / "unet")  # what load_model reads
-                for name in ("dual_state.json", "config.json"):
-                    (Path(tmp) / name).write_text(storage.read_text(storage.join(directory, name)) or "")
-            except OSError as e:
-                raise ConfigError(f"optim.init_from: cannot read {directory!r}: {str(e).splitlines()[0]}") from None
-            return _warm_start_weights(tmp, cfg)
-    unet, _, _ = load_model(directory, ema=False)
-    _check_shape(unet, cfg, "optim.init_from", directory)
-    return unet.state_dict()
-
-
-def _check_shape(unet: torch.nn.Module, cfg: Config, field_: str, directory: str) -> None:
-    mine = unet_for(cfg).config
-    def norm(v: Any) -> Any:
-        return list(v) if isinstance(v, (list, tuple)) else v
-
-    if any(norm(unet.config.get(k)) != norm(v) for k, v in mine.items() if not k.startswith("_")):
-        raise CheckpointError(f"{field_}: {directory!r} holds a UNet of another shape "
-                              f"(block_out_channels {unet.config.block_out_channels}, sample_size "
-                              f"{unet.config.sample_size}) than model.preset={cfg.model.preset!r}")
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
@@ -481,35 +310,3 @@ def _block_metrics(step: int, dual: DualState, names: list[str], means: list[flo
     for i, n in enumerate(monitored):
         m[f"loss_{n}"] = means[1 + len(names) + i]
     return m
-
-
-def _snapshot(cfg, unet, ema, optimizer, lr_sched, scaler, sampler, noise_gen, dual, step, worker,
-              history, monitor_gen=None) -> Snapshot:
-    """Current state as a Snapshot (CPU copies); RNG states of every rank are gathered."""
-    batches, noise = sampler.state(), noise_gen.get_state()
-    monitor = monitor_gen.get_state() if monitor_gen is not None else None
-    if worker.world_size > 1:
-        gathered: list[Any] = [None] * worker.world_size
-        dist.all_gather_object(gathered, (batches, noise, monitor))
-        batches_all = [g[0] for g in gathered]
-        noise_all = [g[1] for g in gathered]
-        monitor_all = [g[2] for g in gathered]
-    else:
-        batches_all, noise_all, monitor_all = [batches], [noise], [monitor]
-    rng = {"batches": batches_all, "noise": [s.cpu() for s in noise_all]}
-    if monitor is not None:
-        rng["monitor_noise"] = [s.cpu() for s in monitor_all]
-    ema_unet = unet_for(cfg)
-    ema.copy_to(ema_unet.parameters())
-    unet_cpu = unet_for(cfg)
-    unet_cpu.load_state_dict({k: v.detach().cpu() for k, v in unet.state_dict().items()})
-    trainer_state = copy.deepcopy({  # state_dict()s hold live references to the training tensors
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_sched.state_dict(),
-        "ema": ema.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else {},
-        "rng": rng,
-    })
-    return Snapshot(unet=unet_cpu, ema_unet=ema_unet.cpu(), trainer_state=trainer_state,
-                    dual=DualState.from_dict(dual.to_dict()), config=cfg.to_dict(),
-                    meta={"step": step, "dual_step": dual.step, "history": copy.deepcopy(history)})
