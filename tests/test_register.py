@@ -1,5 +1,5 @@
 """cdd_ray.register: the choice rules and the input errors (the registration of a real sweep's trial, its pyfunc
-model and sampling from it: tests/test_tune.py::test_register_*, on the suite's smoke sweep)."""
+model and sampling from it: tests/sweep/test_sweep.py::test_register_*, on the suite's smoke sweep)."""
 
 import pytest
 

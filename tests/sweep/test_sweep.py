@@ -42,7 +42,7 @@ def write(tmp_path, text, name="space.yaml"):
 
 
 def test_shipped_space_loads():
-    root = os.path.dirname(os.path.dirname(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
     space = load_space(os.path.join(root, "search_spaces", "mnist_minority.yaml"))
     dists = to_tune(space)
     assert set(dists) == set(space.params) and "dual.eta" in dists
@@ -53,7 +53,7 @@ def test_shipped_spaces_search_thresholds_and_dual_steps_at_equal_budget(name):
     """The references train with the base config's lr, batches and steps: a shipped space searches none of them."""
     from cdd_ray.sweep.space import BUDGET_KNOBS, budget_knobs
 
-    root = os.path.dirname(os.path.dirname(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
     space = load_space(os.path.join(root, "search_spaces", f"{name}.yaml"))
     assert budget_knobs(space) == [] and not set(space.params) & set(BUDGET_KNOBS)
     assert set(space.params) <= {"dual.kind", "dual.gamma", "dual.b_rel", "dual.b", "dual.eta", "dual.primal_steps"}
@@ -80,7 +80,7 @@ def test_the_spaces_documented_dual_optimizer_lines_search_it(tmp_path, name):
     every corner of them is a valid trial config."""
     import re
 
-    root = os.path.dirname(os.path.dirname(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
     text = open(os.path.join(root, "search_spaces", f"{name}.yaml")).read()
     lines = re.findall(r"^#   (dual\.(?:optimizer|kp|nu): .*)$", text, flags=re.M)
     assert len(lines) == 3

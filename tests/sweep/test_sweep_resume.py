@@ -19,7 +19,7 @@ import pytest
 
 from browser import chromium
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def kill_ray_leftovers(ray_tmp: str) -> None:

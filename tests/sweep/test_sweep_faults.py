@@ -1,5 +1,5 @@
 """A sweep whose Ray Train workers die (SIGKILL, as the OOM killer does): every trial restarts and finishes. A module
-of its own, so that pytest -n 2 runs it beside test_tune.py."""
+of its own, so that pytest -n 2 runs it beside test_sweep.py."""
 
 import csv
 import json
