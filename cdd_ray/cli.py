@@ -210,6 +210,7 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
+
 # ---------------------------------------------------------------- the Celeb-A / ImageNet-subset jobs
 
 

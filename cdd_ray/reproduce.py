@@ -147,6 +147,7 @@ def _train_task(task: str, base: Config, out: Path, run: Callable[[str, Config],
                         budget=f"pre-trained {steps} steps without the new class; both fine-tunings "
                                f"{c['steps']} steps from it")
 
+
 # ---------------------------------------------------------------- reproduction.md
 
 

@@ -79,6 +79,7 @@ def _run_local(cfg: Config, out: str | Path, progress: bool, buffer: tracking.Me
     checkpoint.save(out / "checkpoint", final["snap"])
     return summary
 
+
 # ---------------------------------------------------------------- MLflow
 
 
