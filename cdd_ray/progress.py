@@ -68,6 +68,7 @@ class LineProgress:
 def with_bar(bar, names: list[str], on_block: BlockCallback | None = None) -> BlockCallback:
     """An ``on_block`` hook that moves ``bar`` (None: no bar) to the block's step with its text, then calls
     ``on_block``."""
+
     def hook(metrics: dict[str, float], snapshot) -> None:
         if bar is not None:
             bar.set_description(bar_text(metrics, names))

@@ -46,6 +46,7 @@ def make_fault(fault_cfg, rank: int, marker: str | None) -> Callable[[int], None
     storage, local or a URI)."""
     if fault_cfg.fail_at_step < 0 or rank != fault_cfg.rank or not marker:
         return None
+
     def fault(step: int) -> None:
         if step != fault_cfg.fail_at_step or storage.exists(marker):
             return
@@ -211,6 +212,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         summary = build_summary(cfg, result, ev, split, time.perf_counter() - t0, worker.world_size)
         metrics.update({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         metrics.update({f"share_{c}": v for c, v in zip(summary["class_ids"], summary["class_shares"])})
+
         def outputs(d: str) -> None:
             write_outputs(os.path.join(d, "outputs"), cfg, result, ev, summary)
             if mlflow_buffer is not None:
