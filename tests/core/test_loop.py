@@ -265,7 +265,7 @@ def test_cpu_bf16_autocast_runs_the_gpu_dtype_with_fp32_losses(monkeypatch, smok
         monkeypatch.setattr(tl, "fused_losses", fused_rec)
         cfg = build_config("smoke", overrides={"optim.steps": 4, "optim.precision": precision})
         runs[precision] = (train(cfg, smoke_split), rec)
-    (r32, rec32), (r16, rec16) = runs["fp32"], runs["bf16"]
+    (_, rec32), (r16, rec16) = runs["fp32"], runs["bf16"]
     assert set(rec32["dtypes"]) == {torch.float32} and set(rec16["dtypes"]) == {torch.bfloat16}
     assert len(rec16["dtypes"]) == 4
     assert all(v.dtype == torch.float32 for step in rec16["losses"] for v in step)
