@@ -3,7 +3,8 @@
 import io
 from dataclasses import dataclass, field
 
-from cdd_ray.console import SweepTable, dashboard_message
+from cdd_ray.console import dashboard_message
+from cdd_ray.sweep.table import SweepTable
 from cdd_ray.progress import bar_text
 
 

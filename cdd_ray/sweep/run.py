@@ -95,7 +95,8 @@ def place(base: Config, resume: bool) -> Place:
     sweep_dir = Path(store) if not uri_storage else Path("runs").resolve() / base.name
     exists = storage_io.exists(storage_io.join(store, "mlflow_parent_run_id"))
     if exists and not resume:
-        raise ConfigError(f"name: a sweep {base.name!r} already exists under {storage!r}; pass --resume or another --name")
+        raise ConfigError(f"name: a sweep {base.name!r} already exists under {storage!r}; pass --resume or another "
+                          "--name")
     if resume and not exists:
         raise ConfigError(f"--resume: no sweep {base.name!r} under {storage!r}")
     return Place(storage, store, sweep_dir, uri_storage)
@@ -162,7 +163,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     (default: now): the baseline measures the machine and ``cdd_ray.budget.plan`` sizes the trials' steps and
     count (printed before the trials start, kept in plan.json so that --resume keeps it, and reported with the
     front). The console shows the references' progress bars, then the trials' table
-    (``cdd_ray.console.SweepTable``); ``verbose``: Ray's and Tune's own lines too.
+    (``cdd_ray.sweep.table.SweepTable``); ``verbose``: Ray's and Tune's own lines too.
     """
     started = time.time() if started is None else started
     limits = dict(limits or {})

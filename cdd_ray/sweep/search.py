@@ -15,11 +15,12 @@ from ray.tune.search.optuna import OptunaSearch
 
 from cdd_ray import storage as storage_io
 from cdd_ray.config import Config, ConfigError
-from cdd_ray.console import SweepTable, tune_verbosity
+from cdd_ray.console import tune_verbosity
 from cdd_ray.evaluation.fairness import FLOORS, samples_needed
 from cdd_ray.metrics import ASHA_LOSS, FAIRNESS_METRICS, MAXIMISED
 from cdd_ray.samplers import make_sampler
 from cdd_ray.sweep.space import SearchSpace, to_tune
+from cdd_ray.sweep.table import SweepTable
 from cdd_ray.sweep.trial import TrialRunNames, run_trial
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from cdd_ray import tracking
 from cdd_ray import storage as storage_io
-from cdd_ray.console import short_name, trial_number
 from cdd_ray.runner import fit_tracked, make_trainer, mlflow_run_for
 from cdd_ray.sweep.space import trial_config
+from cdd_ray.sweep.table import short_name, trial_number
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def run_trial(config: dict[str, Any]) -> None:
         storage_io.write_text(storage_io.join(store, "trial.json"),  # last: the trial is done
                               json.dumps({"trial_id": trial_id, "run_id": run_id, "params": params}))
 
-    # no progress bar: the sweep's table (cdd_ray.console.SweepTable) shows every trial
+    # no progress bar: the sweep's table (cdd_ray.sweep.table.SweepTable) shows every trial
     fit_tracked(lambda: make_trainer(cfg, sweep["storage"], cfg.name, sweep["resources"],
                                      callbacks=[TuneReportCallback()], mlflow={"uri": uri, "run_id": run_id},
                                      progress=False, verbose=sweep.get("verbose", False)),
