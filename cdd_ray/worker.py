@@ -18,9 +18,9 @@ import torch
 
 from cdd_ray import checkpoint, storage
 from cdd_ray.checkpoint import Snapshot
-from cdd_ray.config import ConfigError, config_from_dict
-from cdd_ray.core.loop import Hooks, Worker, train
-from cdd_ray.data import prepare_split
+from cdd_ray.config import Config, ConfigError, config_from_dict
+from cdd_ray.core.loop import Hooks, LoopResult, Worker, train
+from cdd_ray.data import Split, prepare_split
 from cdd_ray.evaluation import evaluate
 from cdd_ray.model import build_noise_scheduler
 from cdd_ray.outputs import build_summary, write_outputs
@@ -109,7 +109,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ``config``: {"cfg": Config.to_dict(), "fault_marker": path or None,
     "mlflow": {"uri": ..., "run_id": ...} or None (rank 0 then logs every dual step's metrics),
     "progress": rank 0's progress on the driver's console ("bar", "lines" or False), "verbose": Ray Train's line
-    per report on it too}.
+    per report on it too, "run_dir": the run's local folder, where Ray keeps its checkpoints, or None}.
     Reports (all ranks, the same number of times): every ``ray.checkpoint_every`` dual steps with a
     checkpoint, and once at the end with the final checkpoint, the evaluation metrics and the run's
     output files (in the checkpoint's ``outputs/`` folder). With ``ray.report_every`` > 0, also every
@@ -121,7 +121,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     _quiet_report_lines(config.get("verbose", False))
-
     t0 = time.perf_counter()
     cfg = config_from_dict(config["cfg"])
     ctx = ray.train.get_context()
@@ -134,91 +133,114 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             check_node_files(cfg)
     except ConfigError as e:
         raise on_node(e) from None
-    resume = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            resume = checkpoint.load(d)
-    if config.get("run_dir"):
-        # A run aborted by Ctrl-C can hold checkpoints that Ray uploaded but had not yet registered in its
-        # snapshot (Ray would then start from scratch): continue from the newest complete one.
-        newer = checkpoint.newest(Path(config["run_dir"]).glob("checkpoint_*"),
-                                  after_step=resume.meta["step"] if resume is not None else -1)
-        if newer is not None:
-            log.info("resuming from %s (step %d), newer than Ray's registered checkpoint", newer[0],
-                     newer[1].meta["step"])
-            resume = newer[1]
-    names = cfg.constraint_names()
-    dump = _dual_dumper(cfg.fault.dump_dual_dir, worker.rank, names) if cfg.fault.dump_dual_dir and names else None
-    final: dict[str, Snapshot] = {}
-    mlflow_buffer = None
-    if worker.rank == 0 and config.get("mlflow"):
-        mlflow_buffer = MetricBuffer(config["mlflow"]["uri"], config["mlflow"]["run_id"])
-    logged_through = 0  # a restart: the dual steps MLflow already has (sent at a report after the checkpoint)
-    if mlflow_buffer is not None and resume is not None:
-        logged_through = last_logged_primal_step(config["mlflow"]["uri"], config["mlflow"]["run_id"])
-
-    def report(metrics: dict[str, float], snap: Snapshot | None, extra: Callable[[str], None] | None = None) -> None:
-        if worker.rank != 0 or snap is None:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint.save(os.path.join(tmp, "ckpt"), snap)
-            if extra is not None:
-                extra(os.path.join(tmp, "ckpt"))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(os.path.join(tmp, "ckpt")))
-
-    def on_block(metrics: dict[str, float], snapshot: Callable[[], Snapshot]) -> None:
-        if dump is not None:
-            dump(metrics)
-        if mlflow_buffer is not None and metrics["step"] > logged_through:
-            mlflow_buffer.add(*next(iter(dual_step_metrics([metrics]))))
-        if metrics["step"] >= cfg.optim.steps:
-            final["snap"] = snapshot()  # a collective: every rank takes it
-            return
-        block = metrics["step"] // cfg.dual.primal_steps
-        if block % cfg.ray.checkpoint_every == 0:
-            if mlflow_buffer is not None:
-                mlflow_buffer.flush(raise_errors=False)
-            report(metrics, snapshot())
-
-    def on_report(metrics: dict[str, float]) -> None:
-        # ASHA may stop the trial on this report and Ray then ends its processes from outside: every dual step's
-        # metrics so far go to MLflow first (rank 0), not only those before the last checkpoint.
-        if mlflow_buffer is not None:
-            mlflow_buffer.flush(raise_errors=False)
-        ray.train.report(metrics)  # every rank, at the same steps; no checkpoint
-
+    resume = resume_point(ray.train.get_checkpoint(), config.get("run_dir"))
+    reports = Reports(ray.train, cfg, worker, config.get("mlflow") if worker.rank == 0 else None, resume)
     progress = config.get("progress", "bar")  # "bar": Ray draws it on the driver; "lines" (a log) or False
     start = int(resume.meta["step"]) if resume is not None else 0
     bar = (make_bar(ray_progress if progress in (True, "bar") else progress, start, cfg.optim.steps)
            if worker.rank == 0 else None)
     hooks = Hooks(prepare_model=ray.train.torch.prepare_model,
                   before_step=make_fault(cfg.fault, worker.rank, config.get("fault_marker")),
-                  on_block=with_bar(bar, names, on_block),
-                  on_report=on_report if cfg.ray.report_every > 0 else None)
+                  on_block=with_bar(bar, cfg.constraint_names(), reports.on_block),
+                  on_report=reports.on_report if cfg.ray.report_every > 0 else None)
     result = train(cfg, split, worker, resume=resume, hooks=hooks)
     if bar is not None:
         bar.close()
-    metrics = dict(result.history[-1]) if result.history else {"step": result.step}
-    snap = final.get("snap")
-    if snap is None and resume is not None and result.start_step >= cfg.optim.steps:
-        snap = resume  # restarted after the last step: the final state is the checkpoint itself
-    if mlflow_buffer is not None:
-        mlflow_buffer.flush(raise_errors=False)  # what is left travels with the outputs to the driver
-    if worker.rank == 0:
+    reports.final(result, split, resume, time.perf_counter() - t0)
+
+
+def resume_point(ckpt: Any, run_dir: str | None) -> Snapshot | None:
+    """The state a (re)started worker group continues from: Ray's checkpoint (``ckpt``), or a newer complete one in
+    ``run_dir``; None for a fresh start."""
+    resume = None
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = checkpoint.load(d)
+    if run_dir:
+        # A run aborted by Ctrl-C can hold checkpoints that Ray uploaded but had not yet registered in its
+        # snapshot (Ray would then start from scratch): continue from the newest complete one.
+        newer = checkpoint.newest(Path(run_dir).glob("checkpoint_*"),
+                                  after_step=resume.meta["step"] if resume is not None else -1)
+        if newer is not None:
+            log.info("resuming from %s (step %d), newer than Ray's registered checkpoint", newer[0],
+                     newer[1].meta["step"])
+            resume = newer[1]
+    return resume
+
+
+class Reports:
+    """What a worker tells Ray Train and MLflow: checkpoints every ``ray.checkpoint_every`` dual steps, the report
+    windows ASHA reads, every dual step's metrics to MLflow (rank 0, ``mlflow`` = {"uri", "run_id"}), and the final
+    report with the evaluation and the run's outputs. Every rank reports the same number of times. ``train_api``:
+    the ``ray.train`` module (imported by the worker's function only)."""
+
+    def __init__(self, train_api: Any, cfg: Config, worker: Worker, mlflow: dict[str, str] | None,
+                 resume: Snapshot | None):
+        self.train_api, self.cfg, self.worker = train_api, cfg, worker
+        names = cfg.constraint_names()
+        self.dump = (_dual_dumper(cfg.fault.dump_dual_dir, worker.rank, names)
+                     if cfg.fault.dump_dual_dir and names else None)
+        self.snap: Snapshot | None = None  # the final state, taken at the last dual step
+        self.buffer = MetricBuffer(mlflow["uri"], mlflow["run_id"]) if mlflow else None
+        # a restart: the dual steps MLflow already has (sent at a report after the checkpoint)
+        self.logged_through = (last_logged_primal_step(mlflow["uri"], mlflow["run_id"])
+                               if mlflow and resume is not None else 0)
+
+    def flush(self) -> None:
+        if self.buffer is not None:
+            self.buffer.flush(raise_errors=False)
+
+    def report(self, metrics: dict[str, float], snap: Snapshot | None,
+               extra: Callable[[str], None] | None = None) -> None:
+        """A report to Ray Train; rank 0 adds ``snap`` as its checkpoint (and ``extra``'s files in it)."""
+        if self.worker.rank != 0 or snap is None:
+            self.train_api.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint.save(os.path.join(tmp, "ckpt"), snap)
+            if extra is not None:
+                extra(os.path.join(tmp, "ckpt"))
+            self.train_api.report(metrics,
+                                  checkpoint=self.train_api.Checkpoint.from_directory(os.path.join(tmp, "ckpt")))
+
+    def on_block(self, metrics: dict[str, float], snapshot: Callable[[], Snapshot]) -> None:
+        if self.dump is not None:
+            self.dump(metrics)
+        if self.buffer is not None and metrics["step"] > self.logged_through:
+            self.buffer.add(*next(iter(dual_step_metrics([metrics]))))
+        if metrics["step"] >= self.cfg.optim.steps:
+            self.snap = snapshot()  # a collective: every rank takes it
+            return
+        if (metrics["step"] // self.cfg.dual.primal_steps) % self.cfg.ray.checkpoint_every == 0:
+            self.flush()
+            self.report(metrics, snapshot())
+
+    def on_report(self, metrics: dict[str, float]) -> None:
+        # ASHA may stop the trial on this report and Ray then ends its processes from outside: every dual step's
+        # metrics so far go to MLflow first (rank 0), not only those before the last checkpoint.
+        self.flush()
+        self.train_api.report(metrics)  # every rank, at the same steps; no checkpoint
+
+    def final(self, result: LoopResult, split: Split, resume: Snapshot | None, wall_s: float) -> None:
+        """The last report: rank 0 evaluates and sends the metrics, the final checkpoint and the run's outputs."""
+        cfg, worker = self.cfg, self.worker
+        metrics = dict(result.history[-1]) if result.history else {"step": result.step}
+        snap = self.snap
+        if snap is None and resume is not None and result.start_step >= cfg.optim.steps:
+            snap = resume  # restarted after the last step: the final state is the checkpoint itself
+        self.flush()  # what is left travels with the outputs to the driver
+        if worker.rank != 0:
+            self.report(metrics, None)
+            return
         ev = evaluate(result.ema_unet, build_noise_scheduler(cfg.model), split, cfg, result.dual.by_name(),
                       worker.device)
-        summary = build_summary(cfg, result, ev, split, time.perf_counter() - t0, worker.world_size)
+        summary = build_summary(cfg, result, ev, split, wall_s, worker.world_size)
         metrics.update({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         metrics.update({f"share_{c}": v for c, v in zip(summary["class_ids"], summary["class_shares"])})
 
         def outputs(d: str) -> None:
             write_outputs(os.path.join(d, "outputs"), cfg, result, ev, summary)
-            if mlflow_buffer is not None:
-                mlflow_buffer.save_pending(os.path.join(d, "outputs", PENDING_FILE))
+            if self.buffer is not None:
+                self.buffer.save_pending(os.path.join(d, "outputs", PENDING_FILE))
 
-        report(metrics, snap, extra=outputs)
-    else:
-        ray.train.report(metrics)
-
+        self.report(metrics, snap, extra=outputs)

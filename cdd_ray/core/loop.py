@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -88,30 +88,97 @@ class Hooks:
     on_report: ReportCallback | None = None
 
 
+@dataclass
+class Run:
+    """One copy of the loop, set up (``setup``): what every step reads and changes."""
+
+    cfg: Config
+    worker: Worker
+    hooks: Hooks
+    names: list[str]  # the constraints: losses weighted by lambda in the Lagrangian
+    monitored: list[str]  # losses only recorded (after the constraints in every loss vector)
+    n_train: int  # the sampler's datasets that carry gradient; the monitored ones follow
+    unet: torch.nn.Module  # the training weights
+    model: torch.nn.Module  # what the forward runs: the UNet, prepared for data parallelism, compiled
+    ema: Any
+    anchor: Any  # fine-tuning's frozen pre-trained UNet, else None
+    noise_scheduler: Any
+    optimizer: torch.optim.Optimizer
+    lr_sched: Any
+    amp: Any
+    scaler: torch.amp.GradScaler | None
+    sampler: BatchSampler
+    noise_gen: torch.Generator
+    monitor_gen: torch.Generator | None
+    dual: DualState
+    lam: torch.Tensor  # dual.lam on the device
+    step: int
+    history: list[dict[str, float]]
+
+    def snapshot(self) -> Snapshot:
+        return snapshot_of(self.cfg, self.unet, self.ema, self.optimizer, self.lr_sched, self.scaler, self.sampler,
+                           self.noise_gen, self.dual, self.step, self.worker, self.history, self.monitor_gen)
+
+
+@dataclass
+class Sums:
+    """Per-dataset losses summed over steps: since the last dual step (the block) or the last report (the window)."""
+
+    total: torch.Tensor
+    n: int = 0
+
+    def add(self, losses: torch.Tensor) -> None:
+        self.total += losses
+        self.n += 1
+
+    def means(self, worker: Worker) -> list[float]:
+        """The means over the steps summed, all-reduced over ranks (a host-device sync)."""
+        return worker.all_reduce_mean(self.total / self.n).tolist()
+
+    def reset(self) -> None:
+        self.total.zero_()
+        self.n = 0
+
+
 def train(cfg: Config, split: Split, worker: Worker | None = None, resume: Snapshot | None = None,
           hooks: Hooks | None = None) -> LoopResult:
     """Run the primal-dual loop for ``cfg.optim.steps`` primal steps (continuing ``resume`` if given), as rank
     ``worker`` of its workers (one process by default), calling out through ``hooks``."""
-    worker = worker or Worker()
-    hooks = hooks or Hooks()
-    dev = worker.device
-    o, names = cfg.optim, cfg.constraint_names()
+    run = setup(cfg, split, worker or Worker(), resume, hooks or Hooks())
+    steps, every = cfg.optim.steps, cfg.ray.report_every if run.hooks.on_report is not None else 0
+    block = Sums(torch.zeros(1 + len(run.names) + len(run.monitored), device=run.worker.device))
+    window = Sums(torch.zeros_like(block.total)) if every else None
+    start_step, t0 = run.step, time.perf_counter()
+    run.model.train()
+    while run.step < steps:
+        losses = primal_step(run)
+        block.add(losses)
+        if window is not None:
+            window.add(losses)
+        if run.step % cfg.dual.primal_steps == 0 or run.step == steps:
+            dual_step(run, block)
+        else:
+            apply_step(run)
+        # A report window ends here (the final step has its own report): it is sent after this step's dual step,
+        # so whoever acts on it (ASHA may stop the trial) has every dual step up to it.
+        if window is not None and run.step % every == 0 and run.step < steps:
+            send_window(run, window)
+    ema_unet = unet_for(cfg).to(run.worker.device)
+    run.ema.copy_to(ema_unet.parameters())
+    return LoopResult(unet=run.unet, ema_unet=ema_unet, dual=run.dual, history=run.history, step=run.step,
+                      train_s=time.perf_counter() - t0, start_step=start_step)
+
+
+def setup(cfg: Config, split: Split, worker: Worker, resume: Snapshot | None, hooks: Hooks) -> Run:
+    """The model, its optimiser, the random streams and the multipliers: new, or as ``resume`` left them."""
+    dev, o, names = worker.device, cfg.optim, cfg.constraint_names()
     # Monitored losses: recorded per block, no gradient weight. Fine-tuning always measures the distance to
     # the pre-trained model (unconstrained: only as a metric); optim.monitor_constraints draws the constraint
     # datasets of an unconstrained run into the fused forward to record their losses.
     monitor_sets = (list(split.constraints) if o.monitor_constraints and cfg.unconstrained and not cfg.is_finetune
                     else [])
     monitored = (["pretrained"] if cfg.is_finetune and cfg.unconstrained else []) + monitor_sets
-    torch.manual_seed(o.seed)  # identical initial weights on every rank
-    unet = unet_for(cfg)
-    if resume is not None:
-        unet.load_state_dict(resume.unet.state_dict())
-    elif o.init_from:
-        unet.load_state_dict(warm_start_weights(o.init_from, cfg))
-    # Fine-tuning: the frozen pre-trained UNet is the constraint's target and, on a fresh start, theta's init.
-    anchor = build_anchor(cfg, split.objective.to(dev), dev) if cfg.is_finetune else None
-    if anchor is not None and resume is None and not o.init_from:
-        unet.load_state_dict(anchor.unet.state_dict())
+    unet, anchor = initial_weights(cfg, split, dev, resume)
     unet.to(dev)
     if o.channels_last:
         unet.to(memory_format=torch.channels_last)
@@ -123,9 +190,7 @@ def train(cfg: Config, split: Split, worker: Worker | None = None, resume: Snaps
     optimizer = torch.optim.AdamW(unet.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     lr_sched = get_cosine_schedule_with_warmup(optimizer, o.warmup, o.steps)
     amp, scaler = autocast_for(dev, o.precision)
-
     constraint_sets = [] if cfg.is_finetune else names
-    n_train = 1 + len(constraint_sets)  # the sampler's datasets that carry gradient; monitor_sets follow
     datasets = [split.objective.to(dev)] + [split.constraints[n].to(dev) for n in constraint_sets + monitor_sets]
     sizes = [o.batch_size] + [o.constraint_batch_size] * (len(constraint_sets) + len(monitor_sets))
     du = cfg.dual
@@ -144,105 +209,119 @@ def train(cfg: Config, split: Split, worker: Worker | None = None, resume: Snaps
     # The monitored batches' noise and timesteps: their own stream, so the training's draws are unchanged.
     monitor_gen = (torch.Generator(device=dev).manual_seed(stream_seed(o.seed, worker.rank, MONITOR_STREAM,
                                                                        joined_at)) if monitor_sets else None)
+    run = Run(cfg=cfg, worker=worker, hooks=hooks, names=names, monitored=monitored,
+              n_train=1 + len(constraint_sets), unet=unet, model=model, ema=ema, anchor=anchor,
+              noise_scheduler=noise_scheduler, optimizer=optimizer, lr_sched=lr_sched, amp=amp, scaler=scaler,
+              sampler=sampler, noise_gen=noise_gen, monitor_gen=monitor_gen, dual=dual, lam=torch.empty(0),
+              step=step, history=[])
     if resume is not None:
-        ts = resume.trainer_state
-        optimizer.load_state_dict(ts["optimizer"])
-        lr_sched.load_state_dict(ts["lr_scheduler"])
-        ema.load_state_dict(ts["ema"])
-        ema.to(dev)
-        if not joined_at:
-            sampler.load_state(rng["batches"][worker.rank])
-            noise_gen.set_state(rng["noise"][worker.rank])
-            if monitor_gen is not None and rng.get("monitor_noise"):
-                monitor_gen.set_state(rng["monitor_noise"][worker.rank])
-        if scaler is not None and ts.get("scaler"):
-            scaler.load_state_dict(ts["scaler"])
-        dual = DualState.from_dict(resume.dual.to_dict())
-
-    history: list[dict[str, float]] = list(resume.meta.get("history", [])) if resume is not None else []
-
-    def snapshot() -> Snapshot:
-        return snapshot_of(cfg, unet, ema, optimizer, lr_sched, scaler, sampler, noise_gen, dual, step, worker,
-                         history, monitor_gen)
-
-    lam = torch.tensor(dual.lam, device=dev)
-    block = torch.zeros(1 + len(names) + len(monitored), device=dev)
-    block_n = 0
-    report_every = cfg.ray.report_every if hooks.on_report is not None else 0
-    window = torch.zeros_like(block) if report_every else None  # the losses since the last report
-    window_n = 0
-    start_step = step
-    t0 = time.perf_counter()
-    model.train()
-    while step < o.steps:
-        if hooks.before_step is not None:
-            hooks.before_step(step)
-        drawn = sampler.draw()
-        with amp:
-            losses = fused_losses(model, noise_scheduler, drawn[:n_train], noise_gen, anchor,
-                                  monitored=drawn[n_train:] or None, monitor_generator=monitor_gen)
-        stacked = torch.stack(losses)
-        lagrangian = stacked[0] + (lam * stacked[1:1 + len(names)]).sum()
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(lagrangian).backward()
-            scaler.unscale_(optimizer)
-        else:
-            lagrangian.backward()
-        norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), o.grad_clip)
-        # The guard, every primal step before the optimiser applies it: one boolean to the host. DDP has averaged
-        # the gradients, so a non-finite loss on any rank makes every rank's gradient non-finite and all ranks stop
-        # at the same step. (With fp16's grad scaler an overflowing gradient is normal: the scaler skips it.)
-        _check_step(step + 1, stacked.detach(), norm if scaler is None else None, names + monitored)
-        block += stacked.detach()
-        block_n += 1
-        step += 1
-        if window is not None:
-            window += stacked.detach()
-            window_n += 1
-        # A report window ends here (the final step has its own report): it is sent after this step's dual step,
-        # so whoever acts on it (ASHA may stop the trial) has every dual step up to it.
-        window_ends = window is not None and step % report_every == 0 and step < o.steps
-        if step % cfg.dual.primal_steps and step < o.steps:
-            _optimizer_step(optimizer, scaler)
-            lr_sched.step()
-            ema.step(unet.parameters())
-            if window_ends:
-                _send_window(step, window, window_n, worker, names + monitored, hooks.on_report)
-                window_n = 0
-            continue
-        # Block boundary: the block means come to the host (all-reduced over ranks).
-        means = worker.all_reduce_mean(block / block_n).tolist()
-        _check_finite(step, means, names + monitored)
-        lr_used = lr_sched.get_last_lr()[0]  # the learning rate of the block's last primal step
-        _optimizer_step(optimizer, scaler)
-        lr_sched.step()
-        ema.step(unet.parameters())
-        eta = dual_eta(cfg, lr_used)
-        if names:
-            dual.update(means[1:1 + len(names)], eta)
-            lam = torch.tensor(dual.lam, device=dev)
-        metrics = _block_metrics(step, dual, names, means, lr_sched.get_last_lr()[0], eta, monitored)
-        history.append(metrics)
-        block.zero_()
-        block_n = 0
-        if hooks.on_block is not None:
-            hooks.on_block(metrics, snapshot)
-        if window_ends:
-            _send_window(step, window, window_n, worker, names + monitored, hooks.on_report)
-            window_n = 0
-    ema_unet = unet_for(cfg).to(dev)
-    ema.copy_to(ema_unet.parameters())
-    return LoopResult(unet=unet, ema_unet=ema_unet, dual=dual, history=history, step=step,
-                      train_s=time.perf_counter() - t0, start_step=start_step)
+        restore(run, resume, own_streams=not joined_at)
+    run.lam = torch.tensor(run.dual.lam, device=dev)
+    return run
 
 
-def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
+def initial_weights(cfg: Config, split: Split, dev: torch.device, resume: Snapshot | None
+                    ) -> tuple[torch.nn.Module, Any]:
+    """The UNet a run starts from (the checkpoint's, a warm start's, fine-tuning's pre-trained one or a seeded
+    initialisation, identical on every rank) and fine-tuning's frozen anchor (else None)."""
+    torch.manual_seed(cfg.optim.seed)  # identical initial weights on every rank
+    unet = unet_for(cfg)
+    if resume is not None:
+        unet.load_state_dict(resume.unet.state_dict())
+    elif cfg.optim.init_from:
+        unet.load_state_dict(warm_start_weights(cfg.optim.init_from, cfg))
+    # Fine-tuning: the frozen pre-trained UNet is the constraint's target and, on a fresh start, theta's init.
+    anchor = build_anchor(cfg, split.objective.to(dev), dev) if cfg.is_finetune else None
+    if anchor is not None and resume is None and not cfg.optim.init_from:
+        unet.load_state_dict(anchor.unet.state_dict())
+    return unet, anchor
+
+
+def restore(run: Run, resume: Snapshot, own_streams: bool) -> None:
+    """The optimiser, schedule, EMA, scaler, multipliers and history of a checkpoint; this rank's random streams
+    too unless the checkpoint has none for it (``own_streams`` False: it keeps the new ones it started)."""
+    ts, dev = resume.trainer_state, run.worker.device
+    run.optimizer.load_state_dict(ts["optimizer"])
+    run.lr_sched.load_state_dict(ts["lr_scheduler"])
+    run.ema.load_state_dict(ts["ema"])
+    run.ema.to(dev)
+    if own_streams:
+        rank, rng = run.worker.rank, ts["rng"]
+        run.sampler.load_state(rng["batches"][rank])
+        run.noise_gen.set_state(rng["noise"][rank])
+        if run.monitor_gen is not None and rng.get("monitor_noise"):
+            run.monitor_gen.set_state(rng["monitor_noise"][rank])
+    if run.scaler is not None and ts.get("scaler"):
+        run.scaler.load_state_dict(ts["scaler"])
+    run.dual = DualState.from_dict(resume.dual.to_dict())
+    run.history = list(resume.meta.get("history", []))
+
+
+def primal_step(run: Run) -> torch.Tensor:
+    """One fused forward over a batch of every dataset, the Lagrangian's backward and the finiteness guard; the
+    optimiser step is applied by ``apply_step`` / ``dual_step``. Returns the step's per-dataset losses."""
+    if run.hooks.before_step is not None:
+        run.hooks.before_step(run.step)
+    drawn = run.sampler.draw()
+    with run.amp:
+        losses = fused_losses(run.model, run.noise_scheduler, drawn[:run.n_train], run.noise_gen, run.anchor,
+                              monitored=drawn[run.n_train:] or None, monitor_generator=run.monitor_gen)
+    stacked = torch.stack(losses)
+    lagrangian = stacked[0] + (run.lam * stacked[1:1 + len(run.names)]).sum()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(lagrangian).backward()
+        run.scaler.unscale_(run.optimizer)
     else:
-        optimizer.step()
+        lagrangian.backward()
+    norm = torch.nn.utils.clip_grad_norm_(run.unet.parameters(), run.cfg.optim.grad_clip)
+    # The guard, every primal step before the optimiser applies it: one boolean to the host. DDP has averaged
+    # the gradients, so a non-finite loss on any rank makes every rank's gradient non-finite and all ranks stop
+    # at the same step. (With fp16's grad scaler an overflowing gradient is normal: the scaler skips it.)
+    _check_step(run.step + 1, stacked.detach(), norm if run.scaler is None else None, run.names + run.monitored)
+    run.step += 1
+    return stacked.detach()
+
+
+def apply_step(run: Run) -> None:
+    """The optimiser applies the primal step; the schedule and the EMA follow."""
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.lr_sched.step()
+    run.ema.step(run.unet.parameters())
+
+
+def dual_step(run: Run, block: Sums) -> None:
+    """The end of a block of ``dual.primal_steps`` primal steps: its means come to the host (all-reduced over
+    ranks), its last primal step is applied, lambda takes one dual step, the block's metrics go to the history and
+    ``on_block``."""
+    means = block.means(run.worker)
+    _check_finite(run.step, means, run.names + run.monitored)
+    lr_used = run.lr_sched.get_last_lr()[0]  # the learning rate of the block's last primal step
+    apply_step(run)
+    eta = dual_eta(run.cfg, lr_used)
+    if run.names:
+        run.dual.update(means[1:1 + len(run.names)], eta)
+        run.lam = torch.tensor(run.dual.lam, device=run.worker.device)
+    metrics = _block_metrics(run.step, run.dual, run.names, means, run.lr_sched.get_last_lr()[0], eta,
+                             run.monitored)
+    run.history.append(metrics)
+    block.reset()
+    if run.hooks.on_block is not None:
+        run.hooks.on_block(metrics, run.snapshot)
+
+
+def send_window(run: Run, window: Sums) -> None:
+    """The report window's mean losses to ``on_report``; the window starts again. Its only sync. After a resume
+    the first window starts at the checkpoint's step (window_steps says how many steps it averages); reports stay
+    at multiples of report_every."""
+    means = window.means(run.worker)
+    _check_finite(run.step, means, run.names + run.monitored)
+    run.hooks.on_report(_window_metrics(run.step, run.names + run.monitored, means, window.n))
+    window.reset()
 
 
 def _check_step(step: int, losses: torch.Tensor, grad_norm: torch.Tensor | None, names: list[str]) -> None:
@@ -265,17 +344,6 @@ def _check_finite(step: int, means: list[float], names: list[str]) -> None:
             f"non-finite loss at step {step}: objective {means[0]}, constraints "
             f"{dict(zip(names, means[1:]))}; lambda and weights were not updated from it"
         )
-
-
-def _send_window(step: int, window: torch.Tensor, n: int, worker: Worker, names: list[str],
-                 on_report: ReportCallback) -> None:
-    """The report window's mean losses to ``on_report``; the window starts again. Its only sync. After a resume
-    the first window starts at the checkpoint's step (window_steps says how many steps it averages); reports stay
-    at multiples of report_every."""
-    means = worker.all_reduce_mean(window / n).tolist()
-    _check_finite(step, means, names)
-    on_report(_window_metrics(step, names, means, n))
-    window.zero_()
 
 
 def _window_metrics(step: int, names: list[str], means: list[float], n: int) -> dict[str, float]:

@@ -243,7 +243,7 @@ def test_applied_gradient_is_that_of_the_lagrangian(monkeypatch, smoke_split, on
     applied: list[list[torch.Tensor]] = []
     lam_after: list[list[float]] = []
     cap: dict = {}
-    orig_add_noise, orig_fused, orig_opt, orig_update = losses_mod.add_noise, tl.fused_losses, tl._optimizer_step, \
+    orig_add_noise, orig_fused, orig_apply, orig_update = losses_mod.add_noise, tl.fused_losses, tl.apply_step, \
         DualState.update
 
     def add_noise_rec(sched, x0, noise, t):
@@ -259,10 +259,10 @@ def test_applied_gradient_is_that_of_the_lagrangian(monkeypatch, smoke_split, on
         steps.append({"net": net, "batches": [b.detach().clone() for b in batches], "lam": lam, **cap})
         return out
 
-    def opt_rec(optimizer, scaler):
+    def apply_rec(run):  # the gradient the optimiser is about to apply
         applied.append([torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-                        for g in optimizer.param_groups for p in g["params"]])
-        return orig_opt(optimizer, scaler)
+                        for g in run.optimizer.param_groups for p in g["params"]])
+        return orig_apply(run)
 
     def update_rec(self, lbar, eta=None):
         res = orig_update(self, lbar, eta)
@@ -271,7 +271,7 @@ def test_applied_gradient_is_that_of_the_lagrangian(monkeypatch, smoke_split, on
 
     monkeypatch.setattr(losses_mod, "add_noise", add_noise_rec)
     monkeypatch.setattr(tl, "fused_losses", fused_rec)
-    monkeypatch.setattr(tl, "_optimizer_step", opt_rec)
+    monkeypatch.setattr(tl, "apply_step", apply_rec)
     monkeypatch.setattr(DualState, "update", update_rec)
     result = tl.train(cfg, split, hooks=tl.Hooks(prepare_model=lambda m: m.double()))
     assert result.step == 3 and len(steps) == 3 and len(applied) == 3 and len(lam_after) == 3

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).parents[1] / "golden"
 # Differ from run to run by design: names, times, paths and ids.
 VOLATILE = {"name", "wall_s", "train_s", "eval_s", "ray_checkpoint", "mlflow_run_id", "run_id", "trial_id"}
 # What the training itself decides, compared on every machine (the rest of a summary is evaluation).

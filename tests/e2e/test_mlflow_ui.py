@@ -6,7 +6,7 @@ import urllib.request
 
 from cdd_ray import tracking
 from cdd_ray.config import build_config
-from helpers import mlflow_ui
+from support.helpers import mlflow_ui
 
 
 def test_mlflow_ui_lists_runs_of_the_default_store(tmp_path, monkeypatch):

