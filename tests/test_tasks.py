@@ -1,11 +1,7 @@
-"""Celeb-A and ImageNet-subset tasks on format-faithful fixtures built here: a CelebA folder with the real file
-formats, an ImageFolder of PNGs, a tiny randomly initialised AutoencoderKL; each job end to end."""
+"""Celeb-A and ImageNet-subset tasks (cdd_ray.tasks and their data sources) on the stand-in datasets of
+tests/support/datasets.py; their jobs end to end are in tests/e2e/test_task_jobs.py."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,58 +11,6 @@ from PIL import Image
 from cdd_ray.config import ConfigError, build_config
 from cdd_ray.data import load_source, prepare_split
 from cdd_ray.tasks import IMAGENETTE_MINORITIES, task_config
-
-ROOT = Path(__file__).resolve().parents[1]
-ATTRS = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Male", "Young"]
-IMAGENETTE = ["n01440764", "n02102040", *IMAGENETTE_MINORITIES]
-
-
-@pytest.fixture(scope="module")
-def celeba_root(tmp_path_factory):
-    """40 women and 24 men in the training partition, 5 more images in the validation partition."""
-    root = tmp_path_factory.mktemp("celeba_data")
-    base = root / "celeba"
-    (base / "img_align_celeba").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rows, parts = [], []
-    for i in range(69):
-        name = f"{i + 1:06d}.jpg"
-        male = i % 8 < 3 if i < 64 else True
-        img = rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)
-        img[..., 2 if male else 0] = 255  # something a classifier can learn
-        Image.fromarray(img).save(base / "img_align_celeba" / name, quality=90)
-        values = [rng.choice([-1, 1]), rng.choice([-1, 1]), 1 if male else -1, 1]
-        rows.append(f"{name} " + " ".join(f"{v:2d}" for v in values))
-        parts.append(f"{name} {0 if i < 64 else 1}")
-    (base / "list_attr_celeba.txt").write_text(f"{len(rows)}\n" + " ".join(ATTRS) + "\n" + "\n".join(rows) + "\n")
-    (base / "list_eval_partition.txt").write_text("\n".join(parts) + "\n")
-    return root
-
-
-@pytest.fixture(scope="module")
-def imagefolder_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imagenette") / "train"
-    rng = np.random.default_rng(1)
-    for k, name in enumerate(IMAGENETTE):
-        (root / name).mkdir(parents=True)
-        for i in range(20):
-            img = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
-            img[:, :, k % 3] = 40 * k
-            Image.fromarray(img).save(root / name / f"{name}_{i}.JPEG" if i % 2 else root / name / f"{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=4, sample_size=16)
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("preset", ["smoke", "cpu", "paper"])
@@ -212,56 +156,3 @@ def test_latents_are_encoded_once_and_cached(imagefolder_root, tiny_vae, monkeyp
     assert a.constraints["class_2"].shape == (4, 4, 8, 8) and a.reference.shape[1:] == (3, 16, 16)
 
 
-def job(name, *args, cwd, timeout=900):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / name), *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
-
-
-def test_train_jobs_end_to_end(celeba_root, imagefolder_root, tiny_vae, tmp_path):
-    p = job("train_celeba.py", "--root", str(celeba_root), "--preset", "smoke", "--local", "--out",
-            str(tmp_path / "celeba"), cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    s = json.loads((tmp_path / "celeba" / "summary.json").read_text())
-    assert s["data_source"] == "celeba-Male" and s["class_ids"] == [0, 1] and set(s["lambda"]) == {"class_1"}
-    assert Image.open(tmp_path / "celeba" / "samples.png").mode == "RGB"
-    p = job("train_imagenet.py", "--root", str(imagefolder_root), "--vae", str(tiny_vae), "--preset", "smoke",
-            "--local", "--out", str(tmp_path / "imagenet"), cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    s = json.loads((tmp_path / "imagenet" / "summary.json").read_text())
-    assert s["minority_classes"] == [2, 3, 4] and len(s["class_shares"]) == 5
-    assert np.load(tmp_path / "imagenet" / "samples.npz")["images"].shape[1:] == (16, 16, 3)  # decoded pixels
-    from cdd_ray.sample import generate
-
-    assert generate(tmp_path / "imagenet" / "checkpoint", 3, 2, 0, "cpu").shape == (3, 16, 16, 3)
-    p = job("train_imagenet.py", "--root", str(tmp_path / "nope"), "--vae", str(tiny_vae), "--local", cwd=tmp_path)
-    assert p.returncode == 2 and "data.root:" in p.stderr and "nope" in p.stderr
-
-
-def test_tune_jobs_smoke_two_at_once(celeba_root, imagefolder_root, tiny_vae, tmp_path):
-    """Both tasks' sweep jobs, started together on this machine, each starting a local Ray of its own (no
-    RAY_ADDRESS): both finish, with no fit restarted. (Ray Train's placement-group cleaner looks its cluster up
-    through the state API; before each job's Ray carried its own address it found the newest Ray on the machine,
-    the other job's: "ConnectionError: Found multiple active Ray instances", and runs ended or restarted.)"""
-    args = {"celeba": ["--root", str(celeba_root)],
-            "imagenet": ["--root", str(imagefolder_root), "--vae", str(tiny_vae)]}
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
-    procs = {task: subprocess.Popen(
-        [sys.executable, str(ROOT / "jobs" / f"tune_{task}.py"), *a, "--smoke", "--num-samples", "1",
-         "--warm-start-steps", "0", "--storage", str(tmp_path / "ray"), "--name", f"{task}-sweep"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env) for task, a in args.items()}
-    try:
-        outs = {task: p.communicate(timeout=900) for task, p in procs.items()}
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-    for task, (stdout, stderr) in outs.items():
-        assert procs[task].returncode == 0, (task, stdout[-3000:], stderr[-3000:])
-        assert "Found multiple active Ray instances" not in stderr, (task, stderr[-4000:])
-        for summary in (tmp_path / "ray" / f"{task}-sweep").glob("**/summary.json"):  # references and trials
-            assert json.loads(summary.read_text()).get("resumed_from_step", 0) == 0, summary
-        assert "Pareto front (precision higher is better, tv_to_uniform lower is better" in stdout
-        assert "| baseline-rebalanced |" in stdout and "tv_floor" in stdout
-        assert (tmp_path / "ray" / f"{task}-sweep" / "front" / "pareto.csv").exists()

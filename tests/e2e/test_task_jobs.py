@@ -44,12 +44,12 @@ def test_tune_jobs_smoke_two_at_once(celeba_root, imagefolder_root, tiny_vae, tm
     RAY_ADDRESS): both finish, with no fit restarted. (Ray Train's placement-group cleaner looks its cluster up
     through the state API; before each job's Ray carried its own address it found the newest Ray on the machine,
     the other job's: "ConnectionError: Found multiple active Ray instances", and runs ended or restarted.)"""
-    args = {"celeba": ["--root", str(celeba_root)],
-            "imagenet": ["--root", str(imagefolder_root), "--vae", str(tiny_vae)]}
+    args = {"celeba": ["tune_celeba.py", "--root", str(celeba_root), "--preset", "smoke"],
+            "imagenet": ["tune_imagenet.py", "--root", str(imagefolder_root), "--vae", str(tiny_vae)]}
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
     procs = {task: subprocess.Popen(
-        [sys.executable, str(ROOT / "jobs" / f"tune_{task}.py"), *a, "--smoke", "--num-samples", "1",
+        [sys.executable, str(ROOT / "jobs" / a[0]), *a[1:], "--smoke", "--num-samples", "1",
          "--warm-start-steps", "0", "--storage", str(tmp_path / "ray"), "--name", f"{task}-sweep"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env) for task, a in args.items()}
     try:

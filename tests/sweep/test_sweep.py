@@ -20,8 +20,8 @@ from cdd_ray.placement import Node, sweep_resources
 from cdd_ray.front import pareto_front
 from cdd_ray.sweep import load_space, report, run_sweep
 from cdd_ray.sweep.space import to_tune, trial_config
-import golden
-from helpers import placement_groups_left
+from support import golden
+from support.helpers import placement_groups_left
 
 SPACE = """
 params:
@@ -287,7 +287,7 @@ def smoke_sweep(ray_session, tmp_path_factory):
 
 
 def test_smoke_sweep_front_is_the_saved_one(smoke_sweep):
-    """The fixed-seed smoke sweep's pareto.csv is what it was before the redesign of issue #28 (tests/golden.py):
+    """The fixed-seed smoke sweep's pareto.csv is what it was before the redesign of issue #28 (tests/support/golden.py):
     rows in the order of their role and sampled configuration (trial ids are random)."""
     res = smoke_sweep[0]
     with open(res.out / "front" / "pareto.csv") as f:
@@ -714,8 +714,8 @@ def test_mlflow_ui_in_a_browser_shows_the_sweep_as_a_user_looks_at_it(smoke_swee
     """`mlflow ui` over the sweep's store, in headless Chromium, at the addresses the sweep job prints: the runs
     table with the sweep and its runs nested under it; the parent's trade-off plot among its artifacts; a trial's
     lambda against step; two trials compared with their params and final metrics. Screenshots in tmp_path."""
-    from browser import chromium
-    from helpers import mlflow_ui
+    from support.browser import chromium
+    from support.helpers import mlflow_ui
 
     res = smoke_sweep[0]
     uri = os.environ["MLFLOW_TRACKING_URI"]
@@ -792,7 +792,7 @@ def test_optuna_dashboard_shows_the_sweeps_study_as_the_report_says(smoke_sweep,
     import shlex
     import urllib.request
 
-    from helpers import end_process_group, free_port, wait_for_health
+    from support.helpers import end_process_group, free_port, wait_for_health
 
     res = smoke_sweep[0]
     command = report(res).split("see it with: ", 1)[1].splitlines()[0]

