@@ -1,5 +1,7 @@
 """A config from its sources, later wins: dataclass defaults -> preset -> YAML file -> ``--set key=value``
-overrides (dotted keys, coerced to the field's type); and back from a dict (what workers and trials receive)."""
+overrides (dotted keys, coerced to the field's type), checked with what its fields point at on disk (the driver);
+and back from a dict (what workers and trials receive), checked without disk: they only read what the driver
+resolved."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import yaml
 from cdd_ray.config.errors import ConfigError
 from cdd_ray.config.presets import PRESETS
 from cdd_ray.config.schema import Config, ModelConfig
+from cdd_ray.config.checks import check
 from cdd_ray.config.validate import validate
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -130,7 +133,7 @@ def build_config(
     defaults: dict[str, Any] | None = None,
 ) -> Config:
     """Resolve a Config from a preset, ``defaults`` (a task's), an optional YAML file and flat overrides, in
-    that order, then validate."""
+    that order, then check it (``checks.check``: the fields and what they point at on disk)."""
     user: dict[str, Any] = dict(defaults or {})
     if yaml_path:
         user.update(load_yaml(yaml_path))
@@ -145,11 +148,12 @@ def build_config(
     cfg = Config()
     apply_overrides(cfg, PRESETS[name])
     apply_overrides(cfg, user)
-    validate(cfg)
+    check(cfg)
     return cfg
 
 def config_from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a Config from ``Config.to_dict()`` output (e.g. a checkpoint's config.json)."""
+    """Rebuild a Config from ``Config.to_dict()`` output (a worker's or trial's config, a checkpoint's config.json),
+    its fields validated; nothing is read from disk (a machine without the run's data can read it)."""
     cfg = Config()
     apply_overrides(cfg, flatten(d))
     validate(cfg)

