@@ -24,8 +24,8 @@ import torch  # noqa: E402
 
 from cdd_ray.config import build_config  # noqa: E402
 from cdd_ray.data import prepare_split  # noqa: E402
-from cdd_ray.runner import make_trainer, worker_resources  # noqa: E402
-from cdd_ray.session import init_ray  # noqa: E402
+from cdd_ray.cluster.trainer import make_trainer, worker_resources  # noqa: E402
+from cdd_ray.cluster.session import init_ray  # noqa: E402
 from cdd_ray.core.loop import train  # noqa: E402
 
 

@@ -26,7 +26,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from cdd_ray.config import build_config  # noqa: E402
-from cdd_ray.placement import Node, cluster_nodes, sweep_resources  # noqa: E402
+from cdd_ray.cluster.placement import Node, cluster_nodes, sweep_resources  # noqa: E402
 from cdd_ray.sweep import load_space, run_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Iterator, NoReturn
 
 from cdd_ray.budget import parse_duration
+from cdd_ray.cluster.placement import check_this_machine
 from cdd_ray.config import PRESETS, Config, ConfigError, build_config, parse_set, validate
 from cdd_ray.metrics import FAIRNESS_METRICS, QUALITY_METRICS
-from cdd_ray.placement import check_this_machine
 from cdd_ray.samplers import DEFAULT_SAMPLER, SAMPLERS, STARTUP_TRIALS
 from cdd_ray.tasks import task_config
 from cdd_ray.tracking import TrackingError, tracking_uri, ui_hint
@@ -210,7 +210,6 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
-
 # ---------------------------------------------------------------- the Celeb-A / ImageNet-subset jobs
 
 
@@ -245,7 +244,7 @@ def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
     prints the quality / fairness front. On a cluster with GPUs and no --preset: the ``paper`` preset, one GPU per
     worker. Everything this machine or the cluster cannot hold is refused in seconds, before the sweep's code is
     imported."""
-    from cdd_ray.session import cluster_gpus  # Ray itself (a second or two): only the sweep's jobs ask the cluster
+    from cdd_ray.cluster.session import cluster_gpus  # Ray itself (a second or two): only the sweep's jobs ask the cluster
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(p, unconstrained=False)

@@ -1,5 +1,5 @@
 """Rank 0's training progress on the console: a tqdm bar on a terminal, a line a minute in a log (``LineProgress``),
-or what a caller makes (a Ray worker's bar drawn on the driver: ``cdd_ray.worker.ray_progress``); updated after
+or what a caller makes (a Ray worker's bar drawn on the driver: ``cdd_ray.cluster.worker.ray_progress``); updated after
 every dual step with the objective loss and lambda per constraint (``bar_text``), through the loop's ``on_block``
 hook (``with_bar``): the loop itself draws nothing."""
 
@@ -24,7 +24,7 @@ def bar_text(metrics: dict[str, float], names: list[str]) -> str:
 def make_bar(progress: bool | str | Callable[[int, int], Any], start: int, total: int):
     """Rank 0's progress: ``True``/``"bar"``: a tqdm bar on a terminal, else (``"lines"``, or a log file) a line
     every minute (``LineProgress``); a callable: ``progress(start, total)`` makes it
-    (``cdd_ray.worker.ray_progress``); False: none."""
+    (``cdd_ray.cluster.worker.ray_progress``); False: none."""
     if not progress:
         return None
     if callable(progress):

@@ -45,7 +45,7 @@ def ray_session():
     """One local Ray per test module (a module's leftovers, e.g. an ASHA-stopped trial's placement group, cannot
     starve the next module's runs)."""
     ray = pytest.importorskip("ray")
-    from cdd_ray.session import init_ray
+    from cdd_ray.cluster.session import init_ray
 
     # init_ray's own-address local Ray: modules running at once (pytest -n 2) each keep their own Ray. With its
     # dashboard: Ray Train's placement-group cleaner asks the state API whether the run's controller lives, and

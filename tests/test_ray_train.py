@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from cdd_ray import tracking
+from cdd_ray.cluster.session import init_ray, resolve_storage
 from cdd_ray.config import ConfigError, build_config
+from cdd_ray.core.loop import train
 from cdd_ray.data import prepare_split
 from cdd_ray.runner import check_run_name, run_ray
-from cdd_ray.session import init_ray, resolve_storage
-from cdd_ray.core.loop import train
 
 ray = pytest.importorskip("ray")
 
@@ -53,48 +53,6 @@ def test_worker_fault_restarts_and_matches_uninterrupted_run(ray_session, tmp_pa
     lam = sorted(client.get_metric_history(summary["mlflow_run_id"], "lambda/class_4"), key=lambda m: m.step)
     assert [m.step for m in lam] == list(range(1, 7))
     assert [m.value for m in lam] == pytest.approx([h[0] for h in dual["lam_history"]], abs=1e-6)
-
-
-class Fits:
-    """Trainers whose fits fail with the given errors, then succeed; each fit is counted."""
-
-    def __init__(self, *errors):
-        self.errors, self.fits = list(errors), 0
-
-    def build(self):
-        return self
-
-    def fit(self):
-        self.fits += 1
-        if self.errors:
-            raise self.errors.pop(0)
-        return type("Result", (), {"error": None, "checkpoint": "final"})()
-
-
-def test_a_run_whose_worker_dies_at_launch_is_fitted_again_up_to_max_failures(monkeypatch):
-    from ray.exceptions import ActorDiedError
-    from ray.train import ControllerError, WorkerGroupError
-
-    import cdd_ray.runner as runner
-
-    released = []
-    monkeypatch.setattr(runner, "release_group_of", released.append)
-    died = [ControllerError(ActorDiedError()) for _ in range(3)]
-    fits = Fits(*died[:2])
-    assert runner.fit_run(fits.build, max_failures=2) == "final" and fits.fits == 3
-    assert released == [e.controller_failure for e in died[:2]]  # each dead worker's group removed before a refit
-    fits = Fits(*died)
-    with pytest.raises(ControllerError):  # no restarts left: the error, the dead worker's group still released
-        runner.fit_run(fits.build, max_failures=2)
-    assert fits.fits == 3 and len(released) == 5
-    fits = Fits(*died)
-    assert runner.fit_run(fits.build, max_failures=-1) == "final" and fits.fits == 4  # -1: no limit
-    other = [ControllerError(RuntimeError("a bug in a callback")), WorkerGroupError("rank 0 raised", {})]
-    for error in other:  # anything else is not fitted again (Ray Train retried worker errors itself)
-        fits = Fits(error)
-        with pytest.raises(type(error)):
-            runner.fit_run(fits.build, max_failures=2)
-        assert fits.fits == 1
 
 
 def test_resume_continues_a_stopped_run(ray_session, tmp_path):

@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cdd_ray import tracking
-from cdd_ray import storage as storage_io
+from cdd_ray import storage as storage_io, tracking
+from cdd_ray.cluster.trainer import make_trainer, worker_resources
 from cdd_ray.config import Config, ConfigError, apply_overrides, config_from_dict, validate
-from cdd_ray.runner import fit_tracked, make_trainer, worker_resources
+from cdd_ray.runner import fit_tracked
 
 
 def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_run_id: str, role: str,

@@ -15,17 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cdd_ray import preflight, tracking
-from cdd_ray import storage as storage_io
+from cdd_ray import preflight, storage as storage_io, tracking
 from cdd_ray.budget import Plan, Throughput, plan
+from cdd_ray.cluster.placement import check_this_machine, cluster_nodes, sweep_resources
+from cdd_ray.cluster.session import init_ray, resolve_storage
 from cdd_ray.config import Config, ConfigError, apply_overrides, check, config_from_dict
 from cdd_ray.data import check_source
 from cdd_ray.front import feasibility, pareto_front, refuse_incomparable
-from cdd_ray.metrics import OBJECTIVE_METRICS, OBJECTIVES
-from cdd_ray.placement import check_this_machine, cluster_nodes, sweep_resources
+from cdd_ray.metrics import OBJECTIVES, OBJECTIVE_METRICS
 from cdd_ray.runner import mlflow_run_for, tracked
 from cdd_ray.samplers import DEFAULT_SAMPLER, make_sampler
-from cdd_ray.session import init_ray, resolve_storage
 from cdd_ray.sweep.references import live_class_losses, run_unconstrained
 from cdd_ray.sweep.results import (SweepResult, close_stopped_children, compare_runs, mark_stopped_early, publish,
                                    sweep_note, trial_rows)
@@ -35,7 +34,7 @@ from cdd_ray.sweep.space import SearchSpace, budget_knobs, largest_trial_images,
 
 def plan_resources(cfg: Config) -> tuple[int, dict[str, float]]:
     """Concurrent trials and per-worker resources for the connected Ray cluster's nodes
-    (``cdd_ray.placement.sweep_resources``)."""
+    (``cdd_ray.cluster.placement.sweep_resources``)."""
     return sweep_resources(cluster_nodes(), cfg)
 
 

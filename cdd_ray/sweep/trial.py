@@ -15,9 +15,9 @@ import ray.tune
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from cdd_ray import tracking
-from cdd_ray import storage as storage_io
-from cdd_ray.runner import fit_tracked, make_trainer, mlflow_run_for
+from cdd_ray import storage as storage_io, tracking
+from cdd_ray.cluster.trainer import make_trainer
+from cdd_ray.runner import fit_tracked, mlflow_run_for
 from cdd_ray.sweep.space import trial_config
 from cdd_ray.sweep.table import short_name, trial_number
 

@@ -98,7 +98,7 @@ def test_two_workers_on_two_nodes_stop_and_resume_on_s3_with_a_tracking_server(s
     assert resumed.returncode == 0, resumed.stderr[-6000:]
     quiet_console(resumed)
     assert "train loss" in resumed.stdout and "λ5" in resumed.stdout  # rank 0's progress, a line a minute in a log
-    # One worker per node: each node has 1 CPU and each worker asks for 1 (cdd_ray.placement), not the 2 the
+    # One worker per node: each node has 1 CPU and each worker asks for 1 (cdd_ray.cluster.placement), not the 2 the
     # cluster has in all. (Both fits: 4 workers, two on each node.)
     nodes = ray_train_worker_nodes(stack["address"])
     assert len(nodes) == 4 and sorted(nodes.count(n) for n in set(nodes)) == [2, 2], nodes
@@ -192,7 +192,7 @@ def test_smoke_sweep_on_s3_warm_starts_on_any_node_and_resumes_from_another_driv
 def test_jobs_size_from_the_cluster_not_the_driver(stack):
     """The driver here has no GPU; the cluster advertises 2 (node 1): the tune job's GPU decision reads the
     cluster's."""
-    code = "from cdd_ray.session import cluster_gpus; import torch; print(cluster_gpus(), torch.cuda.device_count())"
+    code = "from cdd_ray.cluster.session import cluster_gpus; import torch; print(cluster_gpus(), torch.cuda.device_count())"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=stack["tmp"],
                        env={**os.environ, **BASE_ENV, "RAY_ADDRESS": stack["address"]})
     assert p.returncode == 0, p.stderr[-3000:]

@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 import contextlib
 import csv
 import io
@@ -10,18 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
-
-from cdd_ray import tracking
-from cdd_ray.config import ConfigError, build_config
-from cdd_ray.front import name_of
-from cdd_ray.placement import Node, sweep_resources
-from cdd_ray.front import pareto_front
-from cdd_ray.sweep import load_space, report, run_sweep
-from cdd_ray.sweep.space import to_tune, trial_config
 from support import golden
 from support.helpers import placement_groups_left
+
+from cdd_ray import tracking
+from cdd_ray.cluster.placement import Node, sweep_resources
+from cdd_ray.config import ConfigError, build_config
+from cdd_ray.front import name_of, pareto_front
+from cdd_ray.sweep import load_space, report, run_sweep
+from cdd_ray.sweep.space import to_tune, trial_config
 
 SPACE = """
 params:

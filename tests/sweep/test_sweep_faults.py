@@ -2,7 +2,7 @@
 of its own, so that pytest -n 2 runs it beside test_sweep.py.
 
 A worker is killed while it loads its training function (the worker group's launch, where Ray Train 2.60 does not
-restart it: cdd_ray.runner.fit_run does) or when a primal step comes (after a checkpoint: Ray Train restarts it).
+restart it: cdd_ray.cluster.trainer.fit_run does) or when a primal step comes (after a checkpoint: Ray Train restarts it).
 The suite's sweep kills both ways in every trial; the soak sweep (``pytest -m soak``, about 12 minutes here) runs 16
 trials whose faults the seeded sampler draws, trial by trial."""
 

@@ -1,9 +1,11 @@
-"""Sizing workers and trials from the cluster's nodes (cdd_ray.placement), never from the driver's devices."""
+"""Sizing workers and trials from the cluster's nodes (cdd_ray.cluster.placement), never from the driver's devices."""
+
+from __future__ import annotations
 
 import pytest
 
+from cdd_ray.cluster.placement import Node, fits, sweep_resources, worker_resources
 from cdd_ray.config import ConfigError, build_config
-from cdd_ray.placement import Node, fits, sweep_resources, worker_resources
 
 GPU_CLUSTER = [Node(8), Node(32, 4), Node(32, 4)]  # a CPU-only head and two GPU nodes
 UNEVEN = [Node(16), Node(4)]
@@ -87,7 +89,7 @@ def test_fits_places_workers_on_one_node_each():
 def test_a_local_job_is_checked_against_this_machine_before_its_ray_starts(monkeypatch):
     """Without --address / RAY_ADDRESS the job would start a Ray on this machine: what it cannot hold is refused
     from this machine's CPUs and GPUs, as Ray would count them; a job that joins a cluster is checked there."""
-    import cdd_ray.placement as placement
+    import cdd_ray.cluster.placement as placement
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(placement, "local_nodes", lambda: [Node(2)])
@@ -109,7 +111,7 @@ def test_local_nodes_count_this_machine_as_ray_does():
     import torch
     from ray._private.utils import get_num_cpus
 
-    from cdd_ray.placement import local_nodes
+    from cdd_ray.cluster.placement import local_nodes
 
     assert local_nodes() == [Node(float(get_num_cpus()), float(torch.cuda.device_count()))]
     assert local_nodes()[0].cpus >= 1
@@ -126,7 +128,7 @@ def test_jobs_refuse_what_this_machine_cannot_hold_in_seconds(tmp_path, job):
     from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    script = Path(__file__).resolve().parents[1] / "jobs" / job[0]
+    script = Path(__file__).resolve().parents[2] / "jobs" / job[0]
     t = time.monotonic()
     p = subprocess.run([sys.executable, str(script), *job[1:], "--workers", "64", "--storage", str(tmp_path / "ray")],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)

@@ -14,9 +14,9 @@ import ray
 import ray._private.ray_constants as ray_constants
 from ray._private.services import get_ray_address_from_environment
 
+from cdd_ray.cluster.placement import cluster_nodes, joins_cluster, local_nodes
 from cdd_ray.config import ConfigError
 from cdd_ray.console import dashboard_message, quiet_libraries
-from cdd_ray.placement import cluster_nodes, joins_cluster, local_nodes
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,8 @@ test hooks that fail a worker on purpose (``fault.*``)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -16,8 +14,9 @@ from typing import Any, Callable
 
 import torch
 
-from cdd_ray import checkpoint, storage
+from cdd_ray import checkpoint
 from cdd_ray.checkpoint import Snapshot
+from cdd_ray.cluster.faults import dual_dumper, make_fault
 from cdd_ray.config import Config, ConfigError, config_from_dict
 from cdd_ray.core.loop import Hooks, LoopResult, Worker, train
 from cdd_ray.data import Split, prepare_split
@@ -39,58 +38,6 @@ def ray_progress(start: int, total: int):
     bar = tqdm(total=total, desc="train", unit="step", flush_interval_s=2.0)
     bar.n = start
     return bar
-
-
-def make_fault(fault_cfg, rank: int, marker: str | None) -> Callable[[int], None] | None:
-    """Test hook: worker ``fault.rank`` fails at ``fault.fail_at_step``, once per run (a marker file in the run's
-    storage, local or a URI)."""
-    if fault_cfg.fail_at_step < 0 or rank != fault_cfg.rank or not marker:
-        return None
-
-    def fault(step: int) -> None:
-        if step != fault_cfg.fail_at_step or storage.exists(marker):
-            return
-        storage.write_text(marker, f"failed at step {step}\n")
-        if fault_cfg.mode == "exit":
-            os._exit(1)
-        if fault_cfg.mode == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError(f"injected fault at step {step} on rank {rank}")
-
-    return fault
-
-FAULT_ON_LOAD_ENV = "CDD_RAY_FAULT_ON_LOAD"  # set in the workers' runtime env of a fit with fault.kill_on_load
-
-
-class KillOnLoad:
-    """Test hook (``fault.kill_on_load``): a value in the training function's config. A Ray Train worker
-    unpickles it while it loads its training function (the worker group's launch), and is SIGKILLed there, once per
-    run (the marker file); elsewhere (no ``FAULT_ON_LOAD_ENV``) it unpickles to None."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return _kill_on_load, (self.marker,)
-
-
-def _kill_on_load(marker: str) -> None:
-    if os.environ.get(FAULT_ON_LOAD_ENV) == "1" and not storage.exists(marker):
-        storage.write_text(marker, "killed while loading its training function\n")
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _dual_dumper(directory: str, rank: int, names: list[str]) -> Callable[[dict[str, float]], None]:
-    """Append lambda (exact hex floats) after every dual step to ``directory/rank{rank}.jsonl``."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"rank{rank}.jsonl")
-
-    def dump(metrics: dict[str, float]) -> None:
-        lam = [float.hex(float(metrics[f"lambda_{n}"])) for n in names]
-        with open(path, "a") as f:
-            f.write(json.dumps({"dual_step": int(metrics["dual_step"]), "lam": lam}) + "\n")
-
-    return dump
 
 
 def _quiet_report_lines(verbose: bool) -> None:
@@ -178,7 +125,7 @@ class Reports:
                  resume: Snapshot | None):
         self.train_api, self.cfg, self.worker = train_api, cfg, worker
         names = cfg.constraint_names()
-        self.dump = (_dual_dumper(cfg.fault.dump_dual_dir, worker.rank, names)
+        self.dump = (dual_dumper(cfg.fault.dump_dual_dir, worker.rank, names)
                      if cfg.fault.dump_dual_dir and names else None)
         self.snap: Snapshot | None = None  # the final state, taken at the last dual step
         self.buffer = MetricBuffer(mlflow["uri"], mlflow["run_id"]) if mlflow else None
