@@ -108,7 +108,7 @@ def test_a_sweep_whose_workers_die_finishes_every_trial(ray_session, tmp_path):
 def test_sixteen_trials_whose_workers_die_at_random_all_finish(ray_session, tmp_path):
     """The issue's scale: 16 smoke trials, 2 at a time, faults drawn per trial by the seeded random sampler (both
     kinds among the finished trials): every trial finishes or is stopped by ASHA, nothing is lost or left running.
-    Measured: 11:58 on 2 cores (AMD EPYC), so it runs with ``pytest -m soak``, not in the suite."""
+    Measured: 11:56 on 2 cores (AMD EPYC), so it runs with ``pytest -m soak``, not in the suite."""
     res = dying_sweep(tmp_path, SOME_TRIALS_DIE, 16, sampler="random", seed=3)
     fired = check_every_trial_finished(res, tmp_path, 16)
     assert min(fired.values()) >= 1, fired
