@@ -32,7 +32,7 @@ def stack(tmp_path_factory):
                 ray_cluster(tmp, [{"cpus": 1}, {"cpus": 1, "gpus": 2}], aws, ray_tmp) as address, \
                 mlflow_server(tmp, aws, f"s3://{BUCKET}/mlflow") as uri:
             yield {"tmp": tmp, "aws": aws, "address": address, "uri": uri,
-                   "logs": Path(ray_tmp) / "session_latest" / "logs"}
+                   "logs": [Path(folder) / "session_latest" / "logs" for folder in (ray_tmp, f"{ray_tmp}-1")]}
 
 
 def job(stack, name: str, *args: str, cwd: Path, aws: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -160,7 +160,8 @@ def test_smoke_sweep_on_s3_warm_starts_on_any_node_and_resumes_from_another_driv
     # job gave its processes, not by looking for "the" local Ray; each ended as it should and left no group.
     lost = "Found multiple active Ray instances"
     assert lost not in first.stdout + first.stderr
-    assert not [f.name for f in stack["logs"].glob("*") if f.is_file() and lost in f.read_text(errors="replace")]
+    logs = [f for folder in stack["logs"] for f in folder.glob("*") if f.is_file()]  # both nodes'
+    assert logs and not [f.name for f in logs if lost in f.read_text(errors="replace")]
     cleaners, groups = cluster_state(stack["address"])
     assert cleaners and not [c for c in cleaners if lost in c], cleaners
     assert groups and set(groups) == {"REMOVED"}, groups

@@ -93,23 +93,29 @@ def test_smoke_reproduction_writes_every_column(tmp_path, task):
 @pytest.mark.parametrize("task, classes", [("celeba", 2), ("imagenet", 5)])
 def test_the_data_tasks_reproduce_from_their_folders(tmp_path, task, classes, celeba_root, imagefolder_root,
                                                      tiny_vae):
-    """docs/REPRODUCTION.md's Celeb-A and ImageNet commands (``--root``, ``--vae``) on the stand-in datasets: both
-    runs train at the same budget under one parent run, the page has the task's classes and both FIDs."""
+    """docs/REPRODUCTION.md's Celeb-A and ImageNet commands (``--root``, ``--vae``) on the stand-in datasets: the
+    compared runs train at the same budget under one parent run (ImageNet, the paper's protocol: both continue the
+    unconstrained run), the page has the task's classes and both FIDs."""
     out = tmp_path / "rep"
     data = ["--root", str(celeba_root)] if task == "celeba" else ["--root", str(imagefolder_root), "--vae",
                                                                    str(tiny_vae)]
     p = reproduce(tmp_path, "--task", task, *data, "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     text = (out / "reproduction.md").read_text()
+    compared = {"unconstrained": "unconstrained" if task == "celeba" else "unconstrained-continued",
+                "constrained": "constrained"}
     fid = table(text, "## FID")
-    for row, role in zip(fid, ("unconstrained", "constrained")):
+    for row, (label, role) in zip(fid, compared.items()):
         s = json.loads((out / role / "summary.json").read_text())
-        assert row[0] == role and row[1] == f"{PAPER_FID[task][row[0] == 'constrained']:.1f}"
-        assert row[2] == f"{s['fid']:.2f} [{s['fid_ci'][0]:.2f}, {s['fid_ci'][1]:.2f}]" and len(s["class_shares"]) == classes
+        assert row[:2] == [label, f"{PAPER_FID[task][label == 'constrained']:.1f}"]
+        assert row[2] == f"{s['fid']:.2f} [{s['fid_ci'][0]:.2f}, {s['fid_ci'][1]:.2f}]"
+        assert len(s["class_shares"]) == classes
     assert len(table(text, "## Class shares")) == classes
     parent, kids, _ = children(tmp_path, re.search(r"parent run ([0-9a-f]{32})", text).group(1))
-    assert parent.info.status == "FINISHED" and set(kids) == {"unconstrained", "constrained"}
-    assert kids["unconstrained"].data.params["optim.steps"] == kids["constrained"].data.params["optim.steps"]
+    assert parent.info.status == "FINISHED" and set(kids) == {"unconstrained", *compared.values()}
+    u, c = (kids[compared[k]].data for k in ("unconstrained", "constrained"))
+    assert u.params["optim.steps"] == c.params["optim.steps"]
+    assert u.params.get("optim.init_from") == c.params.get("optim.init_from")  # the same start
 
 
 def test_bad_input_is_named_before_any_run(tmp_path, monkeypatch):

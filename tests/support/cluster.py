@@ -157,8 +157,10 @@ def ray_cluster(tmp: Path, nodes: list[dict], env: dict[str, str], ray_tmp: str 
                     cmd += ["--head", "--port", str(port), "--temp-dir", ray_tmp,
                             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                             "--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port())]
-                else:
-                    cmd += ["--address", address]
+                else:  # a temporary folder of its own, as on another machine: a worker node otherwise takes the
+                    # head's, and on one machine both nodes unpack a job's working directory into the same folder,
+                    # which the worker node deletes when its workers end (under the head's job driver)
+                    cmd += ["--address", address, "--temp-dir", f"{ray_tmp}-{i}"]
                 proc = _popen(cmd, log, node_env, home)
                 try:
                     wait_for(lambda: "Ray runtime started" in log.read_text(), f"ray node {i}", proc=proc, log=log)
@@ -175,7 +177,8 @@ def ray_cluster(tmp: Path, nodes: list[dict], env: dict[str, str], ray_tmp: str 
         yield address
     finally:
         stop(procs)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        for folder in [ray_tmp, *(f"{ray_tmp}-{i}" for i in range(1, len(nodes)))]:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _alive_nodes(address: str, tmp: Path) -> int:
