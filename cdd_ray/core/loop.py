@@ -115,6 +115,11 @@ class Run:
     step: int
     history: list[dict[str, float]]
 
+    @property
+    def recorded(self) -> list[str]:
+        """The datasets of every loss vector after the objective: the constraints, then the monitored ones."""
+        return self.names + self.monitored
+
     def snapshot(self) -> Snapshot:
         return snapshot_of(self.cfg, self.unet, self.ema, self.optimizer, self.lr_sched, self.scaler, self.sampler,
                            self.noise_gen, self.dual, self.step, self.worker, self.history, self.monitor_gen)
@@ -278,7 +283,7 @@ def primal_step(run: Run) -> torch.Tensor:
     # The guard, every primal step before the optimiser applies it: one boolean to the host. DDP has averaged
     # the gradients, so a non-finite loss on any rank makes every rank's gradient non-finite and all ranks stop
     # at the same step. (With fp16's grad scaler an overflowing gradient is normal: the scaler skips it.)
-    _check_step(run.step + 1, stacked.detach(), norm if run.scaler is None else None, run.names + run.monitored)
+    _check_step(run.step + 1, stacked.detach(), norm if run.scaler is None else None, run.recorded)
     run.step += 1
     return stacked.detach()
 
@@ -299,7 +304,7 @@ def dual_step(run: Run, block: Sums) -> None:
     ranks), its last primal step is applied, lambda takes one dual step, the block's metrics go to the history and
     ``on_block``."""
     means = block.means(run.worker)
-    _check_finite(run.step, means, run.names + run.monitored)
+    _check_finite(run.step, means, run.recorded)
     lr_used = run.lr_sched.get_last_lr()[0]  # the learning rate of the block's last primal step
     apply_step(run)
     eta = dual_eta(run.cfg, lr_used)
@@ -319,8 +324,8 @@ def send_window(run: Run, window: Sums) -> None:
     the first window starts at the checkpoint's step (window_steps says how many steps it averages); reports stay
     at multiples of report_every."""
     means = window.means(run.worker)
-    _check_finite(run.step, means, run.names + run.monitored)
-    run.hooks.on_report(_window_metrics(run.step, run.names + run.monitored, means, window.n))
+    _check_finite(run.step, means, run.recorded)
+    run.hooks.on_report(_window_metrics(run.step, run.recorded, means, window.n))
     window.reset()
 
 

@@ -4,7 +4,6 @@ the credentials, the experiment, and where to look in the UI."""
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import time
@@ -13,7 +12,6 @@ from typing import Callable, TypeVar
 
 from cdd_ray.config import ConfigError
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_EXPERIMENT = "cdd-ray"

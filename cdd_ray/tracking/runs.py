@@ -3,7 +3,6 @@ logged, ended with its status (FINISHED, FAILED or KILLED: never left RUNNING)."
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import time
 from pathlib import Path
@@ -11,7 +10,6 @@ from pathlib import Path
 from cdd_ray.config import Config, flatten
 from cdd_ray.tracking.client import DEFAULT_EXPERIMENT, check_reachable, client, get_or_create_experiment, with_retries
 
-log = logging.getLogger(__name__)
 SECRET_HINTS = ("token", "secret", "password", "key", "credential", "auth")
 
 
