@@ -1,20 +1,36 @@
-"""A sweep's wall-clock budget: measure the machine during the baseline, then size the trials to fit.
+"""A sweep's wall-clock budget: measure the machine before training, plan the whole sweep, re-check after the
+baseline.
 
-Machines differ (the default CPU sweep took 38 minutes on one 2-core machine and 79 on another), so
-``--time-budget 45m`` does not guess: the sweep's first run, the unconstrained baseline, measures
+Machines differ (on the cpu preset one 2-core machine trains 362 images/s, another 142), so ``--time-budget 45m``
+does not guess. Before anything trains, ``cdd_ray.calibrate`` times a few of the loop's primal steps at the
+baseline's and the costliest trial's shape and one small evaluation, on a worker of the size the runs get; from
+that ``Throughput.from_calibration`` estimates what each run costs:
 
-- ``s_per_image``: training seconds per image of a primal step (its ``train_s`` over steps x images per step);
-- ``fixed_s``: everything a run costs besides training (Ray Train start-up, data, the evaluation's sampling,
-  MLflow), i.e. the baseline's wall time on the driver less its training and its one-off classifier training;
+- ``s_per_image``: training seconds per image of a primal step, the calibrated step times ``LOOP_OVERHEAD`` (the
+  loop's dual steps, reports and checkpoints, which the calibration does not run);
+- ``startup_s``: per run, besides training and evaluation (Ray Train's worker group, data, MLflow): a prior,
+  ``RUN_STARTUP_S``, until the baseline measures it;
+- the evaluation: per generated sample (sampling, and the quality metrics' share of the pooled generated + reference
+  features) and a fixed part (the reference's share).
 
-and ``plan`` sizes what is left of the budget: the reference runs (same steps as a trial, objective batch only)
-and the trials (each at the *largest* images per step its search space allows). On CPU one run already uses every
-core, so trials running side by side are counted as sharing the machine (no speed-up); with GPUs each concurrent
-trial has its own. ASHA's early stops are not counted on: the estimate is an upper bound.
+``plan`` sizes the baseline, the references and the trials together so that they fit ``MARGIN`` of the time left,
+and the plan is printed before the baseline starts. When the requested sweep does not fit it cuts, in this order,
+each only as far as needed and never below its floor:
 
-What is cut, in this order: first the trials' steps (down to ``min_steps``; only for warm-started trials, whose
-references are trained for the same steps, so every comparison stays at equal budget), never the count below
-``--num-samples``; time left over at full steps buys more trials.
+1. the primal steps of the baseline and of the trials (and references) by the same share, down to
+   ``MIN_STEP_SHARE`` of what was asked (every comparison stays at equal budget: trials and references always
+   train the same steps);
+2. the number of trials, down to ``min_trials`` (half of ``--num-samples``, rounded up);
+3. the evaluation's samples, down to ``min_eval_samples()``: the sample count at which the 95% interval of a
+   difference between two points' precision or tv_to_uniform is at most +-``RESOLUTION`` whatever the models.
+
+Steps go first because they cost the most and buy the least at the margin; the evaluation's samples go last because
+every point's interval widens with fewer (and they cost little: about a tenth of a run on CPU). If even the floors
+do not fit, the job says so, with the budget that would, before anything trains. After the baseline the plan is
+re-checked with what the baseline measured (``Throughput.from_baseline``) and the trials' steps and count adjusted
+(the evaluation's samples stay: every point must be evaluated alike). A budget left over at full size buys more
+trials. On CPU one run already uses every core, so trials side by side are counted as sharing the machine; with GPUs
+each concurrent trial has its own. ASHA's early stops are not counted on: the estimate is an upper bound.
 """
 
 from __future__ import annotations
@@ -22,11 +38,16 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 from cdd_ray.config import ConfigError
 
 MARGIN = 0.92  # plan to this share of the time left: the estimate's error and the final front's few seconds
+LOOP_OVERHEAD = 1.15  # the loop's time per image over the calibrated step's (see BENCHMARKS.md, "The budget's model")
+RUN_STARTUP_S = 30.0  # per run besides training and evaluation, until the baseline measures it
+MIN_STEP_SHARE = 0.5  # trials of the default sweep at a third of their steps were too short for the multipliers to act
+RESOLUTION = 0.1  # the difference in precision or tv that two points' interval must still resolve at the floor
+Z95 = 1.959964
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 
 
@@ -46,86 +67,205 @@ def parse_duration(text: str, flag: str = "--time-budget") -> float | None:
     return seconds
 
 
+def min_eval_samples(resolution: float = RESOLUTION) -> int:
+    """The fewest generated samples at which the 95% interval of the difference of two independent points'
+    precision (a share) or tv_to_uniform (half the L1 distance of shares) is at most +-``resolution`` for any
+    models: each has a standard error of at most 0.5 / sqrt(n), their difference sqrt(2) times that."""
+    return math.ceil((Z95 * math.sqrt(2) * 0.5 / resolution) ** 2)
+
+
+def min_trials(requested: int) -> int:
+    """The fewest trials a cut leaves: half of ``--num-samples``, rounded up."""
+    return max(1, math.ceil(requested / 2))
+
+
 @dataclass
 class Throughput:
-    """What the baseline measured on this machine."""
+    """What a run costs on this machine: training per image, a fixed start-up, the evaluation."""
 
     s_per_image: float  # training seconds per image of a primal step
-    fixed_s: float  # seconds per run besides training
+    startup_s: float  # per run besides training and evaluation
+    eval_per_sample_s: float = 0.0  # evaluation seconds per generated sample
+    eval_fixed_s: float = 0.0  # evaluation seconds whatever the samples (the reference's features)
+
+    @classmethod
+    def from_calibration(cls, cal: dict[str, Any]) -> "Throughput":
+        """From ``cdd_ray.calibrate.measure``: the slowest shape's seconds per image, times LOOP_OVERHEAD."""
+        ev = cal["eval"]
+        per_sample, fixed = _eval_model(ev["sampling"], ev["quality"], ev["samples"], ev["reference"])
+        return cls(s_per_image=max(cal["s_per_image"].values()) * LOOP_OVERHEAD, startup_s=RUN_STARTUP_S,
+                   eval_per_sample_s=per_sample, eval_fixed_s=fixed)
 
     @classmethod
     def from_baseline(cls, summary: dict[str, Any], driver_s: float, images_per_step: int) -> "Throughput":
+        """From the baseline's summary and its wall time on the driver (less the labeller's one-off training)."""
         steps = max(1, int(summary.get("steps") or 0))
         train_s = float(summary["train_s"])
-        clf_s = float((summary.get("eval_s") or {}).get("classifier", 0.0))  # trained once, cached for the rest
-        return cls(s_per_image=train_s / steps / images_per_step, fixed_s=max(0.0, driver_s - train_s - clf_s))
+        ev = summary.get("eval_s") or {}
+        per_sample, fixed = _eval_model(float(ev.get("sampling", 0.0)), float(ev.get("quality", 0.0)),
+                                        int(summary.get("n_samples") or 1), int(summary.get("fid_reference_size") or 0))
+        eval_s = per_sample * int(summary.get("n_samples") or 1) + fixed
+        rest = driver_s - train_s - float(ev.get("classifier", 0.0)) - eval_s
+        return cls(s_per_image=train_s / steps / images_per_step, startup_s=max(0.0, rest),
+                   eval_per_sample_s=per_sample, eval_fixed_s=fixed)
 
-    def run_s(self, steps: int, images_per_step: int) -> float:
-        return self.fixed_s + steps * images_per_step * self.s_per_image
+    def eval_s(self, samples: int) -> float:
+        return self.eval_fixed_s + samples * self.eval_per_sample_s
+
+    def run_s(self, steps: int, images_per_step: int, samples: int) -> float:
+        return self.startup_s + self.eval_s(samples) + steps * images_per_step * self.s_per_image
+
+
+def _eval_model(sampling_s: float, quality_s: float, samples: int, reference: int) -> tuple[float, float]:
+    """Evaluation seconds per generated sample and fixed: sampling scales with the samples, the quality metrics
+    (features, nearest neighbours, bootstrapped FID) with the samples and the reference pooled."""
+    pooled = max(1, samples + reference)
+    return sampling_s / max(1, samples) + quality_s / pooled, quality_s * reference / pooled
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What the plan sizes: the baseline's and each trial's (and reference's) primal steps, trials, samples."""
+
+    baseline_steps: int
+    trial_steps: int
+    trials: int
+    samples: int
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Images per primal step of each kind of run, and the runs besides the trials."""
+
+    baseline: int  # the baseline's (objective batch, plus the monitored constraint batches)
+    reference: int  # a reference run's (objective batch)
+    trial: int  # the costliest trial's (objective batch + every constraint's)
+    references: int  # reference runs trained at the trials' steps
+    parallel: int = 1  # trials whose costs overlap (one GPU each); 1 on CPU
+
+
+def sweep_cost(tp: Throughput, shape: Shape, s: Sizes, baseline_done: bool = False) -> float:
+    """Seconds the runs of ``s`` cost: the baseline (unless done), the references, the trials in waves of
+    ``shape.parallel``."""
+    base = 0.0 if baseline_done else tp.run_s(s.baseline_steps, shape.baseline, s.samples)
+    return (base + shape.references * tp.run_s(s.trial_steps, shape.reference, s.samples)
+            + math.ceil(s.trials / shape.parallel) * tp.run_s(s.trial_steps, shape.trial, s.samples))
 
 
 @dataclass
 class Plan:
-    """How the sweep spends its budget after the baseline; ``cut`` says what the budget took away."""
+    """How the sweep spends its budget; ``cut`` says what the budget took away, ``fits`` whether even the floors
+    fit."""
 
     budget_s: float
-    used_s: float  # by the time of planning (Ray start, the baseline)
-    trial_steps: int
-    num_trials: int
-    estimate_s: float  # of the references and trials together
-    requested_steps: int
-    requested_trials: int
-    references: int
-    parallel: int
+    used_s: float  # by the time of planning (Ray's start, the calibration; after it: the baseline)
+    stage: str  # "before training" or "after the baseline"
+    sizes: Sizes
+    requested: Sizes
+    floors: Sizes
+    estimate_s: float  # of the runs still to train
+    shape: Shape
     throughput: dict[str, float]
+    fits: bool
     cut: str
 
+    @property
+    def trial_steps(self) -> int:
+        return self.sizes.trial_steps
+
+    @property
+    def num_trials(self) -> int:
+        return self.sizes.trials
+
     def describe(self) -> str:
-        end = self.used_s + self.estimate_s
-        return (f"time budget {self.budget_s / 60:.0f} min: {self.used_s / 60:.1f} min used by the baseline; "
-                f"plan: {self.references} reference run(s) and {self.num_trials} trials of {self.trial_steps} steps, "
-                f"estimated {self.estimate_s / 60:.1f} min more (ends by ~{end / 60:.0f} min; measured "
-                f"{1 / self.throughput['s_per_image']:.0f} training images/s, {self.throughput['fixed_s']:.0f} s "
-                f"per run besides training; {self.parallel} trial(s) at a time counted as "
-                f"{'sharing the CPUs' if self.parallel == 1 else 'independent'}). {self.cut}")
+        s, tp, end = self.sizes, self.throughput, self.used_s + self.estimate_s
+        runs = (f"baseline {s.baseline_steps} steps, " if self.stage == "before training" else "")
+        per_run = Throughput(**tp).eval_s(s.samples)
+        return (f"time budget {self.budget_s / 60:.0f} min, plan {self.stage} ({self.used_s / 60:.1f} min used): "
+                f"{runs}{self.shape.references} reference run(s) and {s.trials} trials of {s.trial_steps} steps, "
+                f"{s.samples} evaluation samples each; estimated {self.estimate_s / 60:.1f} min more (ends by "
+                f"~{end / 60:.0f} min; {1 / tp['s_per_image']:.0f} training images/s, {per_run:.0f} s per "
+                f"evaluation, {tp['startup_s']:.0f} s per run to start; {self.shape.parallel} trial(s) at a time "
+                f"counted as {'sharing the CPUs' if self.shape.parallel == 1 else 'independent'}). {self.cut}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.update(trial_steps=self.trial_steps, num_trials=self.num_trials)  # what --resume and the report read
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        fields = {k: d[k] for k in cls.__dataclass_fields__}
+        return cls(**fields | {"sizes": Sizes(**d["sizes"]), "requested": Sizes(**d["requested"]),
+                               "floors": Sizes(**d["floors"]), "shape": Shape(**d["shape"])})
 
 
-def plan(budget_s: float, used_s: float, tp: Throughput, *, steps: int, trials: int, min_steps: int,
-         trial_images: int, reference_images: int, references: int, parallel: int = 1,
-         cut_steps: bool = True) -> Plan:
-    """Trial steps and count that fit ``budget_s - used_s`` (times MARGIN); see the module's docstring.
+def largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int | None:
+    """The largest integer in [lo, hi] where ``ok`` holds (``ok`` true up to some point, false after), or None."""
+    if hi < lo or not ok(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
 
-    ``trial_images`` / ``reference_images``: images per primal step of the costliest trial / of a reference run;
-    ``references``: reference runs still to train, at the trials' steps; ``parallel``: trials whose costs overlap.
-    """
+
+def plan(budget_s: float, used_s: float, tp: Throughput, shape: Shape, requested: Sizes, floors: Sizes,
+         stage: str = "before training") -> Plan:
+    """The largest sweep that fits ``MARGIN`` of ``budget_s - used_s``: the evaluation's samples kept first, then the
+    trials, then the steps (see the module's docstring). ``floors``: the smallest of each the plan may choose (equal to
+    ``requested`` for what must not change); the baseline's steps follow the trials' by the same share. After the
+    baseline (``stage``) its cost is not counted."""
     left = (budget_s - used_s) * MARGIN
+    done = stage != "before training"
 
-    def cost(n: int, w: int) -> float:
-        return references * tp.run_s(w, reference_images) + math.ceil(n / parallel) * tp.run_s(w, trial_images)
+    def sizes(w: int, n: int, m: int) -> Sizes:
+        b = requested.baseline_steps if done else max(1, round(requested.baseline_steps * w / requested.trial_steps))
+        return Sizes(baseline_steps=b, trial_steps=w, trials=n, samples=m)
 
-    common = dict(budget_s=budget_s, used_s=used_s, requested_steps=steps, requested_trials=trials,
-                  references=references, parallel=parallel, throughput=asdict(tp))
-    if cost(trials, steps) <= left:  # full steps fit: spend what is left on more trials
-        n = trials
-        while cost(n + 1, steps) <= left:
-            n += 1
-        cut = ("nothing cut." if n == trials else
-               f"nothing cut; the time left buys {n - trials} more trials than --num-samples {trials}.")
-        return Plan(trial_steps=steps, num_trials=n, estimate_s=cost(n, steps), cut=cut, **common)
-    w = steps
-    if cut_steps:
-        # cost is linear in w: solve for the largest w that fits, then floor it at min_steps
-        per_step = (references * reference_images + math.ceil(trials / parallel) * trial_images) * tp.s_per_image
-        fixed = (references + math.ceil(trials / parallel)) * tp.fixed_s
-        w = max(min(steps, int((left - fixed) / per_step)) if per_step > 0 else steps, min(min_steps, steps))
-    over = cost(trials, w) - left / MARGIN
-    cut = (f"cut: trials and references train {w} steps instead of {steps}." if w < steps else "nothing cut.")
-    if over > 0:
-        why = "" if cut_steps else " (trials that train from scratch keep their steps: their reference is the baseline)"
-        cut = ("" if w == steps else cut) + (f" Even so the budget is exceeded by about {over / 60:.1f} min{why}: "
-               f"give a longer --time-budget, fewer --num-samples or a smaller model.")
-        cut = cut.strip()
-    return Plan(trial_steps=w, num_trials=trials, estimate_s=cost(trials, w), cut=cut, **common)
+    def fit(w: int, n: int, m: int) -> bool:
+        return sweep_cost(tp, shape, sizes(w, n, m), done) <= left
+
+    r, f = requested, floors
+    m = largest(f.samples, r.samples, lambda m: fit(f.trial_steps, f.trials, m))
+    n = m and largest(f.trials, r.trials, lambda n: fit(f.trial_steps, n, m))
+    w = n and largest(f.trial_steps, r.trial_steps, lambda w: fit(w, n, m))
+    common = dict(budget_s=budget_s, used_s=used_s, stage=stage, requested=r, floors=f, shape=shape,
+                  throughput=asdict(tp))
+    if not w:
+        s = sizes(f.trial_steps, f.trials, f.samples)
+        need = used_s + sweep_cost(tp, shape, s, done) / MARGIN
+        cut = (f"even the smallest sweep ({describe_cut(s, r)}) needs about {need / 60:.0f} min with the plan's "
+               f"margin: give --time-budget {math.ceil(need / 60)}m or more, a smaller model, or fewer --num-samples.")
+        return Plan(sizes=s, estimate_s=sweep_cost(tp, shape, s, done), fits=False, cut=cut, **common)
+    if (w, n, m) == (r.trial_steps, r.trials, r.samples):  # all of it fits: the time left buys more trials
+        n = largest(n, 64 * n, lambda k: fit(w, k, m))
+    s = sizes(w, n, m)
+    cut = describe_cut(s, r)
+    cut = (f"cut: {cut}." if cut != "as asked" else "nothing cut" + (
+        f"; the time left buys {n - r.trials} more trials than --num-samples {r.trials}." if n > r.trials else "."))
+    return Plan(sizes=s, estimate_s=sweep_cost(tp, shape, s, done), fits=True, cut=cut, **common)
+
+
+def describe_cut(s: Sizes, r: Sizes) -> str:
+    """What ``s`` took away from ``r``, in words ("as asked" when nothing)."""
+    parts = []
+    if s.trial_steps < r.trial_steps:
+        if s.baseline_steps < r.baseline_steps:
+            parts.append(f"the baseline trains {s.baseline_steps} steps instead of {r.baseline_steps}")
+        parts.append(f"trials and references train {s.trial_steps} steps instead of {r.trial_steps}")
+    if s.trials < r.trials:
+        parts.append(f"{s.trials} trials instead of {r.trials}")
+    if s.samples < r.samples:
+        parts.append(f"{s.samples} evaluation samples instead of {r.samples}")
+    return "; ".join(parts) or "as asked"
+
+
+def replan(first: Plan, tp: Throughput, used_s: float, warm_started: bool) -> Plan:
+    """``first`` (made before training) re-checked with ``tp`` as the baseline measured it, at ``used_s``: the trials'
+    steps (warm-started: between the first plan's floor and what was asked; from scratch they are the baseline's)
+    and count adjusted; the baseline is done and the evaluation's samples stay."""
+    s, r, f = first.sizes, first.requested, first.floors
+    requested = Sizes(s.baseline_steps, r.trial_steps if warm_started else s.trial_steps, r.trials, s.samples)
+    lowest = Sizes(s.baseline_steps, f.trial_steps if warm_started else s.trial_steps, f.trials, s.samples)
+    return plan(first.budget_s, used_s, tp, first.shape, requested, lowest, stage="after the baseline")

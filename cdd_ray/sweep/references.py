@@ -24,15 +24,7 @@ def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_ru
     saved = storage_io.read_text(storage_io.join(store, "summary.json"))
     if saved and json.loads(saved).get("role") == role:  # written last: the run is complete
         return json.loads(saved)
-    cfg = config_from_dict(base.to_dict())
-    cfg.unconstrained = True
-    cfg.name = f"{base.name}-{role}"
-    cfg.optim.steps = steps
-    cfg.optim.init_from = init_from
-    if init_from:
-        cfg.optim.warmup = min(cfg.optim.warmup, steps // 10)
-    apply_overrides(cfg, overrides or {})
-    validate(cfg)
+    cfg = reference_config(base, role, steps, init_from, overrides)
     resources = worker_resources(cfg)
     run_id = tracking.start_run(cfg, uri, parent_run_id=parent_run_id, extra_tags={"sweep": base.name, "role": role})
     summary = fit_tracked(lambda: make_trainer(cfg, storage, cfg.name, resources, verbose=verbose,
@@ -44,6 +36,22 @@ def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_ru
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     storage_io.write_text(storage_io.join(store, "summary.json"), json.dumps(summary, indent=2))  # last: complete
     return summary
+
+
+def reference_config(base: Config, role: str, steps: int, init_from: str = "",
+                     overrides: dict[str, Any] | None = None) -> Config:
+    """The config of the reference run ``role``: ``base`` unconstrained, ``steps`` steps, from ``init_from``'s weights
+    (a warm start's shorter warm-up) or new ones, with ``overrides``."""
+    cfg = config_from_dict(base.to_dict())
+    cfg.unconstrained = True
+    cfg.name = f"{base.name}-{role}"
+    cfg.optim.steps = steps
+    cfg.optim.init_from = init_from
+    if init_from:
+        cfg.optim.warmup = min(cfg.optim.warmup, steps // 10)
+    apply_overrides(cfg, overrides or {})
+    validate(cfg)
+    return cfg
 
 
 def live_class_losses(history_file: str | Path, names: list[str], fraction: float = 0.1) -> dict[str, float]:

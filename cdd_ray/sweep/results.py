@@ -157,15 +157,23 @@ def report(res: SweepResult) -> str:
         lines.append("Optuna study: " + ", ".join(f"{n} {k}" for k, n in sorted(res.study_states.items()))
                      + f" trials; see it with: optuna-dashboard {res.study}")
     if res.plan:
-        pl = res.plan
-        lines.append(f"time budget {pl['budget_s'] / 60:.0f} min, took {res.wall_s / 60:.1f} min: {pl['num_trials']} trials "
-                     f"and the references at {pl['trial_steps']} steps (asked: {pl['requested_trials']} x "
-                     f"{pl['requested_steps']}); {pl['cut']}")
+        lines.append(plan_line(res.plan, res.wall_s))
     lines += [f"sweep folder: {res.out}  (front/pareto.csv, front/differences.csv, front/tradeoff.png, "
               "front/best_configs.json)"
               + (f"; the sweep's state and outputs: {res.store}" if res.store and res.store != str(res.out) else ""),
               f"MLflow parent run: {res.parent_run_id}"]
     return "\n".join(lines)
+
+
+def plan_line(pl: dict[str, Any], wall_s: float) -> str:
+    """The time plan as the report states it: what ran against what was asked."""
+    sizes = pl.get("sizes") or {}
+    asked = pl.get("requested") or {"trials": pl.get("requested_trials"), "trial_steps": pl.get("requested_steps")}
+    base = f"the baseline at {sizes['baseline_steps']} steps, " if sizes else ""
+    samples = f", {sizes['samples']} evaluation samples each" if sizes else ""
+    return (f"time budget {pl['budget_s'] / 60:.0f} min, took {wall_s / 60:.1f} min: {base}{pl['num_trials']} trials "
+            f"and the references at {pl['trial_steps']} steps{samples} (asked: {asked['trials']} x "
+            f"{asked['trial_steps']}); {pl['cut']}")
 
 
 def publish(uri: str, parent: str, sweep_dir: Path, upload_to: str, rows: list[dict[str, Any]],

@@ -8,7 +8,6 @@ the parent run (``cdd_ray.sweep.results``)."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from cdd_ray import preflight, storage as storage_io, tracking
-from cdd_ray.budget import Plan, Throughput, plan
 from cdd_ray.cluster.placement import check_this_machine, cluster_nodes, sweep_resources
 from cdd_ray.cluster.session import init_ray, resolve_storage
 from cdd_ray.config import Config, ConfigError, apply_overrides, check, config_from_dict
@@ -29,28 +27,14 @@ from cdd_ray.sweep.references import live_class_losses, run_unconstrained
 from cdd_ray.sweep.results import (SweepResult, close_stopped_children, compare_runs, mark_stopped_early, publish,
                                    sweep_note, trial_rows)
 from cdd_ray.sweep.search import check_limits, make_tuner, searcher_study, study_states, study_url
-from cdd_ray.sweep.space import SearchSpace, budget_knobs, largest_trial_images, unequal_budget_note
+from cdd_ray.sweep.plan import apply_plan, first_plan, recheck
+from cdd_ray.sweep.space import SearchSpace, budget_knobs, unequal_budget_note
 
 
 def plan_resources(cfg: Config) -> tuple[int, dict[str, float]]:
     """Concurrent trials and per-worker resources for the connected Ray cluster's nodes
     (``cdd_ray.cluster.placement.sweep_resources``)."""
     return sweep_resources(cluster_nodes(), cfg)
-
-
-def budget_plan(base: Config, space: SearchSpace, pre: dict[str, Any], driver_s: float, used_s: float,
-                time_budget_s: float, num_samples: int, warm_start_steps: int, monitored: bool, conc: int) -> Plan:
-    """Size the trials from what the baseline measured (cdd_ray.budget)."""
-    k = len(base.constraint_names())
-    base_images = base.optim.batch_size + (k * base.optim.constraint_batch_size if monitored else 0)
-    tp = Throughput.from_baseline(pre, max(driver_s, float(pre.get("wall_s") or 0.0)), base_images)
-    steps = warm_start_steps or base.optim.steps
-    every = base.ray.report_every
-    return plan(time_budget_s, used_s, tp, steps=steps, trials=num_samples,
-                min_steps=max(2 * every, steps // 3), trial_images=largest_trial_images(space, base),
-                reference_images=base.optim.batch_size,
-                references=int(warm_start_steps > 0) + int(not base.is_finetune),
-                parallel=conc if base.ray.gpu else 1, cut_steps=warm_start_steps > 0)
 
 
 @dataclass
@@ -112,24 +96,6 @@ def resolved_base(base: Config, space: SearchSpace) -> Config:
     return preflight.resolve(base)
 
 
-def time_plan(base: Config, space: SearchSpace, pre: dict[str, Any], store: str, driver_s: float, used_s: float,
-              time_budget_s: float, num_samples: int, warm_start_steps: int, relative: bool, conc: int
-              ) -> dict[str, Any]:
-    """The time budget's plan (``cdd_ray.budget``), printed and kept in the store; a resumed sweep keeps the plan
-    it started with."""
-    plan_file = storage_io.join(store, "plan.json")
-    saved = storage_io.read_text(plan_file)
-    if saved:
-        sweep_plan = json.loads(saved)
-        print(f"time budget: the interrupted sweep's plan: {sweep_plan['num_trials']} trials of "
-              f"{sweep_plan['trial_steps']} steps. {sweep_plan['cut']}", flush=True)
-        return sweep_plan
-    p = budget_plan(base, space, pre, driver_s, used_s, time_budget_s, num_samples, warm_start_steps, relative, conc)
-    storage_io.write_text(plan_file, json.dumps(p.to_dict(), indent=2))
-    print(p.describe(), flush=True)
-    return p.to_dict()
-
-
 def trials_base(base: Config, warm_start_steps: int, store: str) -> Config:
     """The config every trial starts from: reports often enough for ASHA's clock (about 8 per trial) and, when
     warm-started, the baseline's weights and ``warm_start_steps`` steps."""
@@ -173,6 +139,13 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     uri = preflight.check_tracking(tracking.tracking_uri())
     init_ray(base.ray.address, verbose=verbose)
     conc, resources = plan_resources(base)
+    relative = "dual.b_rel" in space.params and not base.is_finetune
+    monitored = {"optim.monitor_constraints": True} if relative else None  # the baseline records their losses
+    sweep_plan = {}
+    if time_budget_s:  # before anything is written: a budget that cannot fit is refused here
+        sweep_plan = first_plan(base, space, where.store, time_budget_s, started, num_samples, warm_start_steps,
+                                monitored, limits, conc if base.ray.gpu else 1, resume)
+        apply_plan(base, sweep_plan)
     parent = mlflow_run_for(storage_io.join(where.store, "mlflow_parent_run_id"), base, uri, resume,
                             tags={"role": "sweep", "sweep": base.name, "search_space": space.path})
     where.sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -188,14 +161,11 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
                                  overrides, store=storage_io.join(where.store, role), verbose=verbose)
 
     with tracked(uri, parent):
-        relative = "dual.b_rel" in space.params and not base.is_finetune
         t_base = time.time()
-        pre = reference("baseline", base.optim.steps,
-                        overrides={"optim.monitor_constraints": True} if relative else None)
-        sweep_plan = {}
+        pre = reference("baseline", base.optim.steps, overrides=monitored)
         if time_budget_s:
-            sweep_plan = time_plan(base, space, pre, where.store, time.time() - t_base, time.time() - started,
-                                   time_budget_s, num_samples, warm_start_steps, relative, conc)
+            sweep_plan = recheck(sweep_plan, where.store, pre, time.time() - t_base, time.time() - started,
+                                 warm_start_steps > 0)
             num_samples = sweep_plan["num_trials"]
             if warm_start_steps > 0:
                 warm_start_steps = sweep_plan["trial_steps"]

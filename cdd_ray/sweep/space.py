@@ -113,12 +113,16 @@ def unequal_budget_note(knobs: list[str], base: Config) -> str:
             "each other; against the references only in the rows' steps / train_images / lr columns.")
 
 
-def largest_trial_images(space: SearchSpace, cfg: Config) -> int:
-    """Images per primal step of the costliest trial ``space`` allows (objective batch + every constraint's)."""
-    k = len(cfg.constraint_names())
+def largest_trial_config(space: SearchSpace, cfg: Config) -> Config:
+    """A copy of ``cfg`` with the costliest trial's batches ``space`` allows: the most images per primal step (objective
+    batch + every constraint's)."""
+    big = config_from_dict(cfg.to_dict())
     if "optim.batch_ratio" in space.params:
         kind, args = next(iter(space.params["optim.batch_ratio"].items()))
         c = max(1, cfg.optim.batch_size // int(min(args)))
     else:
         c = int(space.max_value("optim.constraint_batch_size", cfg.optim.constraint_batch_size))
-    return int(space.max_value("optim.batch_size", cfg.optim.batch_size)) + k * c
+    big.optim.batch_size = int(space.max_value("optim.batch_size", cfg.optim.batch_size))
+    big.optim.constraint_batch_size = c
+    big.unconstrained = False
+    return big

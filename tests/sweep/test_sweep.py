@@ -301,7 +301,17 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
     budget) and the planned count; the plan printed and written before the trials start; the front with its
     intervals, the references and the fairness target; everything in MLflow under one parent run."""
     res, printed, base, tmp_path = smoke_sweep
-    # the plan made from the baseline's measurement is what runs
+    # the plan before training, from a calibration on a worker, printed before the baseline starts; re-checked
+    # after the baseline with what it measured: that plan is what runs
+    assert printed.index("plan before training") < printed.index("baseline: unconstrained, 8 steps")
+    saved = json.loads((res.out / "plan.json").read_text())
+    first = saved["before_training"]
+    assert first["stage"] == "before training" and first["fits"] and first["sizes"]["trials"] >= 2
+    assert (first["sizes"]["baseline_steps"], first["sizes"]["trial_steps"], first["sizes"]["samples"]) == (8, 6, 32)
+    cal = saved["calibration"]
+    assert cal["images_per_step"] == {"baseline": 16 + 3 * 8, "trial": 16 + 3 * 8} and cal["threads"] == 1
+    assert all(0 < s < 1 for s in cal["s_per_image"].values()) and cal["eval"]["samples"] == 50
+    assert saved["stage"] == "after the baseline"
     assert (res.plan["trial_steps"], res.plan["num_trials"]) == (4, 2)
     assert "cut: trials and references train 4 steps instead of 6." in printed
     # the console: each reference named before its bar, then the trials' table ending with all of them done
