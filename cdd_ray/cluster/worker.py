@@ -118,7 +118,9 @@ def resume_point(ckpt: Any, run_dir: str | None) -> Snapshot | None:
 class Reports:
     """What a worker tells Ray Train and MLflow: checkpoints every ``ray.checkpoint_every`` dual steps, the report
     windows ASHA reads, every dual step's metrics to MLflow (rank 0, ``mlflow`` = {"uri", "run_id"}), and the final
-    report with the evaluation and the run's outputs. Every rank reports the same number of times. ``train_api``:
+    report with the evaluation and the run's outputs. A checkpoint due where a report window ends travels in that
+    window's report (Ray Train takes one report at a time, each after its controller's poll). Every rank reports the
+    same number of times. ``train_api``:
     the ``ray.train`` module (imported by the worker's function only)."""
 
     def __init__(self, train_api: Any, cfg: Config, worker: Worker, mlflow: dict[str, str] | None,
@@ -128,6 +130,7 @@ class Reports:
         self.dump = (dual_dumper(cfg.fault.dump_dual_dir, worker.rank, names)
                      if cfg.fault.dump_dual_dir and names else None)
         self.snap: Snapshot | None = None  # the final state, taken at the last dual step
+        self.held: tuple[dict[str, float], Snapshot] | None = None  # a checkpoint sent with the next window's report
         self.buffer = MetricBuffer(mlflow["uri"], mlflow["run_id"]) if mlflow else None
         # a restart: the dual steps MLflow already has (sent at a report after the checkpoint)
         self.logged_through = (last_logged_primal_step(mlflow["uri"], mlflow["run_id"])
@@ -160,13 +163,25 @@ class Reports:
             return
         if (metrics["step"] // self.cfg.dual.primal_steps) % self.cfg.ray.checkpoint_every == 0:
             self.flush()
-            self.report(metrics, snapshot())
+            if self.window_ends(metrics["step"]):  # one report carries both: Ray Train takes one at a time
+                self.held = (metrics, snapshot())
+            else:
+                self.report(metrics, snapshot())
+
+    def window_ends(self, step: int) -> bool:
+        """Does a report window end at primal step ``step`` (the loop sends it right after this dual step)?"""
+        every = self.cfg.ray.report_every
+        return every > 0 and step % every == 0 and step < self.cfg.optim.steps
 
     def on_report(self, metrics: dict[str, float]) -> None:
         # ASHA may stop the trial on this report and Ray then ends its processes from outside: every dual step's
         # metrics so far go to MLflow first (rank 0), not only those before the last checkpoint.
         self.flush()
-        self.train_api.report(metrics)  # every rank, at the same steps; no checkpoint
+        if self.held is not None:  # the checkpoint of the dual step just before, with the window's metrics
+            (block, snap), self.held = self.held, None
+            self.report(block | metrics, snap)
+        else:
+            self.train_api.report(metrics)  # every rank, at the same steps; no checkpoint
 
     def final(self, result: LoopResult, split: Split, resume: Snapshot | None, wall_s: float) -> None:
         """The last report: rank 0 evaluates and sends the metrics, the final checkpoint and the run's outputs."""
