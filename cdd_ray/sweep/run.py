@@ -1,7 +1,8 @@
 """``run_sweep``: one sweep, from its checks to its published front.
 
-Flow: check the request and lay out the storage; an MLflow parent run; the unconstrained baseline (its
-per-class losses anchor ``dual.b_rel``); with a time budget, the plan that sizes the trials; the references at the
+Flow: check the request and lay out the storage; with a time budget, the plan of the whole sweep, from a
+calibration on a worker (``cdd_ray.sweep.plan``); an MLflow parent run; the unconstrained baseline (its per-class
+losses anchor ``dual.b_rel``) and the plan re-checked with what it measured; the references at the
 trials' budget (the baseline continued, the rebalanced baseline); the Tuner (``cdd_ray.sweep.search``) running the
 trials (``cdd_ray.sweep.trial``); then the rows, the front and its differences, published to the sweep folder and
 the parent run (``cdd_ray.sweep.results``)."""
@@ -125,9 +126,10 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     front is drawn in (from OBJECTIVE_METRICS). ``limits``: fairness targets {metric: largest allowed value}; Optuna
     then searches under them and the result names the best trial meeting them (``feasible``). ``sampler``: the
     Optuna sampler (SAMPLERS). ``time_budget_s``: the sweep ends within this many seconds from ``started``
-    (default: now): the baseline measures the machine and ``cdd_ray.budget.plan`` sizes the trials' steps and
-    count (printed before the trials start, kept in plan.json so that --resume keeps it, and reported with the
-    front). The console shows the references' progress bars, then the trials' table
+    (default: now): a calibration measures the machine and ``cdd_ray.budget.plan`` sizes the baseline's and the
+    trials' steps, the trials' count and the evaluation's samples (printed before the baseline starts; a budget the
+    smallest sweep misses is refused then), re-checked after the baseline; kept in plan.json so that --resume
+    keeps it, and reported with the front. The console shows the references' progress bars, then the trials' table
     (``cdd_ray.sweep.table.SweepTable``); ``verbose``: Ray's and Tune's own lines too.
     """
     started = time.time() if started is None else started
