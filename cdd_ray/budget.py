@@ -43,7 +43,9 @@ from typing import Any, Callable
 from cdd_ray.config import ConfigError
 
 MARGIN = 0.92  # plan to this share of the time left: the estimate's error and the final front's few seconds
-LOOP_OVERHEAD = 1.15  # the loop's time per image over the calibrated step's (see BENCHMARKS.md, "The budget's model")
+# The loop's time per image in a run over the calibrated step's: 1.22 on an AMD EPYC (the calibration's 388 images/s,
+# the baseline's loop 318; 2026-12-07), 1.24-1.33 on the AMD machine of issue #29 (BENCHMARKS.md, "The budget's model").
+LOOP_OVERHEAD = 1.25
 RUN_STARTUP_S = 30.0  # per run besides training and evaluation, until the baseline measures it
 MIN_STEP_SHARE = 0.5  # trials of the default sweep at a third of their steps were too short for the multipliers to act
 RESOLUTION = 0.1  # the difference in precision or tv that two points' interval must still resolve at the floor

@@ -179,9 +179,10 @@ def run_sweep_on(m: Machine, budget: float, shape: Shape, asked: Sizes, used: fl
     return first, second, clock
 
 
-# the default CPU sweep on the machine these tests were written on (AMD EPYC, 2 cores): the calibrated step
-# 351 images/s, the loop 327 (1.07x), 16 s to start a run, 13.3 s sampling and 5.8 s quality for 500 samples
-TODAY = Machine(s_step=1 / 351, loop=1.07, startup_s=16.0, sample_s=13.3 / 500, quality_s=5.8 / 2440)
+# the default CPU sweep on the machine these tests were written on (AMD EPYC, 2 cores, 2026-12-07): the calibrated
+# step 388 images/s, the baseline's loop 318 (1.22x), 17 s to start a run, 13.3 s sampling and 5.8 s quality for 500
+# samples
+TODAY = Machine(s_step=1 / 388, loop=1.22, startup_s=17.0, sample_s=13.3 / 500, quality_s=5.8 / 2440)
 DEFAULT_SHAPE = Shape(baseline=176, reference=128, trial=176, references=2)
 DEFAULT_ASKED = Sizes(baseline_steps=1200, trial_steps=300, trials=8, samples=500)
 
@@ -191,9 +192,9 @@ def slower(m: Machine, factor: float, loop: float | None = None) -> Machine:
                    startup_s=m.startup_s * factor, loop=m.loop if loop is None else loop)
 
 
-@pytest.mark.parametrize("factor, loop", [(1, None), (2, None), (2, 1.3), (3, None), (3, 1.3)])
+@pytest.mark.parametrize("factor, loop", [(1, None), (2, None), (2, 1.33), (3, None), (3, 1.33)])
 def test_the_default_sweep_on_slower_machines_fits_or_is_refused_before_training(factor, loop):
-    """Today's machine, one at half and one at a third of its throughput (with the issue's slower loop, 1.3x its
+    """Today's machine, one at half and one at a third of its throughput (with the issue's slower loop, 1.33x its
     step, too): the 45-minute default sweep ends within its budget, or is refused before anything trains."""
     m = slower(TODAY, factor, loop)
     first, second, clock = run_sweep_on(m, 2700, DEFAULT_SHAPE, DEFAULT_ASKED, used=60 * factor)
