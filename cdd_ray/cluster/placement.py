@@ -40,13 +40,15 @@ def joins_cluster(address: str = "") -> bool:
 
 
 def local_nodes() -> list[Node]:
-    """This machine as the one node of the Ray a job starts for itself, counted as that Ray will count it, without
-    starting it (under a second: neither Ray nor torch is started): Ray's CPU count, which honours a container's
-    CPU limit, and its count of the visible NVIDIA GPUs (CUDA_VISIBLE_DEVICES)."""
+    """This machine as the one node of the Ray a job starts for itself (``cdd_ray.cluster.session.init_ray`` gives
+    that Ray these CPUs), without starting it (under a second: neither Ray nor torch is started): Ray's CPU count,
+    which honours a container's CPU limit, or the CPUs this process may run on when fewer (``taskset -c 0``; Ray
+    itself would count every core), and Ray's count of the visible NVIDIA GPUs (CUDA_VISIBLE_DEVICES)."""
     from ray._private.accelerators import NvidiaGPUAcceleratorManager  # Ray's own counts; its public API needs a
     from ray._private.utils import get_num_cpus  # running Ray
 
-    return [Node(float(get_num_cpus()), float(NvidiaGPUAcceleratorManager.get_current_node_num_accelerators()))]
+    cpus = min(get_num_cpus(), len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else get_num_cpus()
+    return [Node(float(cpus), float(NvidiaGPUAcceleratorManager.get_current_node_num_accelerators()))]
 
 
 def fits(nodes: list[Node], trials: int, workers: int, per_cpu: float, gpu: bool, driver_cpu: float = 0.0) -> bool:

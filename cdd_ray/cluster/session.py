@@ -57,6 +57,7 @@ def init_ray(address: str = "", dashboard_host: str = "127.0.0.1", *, num_cpus: 
     # it also leaves out the error-level line Ray prints for it in every fit ("Actor with class name:
     # 'PreemptionWatcher' ... has constructor arguments in the object store and max_restarts > 0").
     quiet = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    num_cpus = num_cpus or int(local_nodes()[0].cpus)  # what the job's checks counted (taskset included)
     with _loopback_ray(port):
         ctx = ray.init(num_cpus=num_cpus, dashboard_host=dashboard_host, include_dashboard=include_dashboard,
                        log_to_driver=log_to_driver, logging_level=level, _node_ip_address="127.0.0.1",

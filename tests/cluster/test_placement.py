@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from cdd_ray.cluster.placement import Node, fits, sweep_resources, worker_resources
@@ -113,8 +115,24 @@ def test_local_nodes_count_this_machine_as_ray_does():
 
     from cdd_ray.cluster.placement import local_nodes
 
-    assert local_nodes() == [Node(float(get_num_cpus()), float(torch.cuda.device_count()))]
+    assert local_nodes() == [Node(float(min(get_num_cpus(), len(os.sched_getaffinity(0)))),
+                                  float(torch.cuda.device_count()))]
     assert local_nodes()[0].cpus >= 1
+
+
+def test_a_job_pinned_to_one_core_counts_one_cpu_and_its_ray_gets_one():
+    """``taskset -c 0 python jobs/...``: the job's checks and the Ray it starts see the one core it may run on (Ray
+    alone would count every core and give a worker threads that only share it)."""
+    import subprocess
+    import sys
+
+    code = ("import ray; from cdd_ray.cluster.placement import local_nodes; from cdd_ray.cluster.session import "
+            "init_ray; print(local_nodes()[0].cpus); init_ray(include_dashboard=False); "
+            "print(ray.cluster_resources()['CPU']); ray.shutdown()")
+    p = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env=os.environ | {"RAY_AUTH_MODE": "disabled"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split()[-2:] == ["1.0", "1.0"], p.stdout
 
 
 @pytest.mark.parametrize("job", [["train_mnist.py", "--preset", "smoke"], ["tune_mnist.py", "--smoke"]])
