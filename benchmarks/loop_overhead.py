@@ -12,6 +12,14 @@ Interleaved in one process (the order rotates each repeat), on the same model, b
          driver's wall time: start-up (Ray Train's worker group, data, model), evaluation (labeller, sampling, quality
          metrics), and the rest (outputs, checkpoint copy, MLflow, the group's end).
 
+Each loop and Ray run is timed twice: all of its ``train_s``, and its steady state, from the first dual step at or
+after a fifth of the steps to the last (the wall clock of each dual step: the local loop's ``on_block`` hook, the Ray
+worker's per-dual-step MLflow metrics, which carry it). The steady state leaves out what a run pays once as it starts
+(the first steps' allocations, the worker's first MLflow flush, Ray's other actors still starting beside it) and keeps
+every report window and checkpoint. A sampler reads every process's CPU seconds (``/proc``) every 2 s: in the steady
+window, the CPU the training process used and what every other process on the machine used (Ray's daemons and
+actors, for the Ray run).
+
 Then one more local loop with timers around each of its parts (a CUDA sync in each timer, so the parts add up on a
 GPU too) says where the loop's extra time goes.
 
@@ -25,6 +33,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -73,14 +82,19 @@ def bare_seconds(cfg, split, steps: int) -> float:
     return time.perf_counter() - t0
 
 
-def local_seconds(cfg, split) -> float:
-    hooks = loop.Hooks(on_block=lambda metrics, snapshot: None, on_report=lambda metrics: None)
-    return loop.train(cfg, split, hooks=hooks).train_s
+def local_run(cfg, split) -> dict:
+    """One local loop: its ``train_s`` and the wall clock (``time.time``) at each dual step's primal step."""
+    ticks = []
+    hooks = loop.Hooks(on_block=lambda metrics, snapshot: ticks.append((int(metrics["step"]), time.time())),
+                       on_report=lambda metrics: None)
+    return {"train_s": loop.train(cfg, split, hooks=hooks).train_s, "ticks": ticks}
 
 
 def ray_run(cfg, root: Path, i: int) -> dict:
-    """One Ray Train run of ``cfg``: the worker's loop seconds and the run's fixed cost."""
+    """One Ray Train run of ``cfg``: the worker's loop seconds, its dual steps' wall clock (from the MLflow metrics
+    the worker sent at each), and the run's fixed cost."""
     from cdd_ray.runner import run_ray
+    from cdd_ray.tracking import client, step_metric_name
 
     c = config_from_dict(cfg.to_dict())
     c.name = f"loop-overhead-{i}"
@@ -89,9 +103,68 @@ def ray_run(cfg, root: Path, i: int) -> dict:
     s = run_ray(c, root / f"out-{i}")
     wall = time.perf_counter() - t0
     ev = s["eval_s"]
-    return {"train_s": s["train_s"], "wall_s": wall, "setup_s": s["wall_s"] - s["train_s"],
+    history = client(os.environ["MLFLOW_TRACKING_URI"]).get_metric_history(s["mlflow_run_id"],
+                                                                           step_metric_name("primal_step"))
+    return {"train_s": s["train_s"], "ticks": sorted((int(m.value), m.timestamp / 1000) for m in history),
+            "wall_s": wall, "setup_s": s["wall_s"] - s["train_s"],
             "labeller_s": ev["classifier"], "sampling_s": ev["sampling"], "quality_s": ev["quality"],
             "rest_s": wall - s["wall_s"] - ev["total"]}
+
+
+def steady(ticks: list[tuple[int, float]], steps: int) -> tuple[float, float, float]:
+    """(seconds per primal step, window start, window end) from the first dual step at or after a fifth of the
+    steps to the last one."""
+    first = next(t for t in ticks if t[0] >= max(steps // 5, 1))
+    last = ticks[-1]
+    return (last[1] - first[1]) / (last[0] - first[0]), first[1], last[1]
+
+
+class CPUSampler:
+    """Every process's CPU seconds (``/proc/<pid>/stat``) every ``every`` seconds, in a thread; ``rates(t0, t1,
+    main)`` are the CPU/s of the processes whose command line contains ``main`` and of all the others between
+    the samples nearest ``t0`` and ``t1`` (``time.time``)."""
+
+    TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __init__(self, every: float = 2.0):
+        self.every, self.samples, self.stop = every, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.samples.append((time.time(), self.snapshot()))
+            self.stop.wait(self.every)
+
+    @classmethod
+    def snapshot(cls) -> dict[int, tuple[str, float]]:
+        out = {}
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            try:
+                stat = (p / "stat").read_text()
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:  # ended meanwhile
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            out[int(p.name)] = (cmd, (int(fields[11]) + int(fields[12])) / cls.TICK)
+        return out
+
+    def rates(self, t0: float, t1: float, main: str) -> tuple[float, float]:
+        (a_t, a), (b_t, b) = (min(self.samples, key=lambda s: abs(s[0] - t)) for t in (t0, t1))
+        if b_t <= a_t:
+            return float("nan"), float("nan")
+        used = {pid: cpu - a.get(pid, (cmd, 0.0))[1] for pid, (cmd, cpu) in b.items()}
+        mine = sum(u for pid, u in used.items() if main in b[pid][0])
+        return mine / (b_t - a_t), (sum(used.values()) - mine) / (b_t - a_t)
 
 
 @contextlib.contextmanager
@@ -141,7 +214,7 @@ def breakdown(cfg, split, steps: int) -> list[tuple[str, float]]:
     """Seconds per step of each part of one instrumented local loop; "other": the loop's own lines."""
     device = torch.device("cuda" if cfg.ray.gpu and torch.cuda.is_available() else "cpu")
     with timed_parts(device) as spent:
-        total = local_seconds(cfg, split)
+        total = local_run(cfg, split)["train_s"]
     rows = list(spent.items())
     rows.append(("other (the loop's own lines)", total - sum(spent.values())))
     return [(k, v / steps) for k, v in rows] + [("total", total / steps)]
@@ -172,32 +245,40 @@ def main() -> None:
           f"repeats per mode, dual step every {cfg.dual.primal_steps}, report every {cfg.ray.report_every}, checkpoint "
           f"every {cfg.ray.checkpoint_every} dual steps; {threads} threads; torch {torch.__version__}; "
           f"CPU {cpu_model()}")
-    times, fixed = defaultdict(list), []
+    times, per_step, cpu, fixed = defaultdict(list), defaultdict(list), defaultdict(list), []
     if "ray" in modes:  # started once, before anything is timed
         init_ray()
-    with tempfile.TemporaryDirectory() as tmp:
+    main_process = {"local": " ".join(sys.argv), "ray": "RayTrainWorker"}
+    with tempfile.TemporaryDirectory() as tmp, CPUSampler() as sampler:
         os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
         for r in range(args.repeats):
             for m in modes[r % len(modes):] + modes[:r % len(modes)]:
                 if m == "bare":
                     times[m].append(bare_seconds(cfg, split, args.steps))
-                elif m == "local":
-                    times[m].append(local_seconds(cfg, split))
-                else:
-                    run = ray_run(cfg, Path(tmp), r)
-                    times[m].append(run["train_s"])
+                    continue
+                run = local_run(cfg, split) if m == "local" else ray_run(cfg, Path(tmp), r)
+                times[m].append(run["train_s"])
+                s_per_step, t0, t1 = steady(run["ticks"], args.steps)
+                per_step[m].append(s_per_step)
+                cpu[m].append(sampler.rates(t0, t1, main_process[m]))
+                if m == "ray":
                     fixed.append(run)
     med = {m: statistics.median(v) for m, v in times.items()}
+    steady_med = {m: statistics.median(v) for m, v in per_step.items()}
     print()
-    print("| mode | images/s (median) | seconds per step | runs |")
-    print("|---|---|---|---|")
+    print("| mode | images/s (median) | seconds per step | runs (train_s) | steady s per step | steady CPU/s: "
+          "the run, all others |")
+    print("|---|---|---|---|---|---|")
     for m in modes:
+        st = (f"{steady_med[m]:.4f} ({', '.join(f'{t:.4f}' for t in per_step[m])})" if m in steady_med else "")
+        cp = ", ".join(f"{a:.2f} / {b:.2f}" for a, b in cpu[m])
         print(f"| {m} | {args.steps * images / med[m]:.0f} | {med[m] / args.steps:.4f} | "
-              f"{', '.join(f'{t:.1f}' for t in times[m])} s |")
+              f"{', '.join(f'{t:.1f}' for t in times[m])} s | {st} | {cp} |")
     if "bare" in med and "local" in med:
         print(f"\nloop / bare step: {med['local'] / med['bare']:.3f}")
     if "ray" in med and "local" in med:
-        print(f"Ray worker / local loop: {med['ray'] / med['local']:.3f}")
+        print(f"Ray worker / local loop: {med['ray'] / med['local']:.3f} (train_s), "
+              f"{steady_med['ray'] / steady_med['local']:.3f} (steady state)")
     if fixed:
         print("\nA Ray run's seconds besides training (median over runs):")
         print("| part | seconds |")
