@@ -275,10 +275,11 @@ def main() -> None:
         print(f"| {m} | {args.steps * images / med[m]:.0f} | {med[m] / args.steps:.4f} | "
               f"{', '.join(f'{t:.1f}' for t in times[m])} s | {st} | {cp} |")
     if "bare" in med and "local" in med:
-        print(f"\nloop / bare step: {med['local'] / med['bare']:.3f}")
+        print(f"\nloop / bare step: {med['local'] / med['bare']:.3f} (medians); {paired(times['local'], times['bare'])}")
     if "ray" in med and "local" in med:
-        print(f"Ray worker / local loop: {med['ray'] / med['local']:.3f} (train_s), "
-              f"{steady_med['ray'] / steady_med['local']:.3f} (steady state)")
+        print(f"Ray worker / local loop: {med['ray'] / med['local']:.3f} (train_s medians); "
+              f"{paired(times['ray'], times['local'])}; steady state {steady_med['ray'] / steady_med['local']:.3f} "
+              f"(medians); {paired(per_step['ray'], per_step['local'])}")
     if fixed:
         print("\nA Ray run's seconds besides training (median over runs):")
         print("| part | seconds |")
@@ -295,6 +296,20 @@ def main() -> None:
         print("|---|---|")
         for k, v in breakdown(cfg, split, args.steps):
             print(f"| {k} | {1000 * v:.1f} |")
+
+
+def paired(a: list[float], b: list[float]) -> str:
+    """The ratio a / b of runs of the same repeat (interleaved, so they share the machine's slow and fast spells):
+    its mean and 95% t interval over the repeats."""
+    r = [x / y for x, y in zip(a, b)]
+    if len(r) < 2:
+        return f"one repeat: {r[0]:.3f}"
+    half = T95[min(len(r) - 1, len(T95)) - 1] * statistics.stdev(r) / len(r) ** 0.5
+    mean = statistics.fmean(r)
+    return f"paired by repeat {mean:.3f} [{mean - half:.3f}, {mean + half:.3f}] ({', '.join(f'{x:.3f}' for x in r)})"
+
+
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # t quantiles, 1-10 d.o.f.; then 2.228
 
 
 def cpu_model() -> str:
