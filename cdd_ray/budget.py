@@ -94,7 +94,8 @@ class Throughput:
     def from_calibration(cls, cal: dict[str, Any]) -> "Throughput":
         """From ``cdd_ray.calibrate.measure``: the slowest shape's seconds per image, times LOOP_OVERHEAD."""
         ev = cal["eval"]
-        per_sample, fixed = _eval_model(ev["sampling"], ev["quality"], ev["samples"], ev["reference"])
+        per_sample, fixed = _eval_model(ev["sampling"], ev["quality"], ev["samples"], ev["reference"],
+                                        ev.get("overfitting", 0.0))
         return cls(s_per_image=max(cal["s_per_image"].values()) * LOOP_OVERHEAD, startup_s=RUN_STARTUP_S,
                    eval_per_sample_s=per_sample, eval_fixed_s=fixed)
 
@@ -105,7 +106,8 @@ class Throughput:
         train_s = float(summary["train_s"])
         ev = summary.get("eval_s") or {}
         per_sample, fixed = _eval_model(float(ev.get("sampling", 0.0)), float(ev.get("quality", 0.0)),
-                                        int(summary.get("n_samples") or 1), int(summary.get("fid_reference_size") or 0))
+                                        int(summary.get("n_samples") or 1), int(summary.get("fid_reference_size") or 0),
+                                        float(ev.get("overfitting", 0.0)))
         eval_s = per_sample * int(summary.get("n_samples") or 1) + fixed
         rest = driver_s - train_s - float(ev.get("classifier", 0.0)) - eval_s
         return cls(s_per_image=train_s / steps / images_per_step, startup_s=max(0.0, rest),
@@ -118,11 +120,13 @@ class Throughput:
         return self.startup_s + self.eval_s(samples) + steps * images_per_step * self.s_per_image
 
 
-def _eval_model(sampling_s: float, quality_s: float, samples: int, reference: int) -> tuple[float, float]:
+def _eval_model(sampling_s: float, quality_s: float, samples: int, reference: int,
+                overfitting_s: float = 0.0) -> tuple[float, float]:
     """Evaluation seconds per generated sample and fixed: sampling scales with the samples, the quality metrics
-    (features, nearest neighbours, bootstrapped FID) with the samples and the reference pooled."""
+    (features, nearest neighbours, bootstrapped FID) with the samples and the reference pooled; the over-fitting
+    measures are fixed (their denoising losses on the data's images dominate)."""
     pooled = max(1, samples + reference)
-    return sampling_s / max(1, samples) + quality_s / pooled, quality_s * reference / pooled
+    return sampling_s / max(1, samples) + quality_s / pooled, quality_s * reference / pooled + overfitting_s
 
 
 @dataclass(frozen=True)

@@ -92,4 +92,5 @@ of the same ``step_cost_key``), the evaluation's
     return {"s_per_image": per_image, "images_per_step": images, "data_s": data_s, "device": str(device),
             "threads": torch.get_num_threads(),
             "eval": {"classifier": parts["classifier"], "sampling": parts["sampling"], "quality": parts["quality"],
+                     "overfitting": parts["overfitting"],
                      "samples": samples, "reference": int(split.reference.shape[0])}}

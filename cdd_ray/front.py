@@ -213,7 +213,7 @@ def format_front(front: list[dict[str, Any]], references: list[dict[str, Any]], 
         r.get(m) is not None for r in shown)]
 
     def cell(r: dict[str, Any], c: str) -> str:
-        digits = 2 if c.startswith("fid") else 3
+        digits = 2 if c.startswith("fid") else 4 if c == "generalization_gap" else 3  # a gap of losses: ~1e-3
         ci = r.get(f"{c}_ci")
         if not isinstance(r.get(c), (int, float)):
             return str(r.get(c) or "-")

@@ -20,15 +20,19 @@ OBJECTIVE_METRICS = (*QUALITY_METRICS, *FAIRNESS_METRICS, "heldout_loss_new", "f
                      "distance_to_pretrained")
 # The objectives a sweep maximises; every other metric is minimised.
 MAXIMISED = ("precision", "precision_class_mean", "recall")
+# Over-fitting (evaluation/overfitting.py), of the minority classes together: the share of samples that copy a
+# training image (pixels; FID features), each beside its floor (what a model that does not memorise scores), and the
+# denoising loss on held-out minus training images.
+OVERFITTING_METRICS = ("copy_rate", "copy_rate_features", "generalization_gap")
 # Each check beside its floor (what a perfect model scores with this many samples; evaluation/fairness.py).
 SWEEP_METRICS = (*OBJECTIVE_METRICS, "tv_excess", "minority_share", "tv_floor", "new_share", "old_share",
                  "prediction_error", "prediction_error_floor", "prediction_error_baseline",
-                 "prediction_error_baseline_floor")
+                 "prediction_error_baseline_floor", *OVERFITTING_METRICS, "copy_floor", "copy_floor_features")
 # What makes a row's budget checkable: primal steps, images through the gradient step, the optimiser's settings.
 BUDGET_COLUMNS = ("steps", "train_images", "lr", "batch_size", "constraint_batch_size")
 # Metrics that carry a 95% interval in summary.json as <metric>_ci: [lo, hi]; in MLflow as eval/<metric>_ci_lo / _ci_hi.
 INTERVAL_METRICS = ("fid", "fid_data", "fid_class_mean", "precision", "precision_class_mean", "recall",
-                    "tv_to_uniform", "tv_excess", "fd", "minority_share")
+                    "tv_to_uniform", "tv_excess", "fd", "minority_share", *OVERFITTING_METRICS)
 # A fine-tuning run's measures (summary.json, eval/ in MLflow).
 FINETUNE_METRICS = ("new_share", "old_share", "forgetting", "old_tv_to_pretrained", "train_loss_new",
                     "heldout_loss_new", "distance_to_pretrained", "pretrained_old_share")

@@ -116,7 +116,8 @@ def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
     ``share/<class>`` (measured), ``predicted_share/<class>`` (lambda's mixture; ``predicted_share_from_baseline``
     with the baseline's shares as q), ``pretrained_share/<class>``,
     ``time/wall_s`` and ``time/train_s``."""
-    keys = (*INTERVAL_METRICS, "tv_floor", "fd_floor", "classifier_accuracy", "prediction_error",
+    keys = (*INTERVAL_METRICS, "tv_floor", "fd_floor", "copy_floor", "copy_floor_features", "classifier_accuracy",
+            "prediction_error",
             "prediction_error_floor", "prediction_error_baseline", "prediction_error_baseline_floor",
             *FINETUNE_METRICS)
     m = {f"eval/{k}": float(summary[k]) for k in keys if summary.get(k) is not None}

@@ -46,26 +46,28 @@ def test_eval_sample_floor_resolves_a_difference_of_a_tenth():
 
 def test_throughput_from_the_calibration():
     # the slower shape's step times the loop's overhead; evaluation: sampling per sample, quality per pooled
-    # generated + reference sample (50 + 1,950 = 2,000)
+    # generated + reference sample (50 + 1,950 = 2,000), the over-fitting measures fixed
     cal = {"s_per_image": {"baseline": 0.002, "trial": 0.003},
-           "eval": {"classifier": 11.0, "sampling": 1.0, "quality": 2.0, "samples": 50, "reference": 1950}}
+           "eval": {"classifier": 11.0, "sampling": 1.0, "quality": 2.0, "overfitting": 3.0, "samples": 50,
+                    "reference": 1950}}
     tp = Throughput.from_calibration(cal)
     assert tp.s_per_image == pytest.approx(0.003 * LOOP_OVERHEAD)
     assert tp.startup_s == RUN_STARTUP_S
     assert tp.eval_per_sample_s == pytest.approx(1.0 / 50 + 2.0 / 2000)
-    assert tp.eval_fixed_s == pytest.approx(2.0 * 1950 / 2000)
-    assert tp.eval_s(500) == pytest.approx(10.0 + 0.5 + 1.95)
+    assert tp.eval_fixed_s == pytest.approx(2.0 * 1950 / 2000 + 3.0)
+    assert tp.eval_s(500) == pytest.approx(10.0 + 0.5 + 1.95 + 3.0)
 
 
 def test_throughput_from_the_baseline():
     # 1,200 steps of 176 images in 600 s of training; 700 s on the driver: 30 s of it training the classifier,
-    # 15 s evaluating 500 samples (sampling 10 s, quality 5 s with a reference of 1,500); 55 s to start
+    # 19 s evaluating 500 samples (sampling 10 s, quality 5 s with a reference of 1,500, over-fitting 4 s); 51 s
+    # to start
     summary = {"steps": 1200, "train_s": 600.0, "n_samples": 500, "fid_reference_size": 1500,
-               "eval_s": {"classifier": 30.0, "sampling": 10.0, "quality": 5.0}}
+               "eval_s": {"classifier": 30.0, "sampling": 10.0, "quality": 5.0, "overfitting": 4.0}}
     tp = Throughput.from_baseline(summary, 700.0, 176)
     assert tp.s_per_image == pytest.approx(600 / 1200 / 176)
-    assert tp.eval_s(500) == pytest.approx(15.0)
-    assert tp.startup_s == pytest.approx(55.0)
+    assert tp.eval_s(500) == pytest.approx(19.0)
+    assert tp.startup_s == pytest.approx(51.0)
 
 
 # A machine of round numbers: 0.004 s per image, 40 s to start a run, 0.02 s of evaluation per sample.

@@ -6,6 +6,9 @@ features. The two scales are not comparable, so every result records ``fid_featu
 feature space: ``fid`` against the class-balanced held-out reference (the paper's; it rewards fairness as
 well as quality), ``fid_data`` against a held-out reference with the training data's class mix, and two
 measures that do not move with the class mix: ``precision`` (with ``recall``) and ``fid_class_mean``.
+Over-fitting (``cdd_ray.evaluation.overfitting``): the copy rate and the generalization gap of the minority classes
+together (all classes when there are none), per class in ``overfitting_by_class``; not measured for latent
+diffusion (the split keeps its training images as latents only).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from cdd_ray.data import Split, to_uint8
 from cdd_ray.evaluation.fairness import class_shares, fairness_metrics, prediction_error_floor, tv_between
 from cdd_ray.evaluation.labeller import (DigitClassifier, classifier_features, external_classifier, get_classifier,
                                          inception_features, inception_weights, predict)
+from cdd_ray.evaluation.overfitting import overfitting_metrics
 from cdd_ray.evaluation.quality import data_mix_indices, quality_metrics
 from cdd_ray.evaluation.sampling import denoising_loss, distance_to, sample
 from cdd_ray.model import decode, load_vae
@@ -49,6 +53,7 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
     t_clf = time.perf_counter() - t0
     sample_seed = cfg.optim.seed + 1
     x = sample(ema_unet, noise_scheduler, e.n_samples, e.sampler_steps, e.batch_size, sample_seed, device)
+    latent = cfg.model.vae
     if cfg.model.vae:  # latent diffusion: classify and compare decoded images
         x = decode(load_vae(cfg.model.vae, device), x)
     t_sample = time.perf_counter() - t0 - t_clf
@@ -66,16 +71,25 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
         raise ConfigError(f"eval.fid_features=inception: no Inception weights at eval.inception_path="
                           f"{e.inception_path!r} (nor clean-fid's default place)")
     if weights is not None:
-        gen_f, ref_f = inception_features(images, weights, device), inception_features(to_uint8(split.reference), weights, device)
+        def features(imgs: torch.Tensor) -> np.ndarray:
+            return inception_features(to_uint8(imgs), weights, device)
         fid_features = "inception"
     else:
-        gen_f, ref_f = classifier_features(clf, x), classifier_features(clf, split.reference)
+        def features(imgs: torch.Tensor) -> np.ndarray:
+            return classifier_features(clf, imgs)
         fid_features = "classifier"
+    gen_f, ref_f = features(x), features(split.reference)
     data_idx = data_mix_indices(split.reference_labels, split.priors)
     t_quality = time.perf_counter()
     quality, record = quality_metrics(gen_f, pos, ref_f, np.asarray(split.reference_labels), data_idx, split.classes, e.pr_k,
                               e.class_fid_samples, e.bootstrap, cfg.optim.seed + 4)
     t_quality = time.perf_counter() - t_quality
+    t_over = time.perf_counter()
+    overfitting = {} if latent else overfitting_metrics(
+        x, gen_f, pos, split.objective, features(split.objective), split.objective_labels.numpy(), split.reference,
+        ref_f, split.reference_labels.numpy(), ema_unet, noise_scheduler, split.classes, minority_pos,
+        cfg.optim.seed + 5)
+    t_over = time.perf_counter() - t_over
     lam_by_pos = {split.classes.index(split.constraint_classes[n]): v for n, v in lam.items()
                   if n in split.constraint_classes}
     obj = split.objective
@@ -89,6 +103,7 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
         "objective_shares": split.priors,
         "minority_classes": list(cfg.data.minority_classes),
         **quality,
+        **overfitting,
         "fid_features": fid_features,
         "fid_reference_size": int(split.reference.shape[0]),
         "fid_data_reference_size": int(len(data_idx)),
@@ -103,7 +118,7 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
         "trained_classifier_accuracy": acc,
         "minority_losses": class_losses,  # EMA model's denoising loss on each minority class's training images
         "classifier_test_size": int(split.clf_test.shape[0]),
-        "eval_s": {"classifier": t_clf, "sampling": t_sample, "quality": t_quality,
+        "eval_s": {"classifier": t_clf, "sampling": t_sample, "quality": t_quality, "overfitting": t_over,
                    "total": time.perf_counter() - t0},
     }
     if cfg.is_finetune:

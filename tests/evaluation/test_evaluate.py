@@ -86,6 +86,16 @@ def test_a_user_given_classifier_labels_the_samples(smoke_split, tmp_path):
         assert lo <= ev.summary[key] <= hi
     assert ev.summary["classifier_accuracy"] == pytest.approx(0.1)  # its accuracy on the balanced test split
     assert ev.summary["trained_classifier_accuracy"] > 0.1
+    # over-fitting, of the minority classes (every sample is labelled 7): an untrained UNet copies nothing
+    minority = 7 in cfg.data.minority_classes
+    assert ev.summary["overfitting_classes"] == list(cfg.data.minority_classes)
+    assert ev.summary["copy_samples"] == (8 if minority else 0)
+    assert set(ev.summary["overfitting_by_class"]) == {str(c) for c in smoke_split.classes}
+    for key in ("copy_rate", "copy_rate_features", "generalization_gap"):
+        lo, hi = ev.summary[f"{key}_ci"]
+        assert lo <= ev.summary[key] <= hi, key
+    assert ev.summary["copy_rate"] == 0.0 and 0.0 <= ev.summary["copy_floor"] <= 0.1
+    assert ev.summary["eval_s"]["overfitting"] > 0
     with pytest.raises(ConfigError, match="eval.classifier_path: '/nope.pt' is not a file"):
         build_config("smoke", overrides={"eval.classifier_path": "/nope.pt"})
     (tmp_path / "junk.pt").write_text("not torchscript")
