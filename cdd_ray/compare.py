@@ -14,6 +14,11 @@ reference image's recall hit, the bootstrap draws behind the FID intervals).
     ``precision_class_mean``: a paired bootstrap. Runs sampled with the same seed and N start sample i from the
     same noise, so their errors are correlated sample by sample; the same resampled indices in both keep that
     (independent resamples otherwise). ``recall``: paired over the shared reference images.
+  - ``copy_rate``, ``copy_rate_features``: a paired bootstrap over the samples as for precision, each resample's
+    rate over its samples of the over-fitting classes (``overfitting_classes``; each run's own labels).
+  - ``generalization_gap``: a paired bootstrap over the gap's image pairs (``gap_differences``), the same images,
+    noise and timesteps in both runs when they were evaluated on one split with one seed (independent resamples
+    otherwise).
   - FIDs: each run's bootstrap draws (generated set and reference resampled apart) subtracted draw by draw and
     re-centred on the measured difference, as the runs' own FID intervals are. This treats the two runs as
     independent, ignoring the shared reference and noise, so the interval is if anything too wide.
@@ -36,7 +41,8 @@ from cdd_ray.evaluation.quality import recentred_interval
 SHARE_METRICS = ("tv_to_uniform", "tv_excess", "fd", "minority_share")
 HIT_METRICS = ("precision", "precision_class_mean", "recall")
 FID_METRICS = ("fid", "fid_data", "fid_class_mean")
-DIFF_METRICS = (*SHARE_METRICS, *HIT_METRICS, *FID_METRICS)
+COPY_METRICS = {"copy_rate": "copy_flags", "copy_rate_features": "copy_flags_features"}
+DIFF_METRICS = (*SHARE_METRICS, *HIT_METRICS, *FID_METRICS, *COPY_METRICS, "generalization_gap")
 
 
 @dataclass
@@ -128,6 +134,11 @@ def _statistic(metric: str, run: Evaluated, idx: np.ndarray, classes: list[str])
         return tv - tv_floor(idx.shape[1], run.n_classes) if metric == "tv_excess" else tv
     if metric == "precision":
         return run.record["precision_hits"][idx].mean(1)
+    if metric in COPY_METRICS:
+        group = np.isin(run.positions, run.class_pos([str(c) for c in run.summary["overfitting_classes"]]))
+        flags = np.where(group, run.record[COPY_METRICS[metric]], np.nan)[idx]
+        with np.errstate(invalid="ignore"):
+            return np.nanmean(flags, 1) if flags.size else np.full(idx.shape[0], np.nan)
     if metric == "precision_class_mean":
         return _class_mean_precision(run, idx, run.class_pos(classes))
     return run.record["recall_hits"][idx].mean(1)
@@ -156,6 +167,10 @@ def difference(metric: str, a: Evaluated, b: Evaluated, classes: list[str], seed
             da, db, point = a.record[key], b.record[key], a.summary[metric] - b.summary[metric]
         n = min(len(da), len(db))
         return [float(point), *recentred_interval(da[:n] - db[:n], float(point))]
+    if metric in COPY_METRICS and (COPY_METRICS[metric] not in a.record or COPY_METRICS[metric] not in b.record):
+        return None
+    if metric == "generalization_gap":
+        return _gap_difference(a, b, seed)
     if metric == "recall":
         if "recall_hits" not in a.record or "recall_hits" not in b.record:
             return None
@@ -168,7 +183,25 @@ def difference(metric: str, a: Evaluated, b: Evaluated, classes: list[str], seed
     whole_a, whole_b = np.arange(ia.shape[1])[None], np.arange(ib.shape[1])[None]
     point = float(_statistic(metric, a, whole_a, classes)[0] - _statistic(metric, b, whole_b, classes)[0])
     boot = _statistic(metric, a, ia, classes) - _statistic(metric, b, ib, classes)
+    if metric in COPY_METRICS:  # a run without samples of the classes has no rate; a resample may draw none
+        if not np.isfinite(point):
+            return None
+        boot = boot[np.isfinite(boot)]
     return [point, *percentile_interval(boot)]
+
+
+def _gap_difference(a: Evaluated, b: Evaluated, seed: int) -> list[float] | None:
+    """[a - b, lo, hi] of the generalization gap: a bootstrap over the image pairs, paired between the runs when
+    they measured the same pairs (one split, one seed)."""
+    da, db = a.record.get("gap_differences"), b.record.get("gap_differences")
+    if da is None or db is None or len(da) < 2 or len(db) < 2:
+        return None
+    resamples = int(a.summary.get("intervals", {}).get("resamples") or 1000)
+    rng = np.random.default_rng(seed)
+    ia = rng.integers(0, len(da), (resamples, len(da)))
+    same = len(da) == len(db) and a.summary.get("overfitting_seed") == b.summary.get("overfitting_seed")
+    ib = ia if same else rng.integers(0, len(db), (resamples, len(db)))
+    return [float(da.mean() - db.mean()), *percentile_interval(da[ia].mean(1) - db[ib].mean(1))]
 
 
 def differences(point: Evaluated, references: dict[str, Evaluated], metrics: tuple[str, ...],

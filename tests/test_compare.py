@@ -114,3 +114,42 @@ def test_load_reads_what_a_run_wrote_and_skips_runs_without_a_record(tmp_path):
                         precision_hits=np.array([True, False, True]))
     got = load(str(tmp_path / "a"))
     assert got.positions.tolist() == [0, 1, 3] and got.summary["class_ids"] == CLASSES
+
+
+def overfit_run(pos, flags, gaps, seed=7, gap_seed=5):
+    r = run(pos, seed=seed)
+    r.summary.update(overfitting_classes=[3], overfitting_seed=gap_seed)
+    r.record.update(copy_flags=np.asarray(flags, float), copy_flags_features=np.asarray(flags, float),
+                    gap_differences=np.asarray(gaps, float))
+    return r
+
+
+def test_copy_rate_differences_pair_the_samples_of_the_overfitting_classes():
+    """Same noise, same labels: the second run copies 12 more of its 100 minority samples. The difference counts
+    the minority samples only (the majority's flags do not enter), holds +0.12, and its paired interval is narrower
+    than the independent one (another sample seed)."""
+    rng = np.random.default_rng(2)
+    pos = np.r_[np.zeros(300, int), np.full(100, 3)]
+    fa = np.r_[np.ones(300), (rng.random(100) < 0.05).astype(float)]  # majority flags all 1: must not count
+    fb = fa.copy()
+    fb[300 + np.flatnonzero(fa[300:] == 0)[:12]] = 1.0
+    d = difference("copy_rate", overfit_run(pos, fb, [0.0, 0.0]), overfit_run(pos, fa, [0.0, 0.0]), [])
+    assert d[0] == pytest.approx(0.12) and 0 < d[1] < 0.12 < d[2] and verdict("copy_rate", d) == "worse"
+    wide = difference("copy_rate", overfit_run(pos, fb, [0.0, 0.0], seed=9), overfit_run(pos, fa, [0.0, 0.0]), [])
+    assert wide[2] - wide[1] > d[2] - d[1]
+    none = overfit_run(np.zeros(400, int), fa, [0.0, 0.0])  # no sample of the over-fitting classes: no rate
+    assert difference("copy_rate", none, overfit_run(pos, fa, [0.0, 0.0]), []) is None
+
+
+def test_generalization_gap_differences_pair_the_same_images_and_noise():
+    """Per-pair gaps that share most of their variation (the same images, noise and timesteps): a shift of 0.01 is
+    shown when paired, and not when the runs measured other pairs (another seed: independent resamples)."""
+    rng = np.random.default_rng(3)
+    shared = rng.normal(0, 0.2, 400)
+    ga, gb = shared + rng.normal(0, 0.01, 400), shared + 0.01 + rng.normal(0, 0.01, 400)
+    pos = np.full(50, 3)
+    d = difference("generalization_gap", overfit_run(pos, np.zeros(50), gb), overfit_run(pos, np.zeros(50), ga), [])
+    assert d[0] == pytest.approx(gb.mean() - ga.mean()) and 0 < d[1] < 0.01 < d[2]
+    apart = difference("generalization_gap", overfit_run(pos, np.zeros(50), gb, gap_seed=6),
+                       overfit_run(pos, np.zeros(50), ga), [])
+    assert apart[1] < 0 < apart[2]

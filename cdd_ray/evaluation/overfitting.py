@@ -131,13 +131,17 @@ def mean_interval(d: np.ndarray) -> tuple[float | None, list[float] | None]:
 def overfitting_metrics(gen: torch.Tensor, gen_features: np.ndarray, gen_pos: np.ndarray, train: torch.Tensor,
                         train_features: np.ndarray, train_pos: np.ndarray, heldout: torch.Tensor,
                         heldout_features: np.ndarray, heldout_pos: np.ndarray, unet: nn.Module, noise_scheduler,
-                        classes: list[int], group: list[int], seed: int) -> dict[str, Any]:
+                        classes: list[int], group: list[int], seed: int
+                        ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Both measures for one model (see the module's doc): ``gen`` its samples (the model's space, as ``train`` and
     ``heldout``), the ``*_features`` their FID features, ``*_pos`` class positions, ``classes`` the class ids by
     position, ``group`` the positions reported together as the headline values (the minority classes; all when
-    empty). Summary keys: ``copy_rate``, ``copy_rate_features``, ``generalization_gap`` (the group's, each with
-    ``_ci``), ``copy_floor`` / ``copy_floor_features``, and ``overfitting_by_class`` ({class id: each value, interval
-    and count})."""
+    empty). Returns the summary's keys: ``copy_rate``, ``copy_rate_features``, ``generalization_gap`` (the group's,
+    each with ``_ci``), ``copy_floor`` / ``copy_floor_features``, ``overfitting_seed`` and ``overfitting_by_class``
+    ({class id: each value, interval and count}); and the record a comparison of two models pairs
+    (``cdd_ray.compare``): each sample's copy flags (``copy_flags``, ``copy_flags_features``: 1, 0, NaN) and the
+    group's paired loss differences (``gap_differences``: the same images, noise and timesteps in every model
+    evaluated on one split with one seed)."""
     group = group or list(range(len(classes)))
     flags, floors = {}, {}
     for name, (g, tr, ho) in {"pixels": (gen, train, heldout),
@@ -159,9 +163,12 @@ def overfitting_metrics(gen: torch.Tensor, gen_features: np.ndarray, gen_pos: np
                               "generalization_gap_ci": gap_ci, "gap_images": int(len(gaps.get(c, [])))}
     rate, ci, n = copy_rate(flags["pixels"], gen_pos, group)
     rate_f, ci_f, _ = copy_rate(flags["features"], gen_pos, group)
-    gap, gap_ci = mean_interval(np.concatenate([gaps[c] for c in group if c in gaps] or [np.zeros(0)]))
-    return {"copy_rate": rate, "copy_rate_ci": ci, "copy_rate_features": rate_f, "copy_rate_features_ci": ci_f,
-            "copy_floor": floors["pixels"], "copy_floor_features": floors["features"],
-            "copy_percentile": COPY_PERCENTILE, "copy_samples": n,
-            "generalization_gap": gap, "generalization_gap_ci": gap_ci,
-            "overfitting_classes": [classes[c] for c in group], "overfitting_by_class": by_class}
+    group_gaps = np.concatenate([gaps[c] for c in group if c in gaps] or [np.zeros(0)])
+    gap, gap_ci = mean_interval(group_gaps)
+    summary = {"copy_rate": rate, "copy_rate_ci": ci, "copy_rate_features": rate_f, "copy_rate_features_ci": ci_f,
+               "copy_floor": floors["pixels"], "copy_floor_features": floors["features"],
+               "copy_percentile": COPY_PERCENTILE, "copy_samples": n,
+               "generalization_gap": gap, "generalization_gap_ci": gap_ci, "overfitting_seed": seed,
+               "overfitting_classes": [classes[c] for c in group], "overfitting_by_class": by_class}
+    return summary, {"copy_flags": flags["pixels"], "copy_flags_features": flags["features"],
+                     "gap_differences": group_gaps}

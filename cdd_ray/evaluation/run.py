@@ -38,9 +38,10 @@ class Evaluation:
     summary: dict
     images: np.ndarray  # uint8 N x S x S
     labels: np.ndarray  # classifier predictions (class ids)
-    # What a sweep compares runs with (evaluation.npz; cdd_ray.compare): per generated sample its class position
-    # and precision hit, and the bootstrap draws of the FIDs. Runs sampled from the same seed share their initial
-    # noise sample by sample, so their per-sample arrays pair up.
+    # What a sweep compares runs with (evaluation.npz; cdd_ray.compare): per generated sample its class position,
+    # precision hit and copy flags, the bootstrap draws of the FIDs, the generalization gap's paired differences.
+    # Runs sampled from the same seed share their initial noise sample by sample, so their per-sample arrays pair
+    # up; runs evaluated on one split with one seed share the gap's images, noise and timesteps.
     record: dict[str, np.ndarray]
 
 
@@ -85,7 +86,7 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
                               e.class_fid_samples, e.bootstrap, cfg.optim.seed + 4)
     t_quality = time.perf_counter() - t_quality
     t_over = time.perf_counter()
-    overfitting = {} if latent else overfitting_metrics(
+    overfitting, overfitting_record = ({}, {}) if latent else overfitting_metrics(
         x, gen_f, pos, split.objective, features(split.objective), split.objective_labels.numpy(), split.reference,
         ref_f, split.reference_labels.numpy(), ema_unet, noise_scheduler, split.classes, minority_pos,
         cfg.optim.seed + 5)
@@ -124,7 +125,8 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
     if cfg.is_finetune:
         summary.update(finetune_metrics(ema_unet, noise_scheduler, split, cfg, clf, fairness["class_shares"], device))
     labels = np.array([split.classes[i] for i in pos.tolist()], dtype=np.int64)
-    return Evaluation(summary=summary, images=images, labels=labels, record={"class_positions": pos, **record})
+    return Evaluation(summary=summary, images=images, labels=labels,
+                      record={"class_positions": pos, **record, **overfitting_record})
 
 
 def theory_check(measured: list[float], priors: list[float], baseline: list[float],

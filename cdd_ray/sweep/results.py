@@ -11,7 +11,7 @@ from typing import Any
 from cdd_ray import compare, tracking
 from cdd_ray import storage as storage_io
 from cdd_ray.front import format_differences, format_feasibility, format_front, name_of, write_front
-from cdd_ray.metrics import BUDGET_COLUMNS, OBJECTIVES, SWEEP_METRICS, direction
+from cdd_ray.metrics import BUDGET_COLUMNS, OBJECTIVES, OVERFITTING_METRICS, SWEEP_METRICS, direction
 
 
 @dataclass
@@ -57,7 +57,7 @@ def compare_runs(references: list[dict[str, Any]], rows: list[dict[str, Any]], s
         compare.restate_class_quality(r, e, classes)
     refs = {r["role"]: e for r, e in runs if r.get("role", "trial") != "trial"}
     metrics = tuple(dict.fromkeys(m for m in (*objectives, "precision_class_mean", "fid_class_mean", "tv_excess",
-                                              "minority_share") if m in compare.DIFF_METRICS))
+                                              "minority_share", *OVERFITTING_METRICS) if m in compare.DIFF_METRICS))
     for r, e in runs:
         r["differences"] = compare.differences(e, refs, metrics, classes)
 

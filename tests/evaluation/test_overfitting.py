@@ -83,14 +83,14 @@ def test_a_model_that_returns_training_images_copies_and_overfits():
     heldout, heldout_pos = digits(200, 1)
     model = Memoriser(train, sched)
     feats = lambda x: x.reshape(x.shape[0], -1)[:, :8].numpy()  # noqa: E731 - a stand-in feature map
-    copied = overfitting_metrics(train, feats(train), train_pos, train, feats(train), train_pos, heldout,
+    copied, _ = overfitting_metrics(train, feats(train), train_pos, train, feats(train), train_pos, heldout,
                                  feats(heldout), heldout_pos, model, sched, [3, 7], [1], seed=0)
     assert copied["copy_rate"] == 1.0 and copied["copy_rate_features"] == 1.0
     assert copied["copy_rate_ci"][0] > 0.9 and copied["overfitting_classes"] == [7]
     assert copied["overfitting_by_class"]["3"]["copy_rate"] == 1.0
     assert copied["generalization_gap"] > 0.5 and copied["generalization_gap_ci"][0] > 0.3
     fresh, fresh_pos = digits(200, 2)
-    honest = overfitting_metrics(fresh, feats(fresh), fresh_pos, train, feats(train), train_pos, heldout,
+    honest, record = overfitting_metrics(fresh, feats(fresh), fresh_pos, train, feats(train), train_pos, heldout,
                                  feats(heldout), heldout_pos, model, sched, [3, 7], [], seed=0)
     assert honest["copy_rate"] <= 0.03 and honest["copy_rate_ci"][0] <= honest["copy_floor"] <= 0.02
     assert honest["copy_samples"] == 400 and honest["overfitting_classes"] == [3, 7]

@@ -361,6 +361,9 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
         (name_of(r), ref) for r in done for ref in ("baseline-continued", "baseline-rebalanced")}
     for d in diffs:
         assert float(d["ci_lo"]) <= float(d["difference"]) <= float(d["ci_hi"]), d
+    # over-fitting too: every run measured the gap on the same image pairs
+    assert {(d["point"], d["reference"]) for d in diffs if d["metric"] == "generalization_gap"} == {
+        (d["point"], d["reference"]) for d in diffs if d["metric"] == "tv_to_uniform"}
     uri = os.environ["MLFLOW_TRACKING_URI"]
     client = tracking.client(uri)
     rebalanced = client.get_run(res.references[1]["run_id"])
