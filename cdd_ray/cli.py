@@ -15,7 +15,7 @@ from typing import Iterator, NoReturn
 from cdd_ray.budget import parse_duration
 from cdd_ray.cluster.placement import check_this_machine
 from cdd_ray.config import PRESETS, Config, ConfigError, build_config, parse_set, validate
-from cdd_ray.metrics import FAIRNESS_METRICS, QUALITY_METRICS
+from cdd_ray.metrics import FAIRNESS_METRICS, OVERFITTING_METRICS, QUALITY_METRICS
 from cdd_ray.samplers import DEFAULT_SAMPLER, SAMPLERS, STARTUP_TRIALS
 from cdd_ray.tasks import task_config
 from cdd_ray.tracking import TrackingError, tracking_uri, ui_hint
@@ -98,6 +98,11 @@ def add_target_flags(p: argparse.ArgumentParser) -> None:
                         "fairness too), fid_data (training class mix; penalises fairness), recall")
     p.add_argument("--fairness", default="tv_to_uniform", choices=FAIRNESS_METRICS,
                    help="fairness objective: tv_to_uniform or fd (L2 distance of the class shares to uniform)")
+    p.add_argument("--overfitting", default="copy_rate", choices=OVERFITTING_METRICS,
+                   help="over-fitting measure shown beside the objectives (the differences to the references, "
+                        "tradeoff.png's second panel; docs/EVALUATION.md): copy_rate (default; samples nearer a "
+                        "training image than 99%% of unseen real ones, in pixels), copy_rate_features (the same in "
+                        "the FID features), generalization_gap (held-out minus training denoising loss)")
     p.add_argument("--max-tv", type=float, default=None, metavar="X",
                    help="fairness target: search for the best quality with tv_to_uniform <= X")
     p.add_argument("--max-fd", type=float, default=None, metavar="X",
@@ -287,7 +292,7 @@ def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
         guard.resume_name = cfg.name
         res = run_sweep(cfg, space, args.num_samples, resume=args.resume, seed=args.seed, warm_start_steps=warm,
                         objectives=(args.quality, args.fairness), limits=sweep_limits(args), sampler=args.sampler,
-                        time_budget_s=budget, started=started, verbose=args.verbose)
+                        time_budget_s=budget, started=started, verbose=args.verbose, overfitting=args.overfitting)
     print()
     print(report(res))
     print(ui_hint(tracking_uri(), res.parent_run_id))

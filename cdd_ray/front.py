@@ -31,6 +31,9 @@ AXIS_LABELS = {
     "fd": "fairness discrepancy, L2 to uniform (lower is fairer)",
     "heldout_loss_new": "held-out loss on new classes (lower: learnt)",
     "forgetting": "forgetting of old classes (lower: kept)",
+    "copy_rate": "copy rate: samples nearer a training image than 99% of unseen real ones (pixels; lower is better)",
+    "copy_rate_features": "copy rate in the {features} features (lower is better)",
+    "generalization_gap": "generalization gap: held-out minus training denoising loss (lower is better)",
 }
 REFERENCE_LABELS = {"baseline": "unconstrained", "baseline-continued": "unconstrained",
                     "baseline-rebalanced": "rebalanced data"}
@@ -140,10 +143,11 @@ def _cell(r: dict[str, Any], c: str) -> Any:
 
 
 def write_front(out: Path, rows: list[dict[str, Any]], front: list[dict[str, Any]], references: list[dict[str, Any]],
-                objectives: tuple[str, str], metrics: tuple[str, ...]) -> dict[str, Path]:
+                objectives: tuple[str, str], metrics: tuple[str, ...], overfitting: str | None = None
+                ) -> dict[str, Path]:
     """pareto.csv (references, then the front), trials.csv (references, then every trial), differences.csv (each
-    point minus each reference, with the 95% interval of the difference), tradeoff.png and best_configs.json in
-    ``out``."""
+    point minus each reference, with the 95% interval of the difference), tradeoff.png (with its over-fitting
+    panel: ``plot_front``) and best_configs.json in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     cols = _columns([*references, *rows], objectives, metrics)
     for name, data in (("pareto.csv", [*references, *front]), ("trials.csv", [*references, *rows])):
@@ -159,7 +163,7 @@ def write_front(out: Path, rows: list[dict[str, Any]], front: list[dict[str, Any
             for ref, diffs in r.get("differences", {}).items():
                 for m, d in diffs.items():
                     w.writerow([name_of(r), ref, m, *d, verdict(m, d)])
-    plot_front(out / "tradeoff.png", rows, front, references, objectives)
+    plot_front(out / "tradeoff.png", rows, front, references, objectives, overfitting)
     ok = [r for r in rows if _ok(r, objectives)]
     best = {o: min(ok, key=lambda r: sign(o) * r[o]) for o in objectives} if ok else {}
     (out / "best_configs.json").write_text(json.dumps(
@@ -169,40 +173,53 @@ def write_front(out: Path, rows: list[dict[str, Any]], front: list[dict[str, Any
 
 
 def plot_front(path: Path, rows: list[dict[str, Any]], front: list[dict[str, Any]], references: list[dict[str, Any]],
-               objectives: tuple[str, str]) -> None:
-    """Every trial and reference with its 95% intervals as error bars; the front joined by a line."""
+               objectives: tuple[str, str], overfitting: str | None = None) -> list[tuple[str, str]]:
+    """Every trial and reference with its 95% intervals as error bars, the front joined by a line: quality against
+    fairness, and beside it (``overfitting``, when any point measured it) over-fitting against fairness, the same
+    points and references. Returns each panel's (x label, y label)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     q, fair = objectives
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-
-    def draw(rs: list[dict[str, Any]], **kw: Any) -> None:
-        rs = [r for r in rs if _ok(r, objectives)]
-        if not rs:
-            return
-        x, y = [r[q] for r in rs], [r[fair] for r in rs]
-        xerr = [[r[q] - interval(r, q)[0] for r in rs], [interval(r, q)[1] - r[q] for r in rs]]
-        yerr = [[r[fair] - interval(r, fair)[0] for r in rs], [interval(r, fair)[1] - r[fair] for r in rs]]
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, linestyle="none", capsize=2, elinewidth=0.8, **kw)
-
-    on_front = {id(r) for r in front}
-    draw([r for r in rows if id(r) not in on_front], fmt="o", color="0.6", label="trials")
-    draw(front, fmt="o", color="C0", label="Pareto front")
-    if len(front) > 1:
-        ax.plot([r[q] for r in front], [r[fair] for r in front], "-", color="C0", linewidth=1)
-    for r, (marker, color) in zip(references, [("*", "C3"), ("D", "C2"), ("s", "C4")]):
-        draw([r], fmt=marker, color=color, markersize=12 if marker == "*" else 8,
-             label=f"{REFERENCE_LABELS.get(r.get('role'), r.get('role'))} ({r.get('role')})")
+    panels = [(q, fair)]
+    if overfitting and any(_ok(r, (overfitting, fair)) for r in [*references, *rows]):
+        panels.append((overfitting, fair))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5), squeeze=False)
     features = next((r.get("fid_features") for r in [*references, *rows] if r.get("fid_features")), "")
-    ax.set_xlabel(AXIS_LABELS.get(q, q).format(features=features))
-    ax.set_ylabel(AXIS_LABELS.get(fair, fair))
-    ax.set_title("95% intervals as error bars", fontsize=9)
-    ax.legend(fontsize=8)
+    on_front = {id(r) for r in front}
+    labels = []
+    for ax, (x_metric, y_metric) in zip(axes[0], panels):
+        def draw(rs: list[dict[str, Any]], **kw: Any) -> None:
+            rs = [r for r in rs if _ok(r, (x_metric, y_metric))]
+            if not rs:
+                return
+            x, y = [r[x_metric] for r in rs], [r[y_metric] for r in rs]
+            xerr = [[r[x_metric] - interval(r, x_metric)[0] for r in rs],
+                    [interval(r, x_metric)[1] - r[x_metric] for r in rs]]
+            yerr = [[r[y_metric] - interval(r, y_metric)[0] for r in rs],
+                    [interval(r, y_metric)[1] - r[y_metric] for r in rs]]
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, linestyle="none", capsize=2, elinewidth=0.8, **kw)
+
+        draw([r for r in rows if id(r) not in on_front], fmt="o", color="0.6", label="trials")
+        draw(front, fmt="o", color="C0", label="Pareto front")
+        joined = [r for r in front if _ok(r, (x_metric, y_metric))]
+        if len(joined) > 1 and x_metric == q:
+            ax.plot([r[x_metric] for r in joined], [r[y_metric] for r in joined], "-", color="C0", linewidth=1)
+        for r, (marker, color) in zip(references, [("*", "C3"), ("D", "C2"), ("s", "C4")]):
+            draw([r], fmt=marker, color=color, markersize=12 if marker == "*" else 8,
+                 label=f"{REFERENCE_LABELS.get(r.get('role'), r.get('role'))} ({r.get('role')})")
+        labels.append((AXIS_LABELS.get(x_metric, x_metric).format(features=features),
+                       AXIS_LABELS.get(y_metric, y_metric)))
+        ax.set_xlabel(labels[-1][0])
+        ax.set_ylabel(labels[-1][1])
+        ax.set_title("95% intervals as error bars" + ("" if x_metric == q else "; the front's points in blue"),
+                     fontsize=9)
+        ax.legend(fontsize=8)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
+    return labels
 
 
 def format_front(front: list[dict[str, Any]], references: list[dict[str, Any]], objectives: tuple[str, str],

@@ -23,6 +23,7 @@ class SweepResult:
     out: Path
     objectives: tuple[str, str] = OBJECTIVES
     references: list[dict[str, Any]] = field(default_factory=list)  # the unconstrained and rebalanced rows
+    overfitting: str = "copy_rate"  # the over-fitting measure shown beside the objectives (--overfitting)
     limits: dict[str, float] = field(default_factory=dict)  # fairness targets (--max-tv, --max-fd)
     feasible: dict[str, Any] = field(default_factory=dict)  # front.feasibility() of the trials under limits
     plan: dict[str, Any] = field(default_factory=dict)  # the time budget's Plan (empty: no budget)
@@ -136,7 +137,7 @@ def report(res: SweepResult) -> str:
                   "over the shared sampling noise for shares and precision, FIDs from independent bootstraps; "
                   "'better' / 'worse' where it excludes 0, otherwise these samples show no difference; all "
                   "metrics in front/differences.csv):",
-                  format_differences(res.front, res.references, res.objectives)]
+                  format_differences(res.front, res.references, (*res.objectives, res.overfitting))]
     floor = next((r.get("tv_floor") for r in res.references if r.get("tv_floor") is not None), None)
     if floor is not None:
         lines.append(f"tv_floor {floor:.3f}: the tv_to_uniform of an exactly uniform generator with this many samples "
@@ -178,12 +179,12 @@ def plan_line(pl: dict[str, Any], wall_s: float) -> str:
 
 def publish(uri: str, parent: str, sweep_dir: Path, upload_to: str, rows: list[dict[str, Any]],
             front: list[dict[str, Any]], references: list[dict[str, Any]], objectives: tuple[str, str],
-            sweep_plan: dict[str, Any], limits: dict[str, float], sampler: str) -> None:
+            sweep_plan: dict[str, Any], limits: dict[str, float], sampler: str, overfitting: str) -> None:
     """The front's files in ``sweep_dir/front`` (and the plan beside them), uploaded with the study to
     ``upload_to`` (a URI storage's sweep folder; "" for none), logged to the parent run with the sweep's metrics
     (each reference's as ``<role>/<metric>``) and tags."""
     write_front(sweep_dir / "front", rows, front, references, objectives,
-                (*SWEEP_METRICS, "quality_classes", *BUDGET_COLUMNS))
+                (*SWEEP_METRICS, "quality_classes", *BUDGET_COLUMNS), overfitting)
     if sweep_plan:
         (sweep_dir / "front" / "plan.json").write_text(json.dumps(sweep_plan, indent=2))
     if upload_to:
@@ -195,5 +196,6 @@ def publish(uri: str, parent: str, sweep_dir: Path, upload_to: str, rows: list[d
     tracking.log_metrics(uri, parent, {"sweep/trials": len(rows), "sweep/front_size": len(front), **{
         f"{r['role']}/{k}": r[k] for r in references for k in SWEEP_METRICS  # e.g. baseline-continued/fid
         if isinstance(r.get(k), (int, float))}}, 0)
-    tracking.set_tags(uri, parent, {"objectives": ",".join(objectives), "sampler": sampler, **{
+    tracking.set_tags(uri, parent, {"objectives": ",".join(objectives), "overfitting": overfitting,
+                                    "sampler": sampler, **{
         f"max_{m}": str(x) for m, x in limits.items()}})

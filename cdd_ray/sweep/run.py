@@ -21,7 +21,7 @@ from cdd_ray.cluster.session import init_ray, resolve_storage
 from cdd_ray.config import Config, ConfigError, apply_overrides, check, config_from_dict
 from cdd_ray.data import check_source
 from cdd_ray.front import feasibility, pareto_front, refuse_incomparable
-from cdd_ray.metrics import OBJECTIVES, OBJECTIVE_METRICS
+from cdd_ray.metrics import OBJECTIVES, OBJECTIVE_METRICS, OVERFITTING_METRICS
 from cdd_ray.runner import mlflow_run_for, tracked
 from cdd_ray.samplers import DEFAULT_SAMPLER, make_sampler
 from cdd_ray.sweep.references import live_class_losses, run_unconstrained
@@ -113,7 +113,8 @@ def trials_base(base: Config, warm_start_steps: int, store: str) -> Config:
 def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool = False, seed: int = 0,
               warm_start_steps: int = 0, objectives: tuple[str, str] = OBJECTIVES,
               limits: dict[str, float] | None = None, sampler: str = DEFAULT_SAMPLER,
-              time_budget_s: float | None = None, started: float | None = None, verbose: bool = False) -> SweepResult:
+              time_budget_s: float | None = None, started: float | None = None, verbose: bool = False,
+              overfitting: str = "copy_rate") -> SweepResult:
     """Baseline, then ``num_samples`` Optuna trials on Ray Tune; returns the front. ``base`` is not changed.
 
     ``warm_start_steps`` > 0: the baseline trains ``optim.steps`` unconstrained steps once; every trial
@@ -129,12 +130,15 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     (default: now): a calibration measures the machine and ``cdd_ray.budget.plan`` sizes the baseline's and the
     trials' steps, the trials' count and the evaluation's samples (printed before the baseline starts; a budget the
     smallest sweep misses is refused then), re-checked after the baseline; kept in plan.json so that --resume
-    keeps it, and reported with the front. The console shows the references' progress bars, then the trials' table
+    keeps it, and reported with the front. ``overfitting`` (OVERFITTING_METRICS): the over-fitting measure shown
+    beside the objectives (the printed differences, tradeoff.png's second panel). The console shows the references' progress bars, then the trials' table
     (``cdd_ray.sweep.table.SweepTable``); ``verbose``: Ray's and Tune's own lines too.
     """
     started = time.time() if started is None else started
     limits = dict(limits or {})
     check_request(base, objectives, limits, sampler, seed)
+    if overfitting not in OVERFITTING_METRICS:
+        raise ConfigError(f"--overfitting: {overfitting!r} not allowed; allowed: {', '.join(OVERFITTING_METRICS)}")
     quiet_tune(verbose)
     where = place(base, resume)
     base = resolved_base(base, space)
@@ -210,9 +214,9 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
         front = pareto_front(rows, objectives)
         feasible = feasibility(rows, limits, objectives[0]) if limits else {}
         publish(uri, parent, where.sweep_dir, where.store if where.uri_storage else "", rows, front, references,
-                objectives, sweep_plan, limits, sampler)
+                objectives, sweep_plan, limits, sampler, overfitting)
     res = SweepResult(parent_run_id=parent, rows=rows, front=front, baseline=baseline, out=where.sweep_dir,
-                      objectives=objectives, references=references, limits=limits, feasible=feasible,
+                      objectives=objectives, references=references, overfitting=overfitting, limits=limits, feasible=feasible,
                       plan=sweep_plan, wall_s=time.time() - started, store=where.store, budget_knobs=unequal,
                       study=study_url(where.sweep_dir), study_states=states)
     budget = (f"every trial and {'both references' if len(references) > 1 else 'the reference'} trained "

@@ -354,6 +354,7 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
         assert r["precision_class_mean_ci"][0] <= r["precision_class_mean"] <= r["precision_class_mean_ci"][1]
     # each point's difference to each reference, with the interval of the difference, printed and in the front
     assert "Differences to the references (point - reference" in text and "precision - baseline-rebalanced" in text
+    assert "copy_rate - baseline-rebalanced" in text  # --overfitting's default, beside the objectives
     with open(res.out / "front" / "differences.csv") as f:
         diffs = list(csv.DictReader(f))
     assert {(d["point"], d["reference"]) for d in diffs if d["metric"] == "tv_to_uniform"} == {
@@ -461,6 +462,9 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, objectives=("is", "tv_to_uniform"))
     with pytest.raises(ConfigError, match=r"--max-tv: 1.5 must be in \(0, 1\)"):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, limits={"tv_to_uniform": 1.5})
+    with pytest.raises(ConfigError, match="--overfitting: 'memory' not allowed; allowed: copy_rate, "
+                                          "copy_rate_features, generalization_gap"):
+        run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, overfitting="memory")
     with pytest.raises(ConfigError, match="already exists"):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2)
 
