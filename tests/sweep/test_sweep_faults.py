@@ -88,7 +88,9 @@ def check_every_trial_finished(res: SweepResult, tmp_path: Path, trials: int) ->
         assert [m.value for m in logged] == pytest.approx(want, abs=1e-6)  # each dual step once
     runs = client.search_runs([client.get_run(res.parent_run_id).info.experiment_id],
                               filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
-    assert len(runs) == trials + 2 and {r.info.status for r in runs} == {"FINISHED"}  # trials and references
+    assert len(runs) == trials + 2 and {r.info.status for r in runs} == {"FINISHED"}, [  # trials and references
+        (r.info.status, r.data.tags.get("role"), r.data.tags.get("ray_trial_id"), r.data.tags.get("stopped_early"))
+        for r in runs]  # which run, if one is left otherwise (a trial killed by its faults and stopped by ASHA)
     assert ray.is_initialized() and placement_groups_left() == []  # the stopped trials' too (within seconds)
     return fired
 
