@@ -62,10 +62,9 @@ def step_seconds(run, worker: Worker, min_seconds: float) -> float:
 
 def measure(shapes: dict[str, dict[str, Any]], samples: int = 50, min_seconds: float = 3.0) -> dict[str, Any]:
     """Time each run shape in ``shapes`` ({name: Config.to_dict()}, resolved by the driver) and one evaluation of
-    ``samples`` images with the first shape's config. Returns seconds per image for each shape (one timing for shapes
-of the same ``step_cost_key``), the evaluation's
-    parts (``eval``: classifier, sampling, quality, with ``samples`` and the FID reference's size) and the
-    seconds the data took to load."""
+    ``samples`` images with the first shape's config. Returns seconds per image for each shape (one timing for
+    shapes of the same ``step_cost_key``), the evaluation's parts (``eval``: classifier, sampling, quality,
+    over-fitting, with ``samples`` and the FID reference's size) and the seconds the data took to load."""
     cfgs = {name: config_from_dict(d) for name, d in shapes.items()}
     first = next(iter(cfgs.values()))
     device = torch.device("cuda" if first.ray.gpu and torch.cuda.is_available() else "cpu")

@@ -192,15 +192,7 @@ def plot_front(path: Path, rows: list[dict[str, Any]], front: list[dict[str, Any
     labels = []
     for ax, (x_metric, y_metric) in zip(axes[0], panels):
         def draw(rs: list[dict[str, Any]], **kw: Any) -> None:
-            rs = [r for r in rs if _ok(r, (x_metric, y_metric))]
-            if not rs:
-                return
-            x, y = [r[x_metric] for r in rs], [r[y_metric] for r in rs]
-            xerr = [[r[x_metric] - interval(r, x_metric)[0] for r in rs],
-                    [interval(r, x_metric)[1] - r[x_metric] for r in rs]]
-            yerr = [[r[y_metric] - interval(r, y_metric)[0] for r in rs],
-                    [interval(r, y_metric)[1] - r[y_metric] for r in rs]]
-            ax.errorbar(x, y, xerr=xerr, yerr=yerr, linestyle="none", capsize=2, elinewidth=0.8, **kw)
+            _error_bars(ax, rs, x_metric, y_metric, **kw)
 
         draw([r for r in rows if id(r) not in on_front], fmt="o", color="0.6", label="trials")
         draw(front, fmt="o", color="C0", label="Pareto front")
@@ -222,6 +214,22 @@ def plot_front(path: Path, rows: list[dict[str, Any]], front: list[dict[str, Any
     return labels
 
 
+def _error_bars(ax: Any, rs: list[dict[str, Any]], x_metric: str, y_metric: str, **kw: Any) -> None:
+    """The rows of ``rs`` that measured both metrics, with their 95% intervals as error bars."""
+    rs = [r for r in rs if _ok(r, (x_metric, y_metric))]
+    if not rs:
+        return
+    xerr = [[r[x_metric] - interval(r, x_metric)[0] for r in rs], [interval(r, x_metric)[1] - r[x_metric] for r in rs]]
+    yerr = [[r[y_metric] - interval(r, y_metric)[0] for r in rs], [interval(r, y_metric)[1] - r[y_metric] for r in rs]]
+    ax.errorbar([r[x_metric] for r in rs], [r[y_metric] for r in rs], xerr=xerr, yerr=yerr, linestyle="none",
+                capsize=2, elinewidth=0.8, **kw)
+
+
+def _digits(metric: str) -> int:
+    """Decimals a metric is printed with: FIDs are tens, a generalization gap of losses about 1e-3."""
+    return 2 if metric.startswith("fid") else 4 if metric == "generalization_gap" else 3
+
+
 def format_front(front: list[dict[str, Any]], references: list[dict[str, Any]], objectives: tuple[str, str],
                  metrics: tuple[str, ...]) -> str:
     """Markdown table: references, then the front; objectives with their intervals, the other metrics, params."""
@@ -230,7 +238,7 @@ def format_front(front: list[dict[str, Any]], references: list[dict[str, Any]], 
         r.get(m) is not None for r in shown)]
 
     def cell(r: dict[str, Any], c: str) -> str:
-        digits = 2 if c.startswith("fid") else 4 if c == "generalization_gap" else 3  # a gap of losses: ~1e-3
+        digits = _digits(c)
         ci = r.get(f"{c}_ci")
         if not isinstance(r.get(c), (int, float)):
             return str(r.get(c) or "-")
@@ -254,7 +262,7 @@ def format_differences(front: list[dict[str, Any]], references: list[dict[str, A
         cells = []
         for role, o in pairs:
             d = r.get("differences", {}).get(role, {}).get(o)
-            digits = 2 if o.startswith("fid") else 3
+            digits = _digits(o)
             v = verdict(o, d) if d else ""
             cells.append(f"{d[0]:+.{digits}f} [{d[1]:+.{digits}f}, {d[2]:+.{digits}f}]"
                          + (f" {v}" if v != "no difference shown" else "") if d else "-")

@@ -54,7 +54,6 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
     t_clf = time.perf_counter() - t0
     sample_seed = cfg.optim.seed + 1
     x = sample(ema_unet, noise_scheduler, e.n_samples, e.sampler_steps, e.batch_size, sample_seed, device)
-    latent = cfg.model.vae
     if cfg.model.vae:  # latent diffusion: classify and compare decoded images
         x = decode(load_vae(cfg.model.vae, device), x)
     t_sample = time.perf_counter() - t0 - t_clf
@@ -86,7 +85,7 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
                               e.class_fid_samples, e.bootstrap, cfg.optim.seed + 4)
     t_quality = time.perf_counter() - t_quality
     t_over = time.perf_counter()
-    overfitting, overfitting_record = ({}, {}) if latent else overfitting_metrics(
+    overfitting, overfitting_record = ({}, {}) if cfg.model.vae else overfitting_metrics(
         x, gen_f, pos, split.objective, features(split.objective), split.objective_labels.numpy(), split.reference,
         ref_f, split.reference_labels.numpy(), ema_unet, noise_scheduler, split.classes, minority_pos,
         cfg.optim.seed + 5)

@@ -131,8 +131,9 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     trials' steps, the trials' count and the evaluation's samples (printed before the baseline starts; a budget the
     smallest sweep misses is refused then), re-checked after the baseline; kept in plan.json so that --resume
     keeps it, and reported with the front. ``overfitting`` (OVERFITTING_METRICS): the over-fitting measure shown
-    beside the objectives (the printed differences, tradeoff.png's second panel). The console shows the references' progress bars, then the trials' table
-    (``cdd_ray.sweep.table.SweepTable``); ``verbose``: Ray's and Tune's own lines too.
+    beside the objectives (the printed differences, tradeoff.png's second panel). The console shows the
+    references' progress bars, then the trials' table (``cdd_ray.sweep.table.SweepTable``); ``verbose``: Ray's and
+    Tune's own lines too.
     """
     started = time.time() if started is None else started
     limits = dict(limits or {})
