@@ -86,10 +86,13 @@ def tracked(uri: str, run_id: str | None):
     try:
         yield
     except BaseException as e:
-        # SystemExit: Ray ends a trial that Tune (ASHA) stops while it is inside a report with sys.exit(0).
+        # SystemExit: Ray ends a trial that Tune (ASHA) stops while it is inside a report with sys.exit(0). A
+        # status already set stays: the sweep's driver may have marked a stopped trial FINISHED before its end
+        # reaches here (ASHA stopping a trial whose worker was dying).
         status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
         try:
-            tracking.end_run(uri, run_id, status, budget_s=0 if isinstance(e, tracking.TrackingError) else None)
+            tracking.end_run(uri, run_id, status, budget_s=0 if isinstance(e, tracking.TrackingError) else None,
+                             if_running=True)
         except tracking.TrackingError as te:
             log.error("could not mark MLflow run %s %s: %s", run_id, status, te)
         raise

@@ -186,6 +186,21 @@ def test_the_experiment_opens_as_model_training_unless_its_kind_was_chosen(tmp_p
     assert c.get_experiment(mine).tags["mlflow.experimentKind"] == "genai_development"
 
 
+def test_a_failing_run_is_marked_failed_unless_its_status_was_already_set(tmp_path):
+    """A trial ASHA stops while its worker dies: the sweep's driver marks its run FINISHED (stopped early), and
+    the trial's own end, coming later, leaves that status; a run still RUNNING is marked FAILED or KILLED."""
+    uri = f"sqlite:///{tmp_path / 'status.db'}"
+    exp = tracking.get_or_create_experiment(uri)
+    ids = {name: tracking.create_run(uri, exp, name, {}) for name in ("stopped", "broken", "interrupted")}
+    tracking.end_run(uri, ids["stopped"], "FINISHED")  # by the driver, first
+    for name, error in (("stopped", SystemExit(0)), ("broken", RuntimeError("x")), ("interrupted", KeyboardInterrupt())):
+        with pytest.raises(type(error)):
+            with runner.tracked(uri, ids[name]):
+                raise error
+    status = {name: tracking.client(uri).get_run(i).info.status for name, i in ids.items()}
+    assert status == {"stopped": "FINISHED", "broken": "FAILED", "interrupted": "KILLED"}
+
+
 def test_points_a_worker_could_not_send_reach_the_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'pending.db'}"
     run_id = tracking.start_run(build_config("smoke"), uri)

@@ -90,7 +90,10 @@ def log_artifacts(uri: str, run_id: str, local_dir: str | Path, artifact_path: s
     with_retries(lambda: c.log_artifacts(run_id, str(local_dir), artifact_path), f"log artifacts {local_dir}", uri)
 
 
-def end_run(uri: str, run_id: str, status: str, budget_s: float | None = None) -> None:
-    """Mark the run FINISHED, FAILED or KILLED."""
+def end_run(uri: str, run_id: str, status: str, budget_s: float | None = None, if_running: bool = False) -> None:
+    """Mark the run FINISHED, FAILED or KILLED. ``if_running``: only a run still RUNNING, so that a status someone
+    else set first stays (a sweep marks a trial ASHA stopped FINISHED, maybe before the trial's process ends)."""
     c = client(uri)
+    if if_running and with_retries(lambda: c.get_run(run_id).info.status, "read status", uri, budget_s) != "RUNNING":
+        return
     with_retries(lambda: c.set_terminated(run_id, status), f"set status {status}", uri, budget_s)
