@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from cdd_ray.config import build_config  # noqa: E402
 from cdd_ray.data import prepare_split  # noqa: E402
-from cdd_ray.evaluation import evaluate  # noqa: E402
+from cdd_ray.evaluation.run import evaluate  # noqa: E402
 from cdd_ray.evaluation.labeller import get_classifier  # noqa: E402
 from cdd_ray.evaluation.sampling import sample  # noqa: E402
 from cdd_ray.model import build_noise_scheduler, build_unet, n_params  # noqa: E402

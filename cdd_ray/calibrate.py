@@ -8,7 +8,7 @@ A time budget is only kept if the plan knows the machine before the first run, n
   clipping, the finite-loss guard, AdamW, the EMA) at each run shape the sweep trains (the baseline's and the
   costliest trial's), after ``WARMUP_STEPS`` untimed ones, for at least ``min_seconds``; shapes that cost the same
   (``step_cost_key``: the same model, images per step and numerics) are timed once;
-- one evaluation (``cdd_ray.evaluation.evaluate``) of ``samples`` images: the labeller (trained once here and cached,
+- one evaluation (``cdd_ray.evaluation.run.evaluate``) of ``samples`` images: the labeller (trained once here and cached,
   so its one-off cost is paid now), the sampling and the quality metrics, each timed.
 
 Nothing is written but the labeller's cache entry; the model is new and never saved.
@@ -25,7 +25,7 @@ import torch
 from cdd_ray.config import Config, config_from_dict
 from cdd_ray.core.loop import Hooks, Worker, apply_step, primal_step, setup
 from cdd_ray.data import prepare_split
-from cdd_ray.evaluation import evaluate
+from cdd_ray.evaluation.run import evaluate
 
 WARMUP_STEPS = 2  # allocator, kernels and caches: the first steps are slower than the rest
 MIN_TIMED_STEPS = 3

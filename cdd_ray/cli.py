@@ -14,7 +14,9 @@ from typing import Iterator, NoReturn
 
 from cdd_ray.budget import parse_duration
 from cdd_ray.cluster.placement import check_this_machine
+from cdd_ray import preflight
 from cdd_ray.config import PRESETS, Config, ConfigError, build_config, parse_set, validate
+from cdd_ray.front import check_request
 from cdd_ray.metrics import FAIRNESS_METRICS, OVERFITTING_METRICS, QUALITY_METRICS
 from cdd_ray.samplers import DEFAULT_SAMPLER, SAMPLERS, STARTUP_TRIALS
 from cdd_ray.tasks import task_config
@@ -190,14 +192,18 @@ def job_errors() -> Iterator[JobGuard]:
 
 def run_training(cfg: Config, args: argparse.Namespace, guard: JobGuard) -> tuple[dict, str]:
     """Train ``cfg``: in this process with --local, else on Ray Train (--resume continues --name);
-    returns the summary and the output folder (--out, default runs/<name>). What this machine cannot hold is
-    refused first, in seconds: before the training code is imported and a Ray started."""
+    returns the summary and the output folder (--out, default runs/<name>). What this machine cannot hold and
+    folders or a store it cannot write are refused first, in a second: before the training code is imported (10 s
+    of torch, diffusers and MLflow) and a Ray started."""
+    out = args.out or f"runs/{cfg.name}"
+    preflight.check_out(out)
     if not args.local:
         check_this_machine(cfg)
+        preflight.check_storage(preflight.resolve_storage(cfg.ray.storage))
+    preflight.check_tracking(tracking_uri())
     from cdd_ray.runner import run_local, run_ray  # torch, Ray, MLflow: after the flags are checked (fast errors)
 
     setup_logging()
-    out = args.out or f"runs/{cfg.name}"
     guard.resume_name = None if args.local else cfg.name
     if args.local:
         return run_local(cfg, out), out
@@ -282,6 +288,10 @@ def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
                else task_config(task, preset, args.config, overrides))
         cfg = name_run(cfg, args, "sweep" if task == "mnist" else f"{task}-sweep")
         check_this_machine(cfg, sweep=True)  # in seconds: before the sweep's code is imported and a Ray started
+        check_request((args.quality, args.fairness), sweep_limits(args), args.overfitting, cfg.eval.n_samples,
+                      len(cfg.data.classes))
+        preflight.check_storage(preflight.resolve_storage(cfg.ray.storage))
+        preflight.check_tracking(tracking_uri())
         from cdd_ray.sweep import load_space, report, run_sweep  # torch, Ray Tune, Optuna: after the checks
 
         space = load_space(args.space)

@@ -1,4 +1,5 @@
-"""The trade-off map of a sweep: Pareto front, 95% intervals, reference points, fairness targets.
+"""The trade-off map of a sweep: what it is asked for (objectives, fairness targets, over-fitting measure: checked
+before any work, ``check_request``), Pareto front, 95% intervals, reference points, fairness targets.
 
 A row is one evaluated model: a trial (``role`` "trial") or a reference run (``role`` "baseline",
 "baseline-continued", "baseline-rebalanced"), with its metrics, their intervals (``<metric>_ci``:
@@ -18,7 +19,40 @@ import math
 from pathlib import Path
 from typing import Any
 
-from cdd_ray.metrics import sign
+from cdd_ray.config import ConfigError
+from cdd_ray.evaluation.fairness import FLOORS, samples_needed
+from cdd_ray.metrics import FAIRNESS_METRICS, OBJECTIVE_METRICS, OVERFITTING_METRICS, sign
+
+def check_request(objectives: tuple[str, str], limits: dict[str, float], overfitting: str, n_samples: int,
+                  n_classes: int) -> None:
+    """What a sweep's front is asked for, refused before any work (a job checks it before it imports the sweep's
+    code): two different objectives, fairness targets its evaluation can show met, a known over-fitting measure."""
+    bad = [o for o in objectives if o not in OBJECTIVE_METRICS]
+    if bad or len(objectives) != 2 or objectives[0] == objectives[1]:
+        raise ConfigError(f"objectives: {list(objectives)} must be two different metrics from: "
+                          f"{', '.join(OBJECTIVE_METRICS)}")
+    check_limits(limits, n_samples, n_classes)
+    if overfitting not in OVERFITTING_METRICS:
+        raise ConfigError(f"--overfitting: {overfitting!r} not allowed; allowed: {', '.join(OVERFITTING_METRICS)}")
+
+
+def check_limits(limits: dict[str, float], n_samples: int, n_classes: int) -> None:
+    """Fairness targets a sweep can show met: in (0, 1), and above what an exactly uniform generator scores with
+    the evaluation's ``n_samples`` over ``n_classes`` (its floor), else refused with the samples it would need."""
+    for m, x in limits.items():
+        if m not in FAIRNESS_METRICS:
+            raise ConfigError(f"fairness target {m!r} not allowed; allowed: {', '.join(FAIRNESS_METRICS)}")
+        flag = f"--max-{'tv' if m == 'tv_to_uniform' else 'fd'}"
+        if not 0 < x < 1:  # both are below 1 for any class shares (fd <= sqrt(1 - 1/k))
+            raise ConfigError(f"{flag}: {x:g} must be in (0, 1)")
+        floor = FLOORS[m](n_samples, n_classes)
+        if x <= floor:
+            raise ConfigError(
+                f"{flag}: {x:g} is below what {n_samples} samples can show: an exactly uniform generator scores "
+                f"{m} {floor:.3f} at eval.n_samples={n_samples} ({n_classes} classes); a target of {x:g} needs "
+                f"eval.n_samples >= {samples_needed(m, x, n_classes)}, or a target above {floor:.3f}")
+
+
 
 AXIS_LABELS = {
     "precision": "precision ({features} features; higher is better)",

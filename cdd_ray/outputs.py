@@ -12,7 +12,7 @@ import numpy as np
 from cdd_ray.config import Config
 from cdd_ray.core.loop import LoopResult
 from cdd_ray.data import Split
-from cdd_ray.evaluation import Evaluation
+from cdd_ray.evaluation.run import Evaluation
 from cdd_ray.model import n_params
 from cdd_ray.plots import save_grid, save_histogram, save_lambda_plot
 

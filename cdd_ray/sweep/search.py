@@ -14,33 +14,15 @@ from ray.tune import schedulers
 from ray.tune.search.optuna import OptunaSearch
 
 from cdd_ray import storage as storage_io
-from cdd_ray.config import Config, ConfigError
+from cdd_ray.config import Config
 from cdd_ray.console import tune_verbosity
-from cdd_ray.evaluation.fairness import FLOORS, samples_needed
-from cdd_ray.metrics import ASHA_LOSS, FAIRNESS_METRICS, MAXIMISED
+from cdd_ray.metrics import ASHA_LOSS, MAXIMISED
 from cdd_ray.samplers import make_sampler
 from cdd_ray.sweep.space import SearchSpace, to_tune
 from cdd_ray.sweep.table import SweepTable
 from cdd_ray.sweep.trial import TrialRunNames, run_trial
 
 log = logging.getLogger(__name__)
-
-
-def check_limits(limits: dict[str, float], n_samples: int, n_classes: int) -> None:
-    """Fairness targets a sweep can show met: in (0, 1), and above what an exactly uniform generator scores with
-    the evaluation's ``n_samples`` over ``n_classes`` (its floor), else refused with the samples it would need."""
-    for m, x in limits.items():
-        if m not in FAIRNESS_METRICS:
-            raise ConfigError(f"fairness target {m!r} not allowed; allowed: {', '.join(FAIRNESS_METRICS)}")
-        flag = f"--max-{'tv' if m == 'tv_to_uniform' else 'fd'}"
-        if not 0 < x < 1:  # both are below 1 for any class shares (fd <= sqrt(1 - 1/k))
-            raise ConfigError(f"{flag}: {x:g} must be in (0, 1)")
-        floor = FLOORS[m](n_samples, n_classes)
-        if x <= floor:
-            raise ConfigError(
-                f"{flag}: {x:g} is below what {n_samples} samples can show: an exactly uniform generator scores "
-                f"{m} {floor:.3f} at eval.n_samples={n_samples} ({n_classes} classes); a target of {x:g} needs "
-                f"eval.n_samples >= {samples_needed(m, x, n_classes)}, or a target above {floor:.3f}")
 
 
 def make_searcher(objectives: tuple[str, str], seed: int, limits: dict[str, float], sampler: str,

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from cdd_ray.config import build_config
-from cdd_ray.evaluation import evaluate
+from cdd_ray.evaluation.run import evaluate
 from cdd_ray.evaluation.fairness import class_shares, minority_share, tv_to_uniform
 from cdd_ray.evaluation.labeller import get_classifier
 from cdd_ray.evaluation.sampling import sample
