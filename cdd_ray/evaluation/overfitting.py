@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cdd_ray.model import add_noise
+from cdd_ray.evaluation.sampling import batch_losses
 
 COPY_PERCENTILE = 1.0  # a copy: nearer a training image of its class than 1% of held-out real images are
 GAP_IMAGES_PER_CLASS = 64  # images of each set per class for the generalization gap (the cpu preset's minority count)
@@ -89,7 +89,6 @@ def paired_losses(unet: nn.Module, noise_scheduler, a: torch.Tensor, b: torch.Te
     """Per image, the mean denoising loss of ``unet`` on ``a`` and on ``b`` (same length) over ``repeats`` draws,
     image i of ``a`` and image i of ``b`` with the same noise and timestep."""
     unet.eval()
-    dev = next(unet.parameters()).device
     g = torch.Generator().manual_seed(seed)
     la, lb = np.zeros(a.shape[0]), np.zeros(a.shape[0])
     for _ in range(repeats):
@@ -98,8 +97,7 @@ def paired_losses(unet: nn.Module, noise_scheduler, a: torch.Tensor, b: torch.Te
         for losses, x in ((la, a), (lb, b)):
             for i in range(0, x.shape[0], batch_size):
                 s = slice(i, i + batch_size)
-                pred = unet(add_noise(noise_scheduler, x[s], noise[s], t[s]).to(dev), t[s].to(dev)).sample.float().cpu()
-                losses[s] += (pred - noise[s]).pow(2).mean(dim=(1, 2, 3)).numpy() / repeats
+                losses[s] += batch_losses(unet, noise_scheduler, x[s], noise[s], t[s]).numpy() / repeats
     return la, lb
 
 

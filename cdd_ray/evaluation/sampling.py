@@ -44,11 +44,19 @@ def sample(unet: nn.Module, noise_scheduler, n: int, steps: int, batch_size: int
 
 
 @torch.no_grad()
+def batch_losses(unet: nn.Module, noise_scheduler, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+                 ) -> torch.Tensor:
+    """Per image of the batch ``x`` (on the CPU): the denoising loss of ``unet`` with that ``noise`` at timesteps
+    ``t``, the mean over pixels of (predicted noise - noise)^2."""
+    dev = next(unet.parameters()).device
+    pred = unet(add_noise(noise_scheduler, x, noise, t).to(dev), t.to(dev)).sample.float().cpu()
+    return (pred - noise).pow(2).mean(dim=(1, 2, 3))
+
+
 def denoising_loss(unet: nn.Module, noise_scheduler, x0: torch.Tensor, seed: int, repeats: int = 4,
                    batch_size: int = 512) -> float:
     """Mean denoising loss of ``unet`` on images ``x0`` (fixed noise and timesteps for a seed)."""
     unet.eval()
-    dev = next(unet.parameters()).device
     g = torch.Generator().manual_seed(seed)
     total, n = 0.0, 0
     for _ in range(repeats):
@@ -56,8 +64,7 @@ def denoising_loss(unet: nn.Module, noise_scheduler, x0: torch.Tensor, seed: int
             x = x0[i:i + batch_size]
             noise = torch.randn(x.shape, generator=g)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x.shape[0],), generator=g)
-            pred = unet(add_noise(noise_scheduler, x, noise, t).to(dev), t.to(dev)).sample.float().cpu()
-            total += (pred - noise).pow(2).mean(dim=(1, 2, 3)).sum().item()
+            total += batch_losses(unet, noise_scheduler, x, noise, t).sum().item()
             n += x.shape[0]
     return total / n
 
