@@ -87,7 +87,10 @@ class OptimConfig:
     batch_size: int = 128  # objective batch (per worker)
     constraint_batch_size: int = 16  # batch drawn from each constraint dataset (per worker)
     steps: int = 1500  # primal steps
-    seed: int = 0
+    seed: int = 0  # the data split, the evaluation's draws and (unless train_seed) the training's
+    # The training's own draws: batch order, noise and timesteps, a fresh start's weights; -1: seed. A training-
+    # seed confirmation changes it and keeps seed, so its model is evaluated on the same images and draws.
+    train_seed: int = -1
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
@@ -104,6 +107,11 @@ class OptimConfig:
     # Unconstrained runs: also draw one constraint_batch_size batch per constraint dataset into the fused
     # forward and record its loss per block (loss_class_<c>), with no gradient weight: training is unchanged.
     monitor_constraints: bool = False
+
+    @property
+    def draws_seed(self) -> int:
+        """The seed of the training's own draws (``train_seed``, else ``seed``)."""
+        return self.seed if self.train_seed < 0 else self.train_seed
 
 @dataclass
 class EvalConfig:

