@@ -204,7 +204,7 @@ def test_finetune_jobs_end_to_end(pretrained, tmp_path):
 
 
 def test_tune_finetune_smoke(pretrained, tmp_path):
-    p = job("tune_finetune.py", "--pretrained", str(pretrained), "--smoke", "--num-samples", "2",
+    p = job("tune_finetune.py", "--pretrained", str(pretrained), "--smoke", "--num-samples", "1",
             "--storage", str(tmp_path / "ray"), "--name", "ft-sweep", "--set", "optim.threads=1", cwd=tmp_path,
             timeout=900)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
@@ -218,7 +218,6 @@ def test_tune_finetune_smoke(pretrained, tmp_path):
     assert "NOT AT EQUAL BUDGET" not in p.stdout
     assert {(r["steps"], r["lr"]) for r in rows if r["status"] in ("done", "")} == {(rows[0]["steps"], rows[0]["lr"])}
     rows = [r for r in rows if r["role"] == "trial"]  # the reference row comes first
-    # ASHA may stop the worse of the two trials at its first rung; neither may error, one must finish.
-    assert len(rows) == 2 and {r["status"] for r in rows} <= {"done", "stopped early"}, rows
-    assert any(r["status"] == "done" for r in rows)
+    # one trial (ASHA and stopped trials: tests/sweep): it finishes at the reference's budget
+    assert len(rows) == 1 and rows[0]["status"] == "done", rows
     assert os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite:///")
