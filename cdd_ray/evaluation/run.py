@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from cdd_ray.checkpoint import load_model
-from cdd_ray.config import Config, ConfigError
+from cdd_ray.config import Config, ConfigError, EvalConfig
 from cdd_ray.core.dual import predicted_shares
 from cdd_ray.data import Split, to_uint8
 from cdd_ray.evaluation.fairness import class_shares, fairness_metrics, prediction_error_floor, tv_between
@@ -66,18 +67,7 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
     minority_pos = [split.classes.index(c) for c in cfg.data.minority_classes]
     fairness = fairness_metrics(pos, k, minority_pos, e.bootstrap, cfg.optim.seed + 3)
     images = to_uint8(x)
-    weights = inception_weights(e) if e.fid_features in ("auto", "inception") else None
-    if e.fid_features == "inception" and weights is None:  # chosen by the driver: never other features here
-        raise ConfigError(f"eval.fid_features=inception: no Inception weights at eval.inception_path="
-                          f"{e.inception_path!r} (nor clean-fid's default place)")
-    if weights is not None:
-        def features(imgs: torch.Tensor) -> np.ndarray:
-            return inception_features(to_uint8(imgs), weights, device)
-        fid_features = "inception"
-    else:
-        def features(imgs: torch.Tensor) -> np.ndarray:
-            return classifier_features(clf, imgs)
-        fid_features = "classifier"
+    features, fid_features = feature_map(e, clf, device)
     gen_f, ref_f = features(x), features(split.reference)
     data_idx = data_mix_indices(split.reference_labels, split.priors)
     t_quality = time.perf_counter()
@@ -92,10 +82,6 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
     t_over = time.perf_counter() - t_over
     lam_by_pos = {split.classes.index(split.constraint_classes[n]): v for n, v in lam.items()
                   if n in split.constraint_classes}
-    obj = split.objective
-    class_losses = {f"class_{c}": denoising_loss(ema_unet, noise_scheduler, obj[split.objective_labels == i],
-                                                   cfg.optim.seed + 2)
-                    for i, c in enumerate(split.classes) if c in cfg.data.minority_classes}
     summary = {
         "class_ids": split.classes,
         **fairness,
@@ -116,7 +102,7 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
         "classifier_accuracy": label_acc,  # of the model that labels the samples
         "classifier": e.classifier_path or "trained",
         "trained_classifier_accuracy": acc,
-        "minority_losses": class_losses,  # EMA model's denoising loss on each minority class's training images
+        "minority_losses": minority_losses(ema_unet, noise_scheduler, split, cfg),
         "classifier_test_size": int(split.clf_test.shape[0]),
         "eval_s": {"classifier": t_clf, "sampling": t_sample, "quality": t_quality, "overfitting": t_over,
                    "total": time.perf_counter() - t0},
@@ -126,6 +112,27 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
     labels = np.array([split.classes[i] for i in pos.tolist()], dtype=np.int64)
     return Evaluation(summary=summary, images=images, labels=labels,
                       record={"class_positions": pos, **record, **overfitting_record})
+
+
+def feature_map(e: EvalConfig, clf: DigitClassifier, device: torch.device | str
+                ) -> tuple[Callable[[torch.Tensor], np.ndarray], str]:
+    """The FID features images are compared in, and their name: Inception's where the driver chose them (or
+    "auto" finds the weights), else the labeller's penultimate layer."""
+    weights = inception_weights(e) if e.fid_features in ("auto", "inception") else None
+    if e.fid_features == "inception" and weights is None:  # chosen by the driver: never other features here
+        raise ConfigError(f"eval.fid_features=inception: no Inception weights at eval.inception_path="
+                          f"{e.inception_path!r} (nor clean-fid's default place)")
+    if weights is not None:
+        return (lambda imgs: inception_features(to_uint8(imgs), weights, device)), "inception"
+    return (lambda imgs: classifier_features(clf, imgs)), "classifier"
+
+
+def minority_losses(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config) -> dict[str, float]:
+    """The EMA model's denoising loss on each minority class's training images (``class_<c>``)."""
+    obj = split.objective
+    return {f"class_{c}": denoising_loss(ema_unet, noise_scheduler, obj[split.objective_labels == i],
+                                         cfg.optim.seed + 2)
+            for i, c in enumerate(split.classes) if c in cfg.data.minority_classes}
 
 
 def theory_check(measured: list[float], priors: list[float], baseline: list[float],
