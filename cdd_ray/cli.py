@@ -199,7 +199,8 @@ def run_training(cfg: Config, args: argparse.Namespace, guard: JobGuard) -> tupl
     preflight.check_out(out)
     if not args.local:
         check_this_machine(cfg)
-        preflight.check_storage(preflight.resolve_storage(cfg.ray.storage))
+        storage = preflight.check_storage(preflight.resolve_storage(cfg.ray.storage))
+        preflight.check_run_name(storage, cfg.name, args.resume)
     preflight.check_tracking(tracking_uri())
     from cdd_ray.runner import run_local, run_ray  # torch, Ray, MLflow: after the flags are checked (fast errors)
 

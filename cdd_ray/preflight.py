@@ -107,6 +107,17 @@ def check_storage(storage: str, flag: str = "--storage") -> str:
     return storage
 
 
+def check_run_name(storage: str, name: str, resume: bool) -> None:
+    """Ray resumes a run whose name exists; make that explicit so nothing is overwritten by accident (local
+    storage or a URI alike)."""
+    exists = storage_io.exists(storage_io.join(storage, name))
+    if exists and not resume:
+        raise ConfigError(f"name: a run {name!r} already exists under ray.storage={storage!r}; pass --resume to "
+                          "continue it, or choose another --name")
+    if resume and not exists:
+        raise ConfigError(f"--resume: no run {name!r} under ray.storage={storage!r} to resume")
+
+
 def check_tracking(uri: str) -> str:
     """A local SQLite MLflow store: its folder must be writable here. A tracking server: it must take this job's
     credentials (``tracking.check_server``); whether it is reachable is checked by its first write."""

@@ -19,7 +19,7 @@ from cdd_ray import checkpoint, preflight, storage as storage_io, tracking
 from cdd_ray.cluster.placement import check_this_machine
 from cdd_ray.cluster.session import init_ray
 from cdd_ray.cluster.trainer import collect_outputs, fit_run, make_trainer, worker_resources
-from cdd_ray.config import Config, ConfigError
+from cdd_ray.config import Config
 from cdd_ray.core.loop import Hooks, train
 from cdd_ray.data import check_source, prepare_split
 from cdd_ray.evaluation.run import evaluate
@@ -152,17 +152,6 @@ def log_final(uri: str, run_id: str, out: Path, summary: dict[str, Any]) -> None
     tracking.log_artifacts(uri, run_id, out / "checkpoint", "model")
 
 
-def check_run_name(storage: str, name: str, resume: bool) -> None:
-    """Ray resumes a run whose name exists; make that explicit so nothing is overwritten by accident (local
-    storage or a URI alike)."""
-    exists = storage_io.exists(storage_io.join(storage, name))
-    if exists and not resume:
-        raise ConfigError(f"name: a run {name!r} already exists under ray.storage={storage!r}; pass --resume to "
-                          "continue it, or choose another --name")
-    if resume and not exists:
-        raise ConfigError(f"--resume: no run {name!r} under ray.storage={storage!r} to resume")
-
-
 def run_ray(cfg: Config, out: str | Path, resume: bool = False, track: bool = True,
             verbose: bool = False, parent_run_id: str | None = None, tags: dict[str, str] | None = None
             ) -> dict[str, Any]:
@@ -176,7 +165,7 @@ def run_ray(cfg: Config, out: str | Path, resume: bool = False, track: bool = Tr
     check_this_machine(cfg)  # before a local Ray starts
     out = preflight.check_out(out)
     storage = preflight.check_storage(preflight.resolve_storage(cfg.ray.storage))
-    check_run_name(storage, cfg.name, resume)
+    preflight.check_run_name(storage, cfg.name, resume)
     check_source(cfg.data)
     cfg = preflight.resolve(cfg)
     uri = preflight.check_tracking(tracking.tracking_uri())

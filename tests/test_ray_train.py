@@ -8,11 +8,11 @@ import pytest
 
 from cdd_ray import tracking
 from cdd_ray.cluster.session import init_ray
-from cdd_ray.preflight import resolve_storage
+from cdd_ray.preflight import check_run_name, resolve_storage
 from cdd_ray.config import ConfigError, build_config
 from cdd_ray.core.loop import train
 from cdd_ray.data import prepare_split
-from cdd_ray.runner import check_run_name, run_ray
+from cdd_ray.runner import run_ray
 
 ray = pytest.importorskip("ray")
 
