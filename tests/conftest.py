@@ -60,8 +60,9 @@ def ray_session():
 # `pytest -n 2 --dist loadfile --no-loadscope-reorder` (pyproject) hands whole modules to its two workers in
 # collection order: the modules with the longest end-to-end tests go first, so both workers end together
 # instead of one running a 5-minute module alone at the end.
-LONGEST_FIRST = ("test_sweep_faults.py", "test_cluster.py", "test_sweep_resume.py", "test_tasks.py", "test_sweep.py",
-                 "test_finetune.py", "test_runner.py", "test_ray_train.py", "test_tracking.py")
+LONGEST_FIRST = ("test_cluster.py", "test_sweep_faults.py", "test_sweep.py", "test_sweep_resume.py", "test_runner.py",
+                 "test_task_jobs.py", "test_reproduce.py", "test_tracking.py", "test_finetune.py", "test_tasks.py",
+                 "test_ray_train.py", "test_budget.py")
 
 
 def pytest_collection_modifyitems(items):

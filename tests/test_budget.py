@@ -255,7 +255,7 @@ def test_a_budget_the_machine_cannot_keep_is_refused_before_training(tmp_path):
     from pathlib import Path
 
     job = Path(__file__).resolve().parents[1] / "jobs" / "tune_mnist.py"
-    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CDD_RAY_CACHE": str(tmp_path)}
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # the session's labeller cache
     p = subprocess.run([sys.executable, str(job), "--smoke", "--time-budget", "1m", "--set", "optim.steps=200000",
                         "--storage", str(tmp_path / "ray"), "--name", "too-long"], capture_output=True, text=True,
                        timeout=300, cwd=tmp_path, env=env)

@@ -39,19 +39,23 @@ def test_train_jobs_end_to_end(celeba_root, imagefolder_root, tiny_vae, tmp_path
     assert p.returncode == 2 and "data.root:" in p.stderr and "nope" in p.stderr
 
 
-def test_tune_jobs_smoke_two_at_once(celeba_root, imagefolder_root, tiny_vae, tmp_path):
-    """Both tasks' sweep jobs, started together on this machine, each starting a local Ray of its own (no
-    RAY_ADDRESS): both finish, with no fit restarted. (Ray Train's placement-group cleaner looks its cluster up
-    through the state API; before each job's Ray carried its own address it found the newest Ray on the machine,
-    the other job's: "ConnectionError: Found multiple active Ray instances", and runs ended or restarted.)"""
-    args = {"celeba": ["tune_celeba.py", "--root", str(celeba_root), "--preset", "smoke"],
-            "imagenet": ["tune_imagenet.py", "--root", str(imagefolder_root), "--vae", str(tiny_vae)]}
+def test_a_sweep_and_a_ray_job_at_once_each_on_its_own_ray(celeba_root, imagefolder_root, tiny_vae, tmp_path):
+    """The Celeb-A sweep job and the ImageNet-subset training job (on Ray Train, latent diffusion), started
+    together on this machine, each starting a local Ray of its own (no RAY_ADDRESS): both finish, with no fit
+    restarted. (Ray Train's placement-group cleaner looks its cluster up through the state API; before each job's
+    Ray carried its own address it found the newest Ray on the machine, the other job's: "ConnectionError: Found
+    multiple active Ray instances", and runs ended or restarted.) The ImageNet-subset sweep job refuses a missing
+    data root before any work, as typed."""
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
-    procs = {task: subprocess.Popen(
-        [sys.executable, str(ROOT / "jobs" / a[0]), *a[1:], "--smoke", "--num-samples", "1",
-         "--warm-start-steps", "0", "--storage", str(tmp_path / "ray"), "--name", f"{task}-sweep"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env) for task, a in args.items()}
+    storage = ["--storage", str(tmp_path / "ray")]
+    cmds = {"celeba": ["tune_celeba.py", "--root", str(celeba_root), "--preset", "smoke", "--smoke", "--num-samples",
+                       "1", "--warm-start-steps", "0", "--name", "celeba-sweep", *storage],
+            "imagenet": ["train_imagenet.py", "--root", str(imagefolder_root), "--vae", str(tiny_vae), "--preset",
+                         "smoke", "--name", "imagenet-run", "--out", str(tmp_path / "imagenet"), *storage]}
+    procs = {task: subprocess.Popen([sys.executable, str(ROOT / "jobs" / c[0]), *c[1:]], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+             for task, c in cmds.items()}
     try:
         outs = {task: p.communicate(timeout=900) for task, p in procs.items()}
     finally:
@@ -61,8 +65,16 @@ def test_tune_jobs_smoke_two_at_once(celeba_root, imagefolder_root, tiny_vae, tm
     for task, (stdout, stderr) in outs.items():
         assert procs[task].returncode == 0, (task, stdout[-3000:], stderr[-3000:])
         assert "Found multiple active Ray instances" not in stderr, (task, stderr[-4000:])
-        for summary in (tmp_path / "ray" / f"{task}-sweep").glob("**/summary.json"):  # references and trials
-            assert json.loads(summary.read_text()).get("resumed_from_step", 0) == 0, summary
-        assert "Pareto front (precision higher is better, tv_to_uniform lower is better" in stdout
-        assert "| baseline-rebalanced |" in stdout and "tv_floor" in stdout
-        assert (tmp_path / "ray" / f"{task}-sweep" / "front" / "pareto.csv").exists()
+    summaries = [*(tmp_path / "ray" / "celeba-sweep").glob("**/summary.json"), tmp_path / "imagenet" / "summary.json"]
+    assert len(summaries) >= 4  # the sweep's two references and trial, the training run
+    for summary in summaries:
+        assert json.loads(summary.read_text()).get("resumed_from_step", 0) == 0, summary
+    stdout = outs["celeba"][0]
+    assert "Pareto front (precision higher is better, tv_to_uniform lower is better" in stdout
+    assert "| baseline-rebalanced |" in stdout and "tv_floor" in stdout
+    assert (tmp_path / "ray" / "celeba-sweep" / "front" / "pareto.csv").exists()
+    assert json.loads((tmp_path / "imagenet" / "summary.json").read_text())["ray_checkpoint"].startswith(
+        str(tmp_path / "ray" / "imagenet-run"))
+    p = job("tune_imagenet.py", "--root", str(tmp_path / "nope"), "--vae", str(tiny_vae), "--preset", "smoke",
+            *storage, cwd=tmp_path)
+    assert p.returncode == 2 and "data.root:" in p.stderr and "nope" in p.stderr, p.stderr[-2000:]
