@@ -137,8 +137,10 @@ def _statistic(metric: str, run: Evaluated, idx: np.ndarray, classes: list[str])
     if metric in COPY_METRICS:
         group = np.isin(run.positions, run.class_pos([str(c) for c in run.summary["overfitting_classes"]]))
         flags = np.where(group, run.record[COPY_METRICS[metric]], np.nan)[idx]
-        with np.errstate(invalid="ignore"):
-            return np.nanmean(flags, 1) if flags.size else np.full(idx.shape[0], np.nan)
+        known = ~np.isnan(flags)  # a resample may hold no sample of the over-fitting classes: NaN, not a warning
+        counts = known.sum(1)
+        return np.divide(np.where(known, flags, 0.0).sum(1), counts, out=np.full(idx.shape[0], np.nan),
+                         where=counts > 0)
     if metric == "precision_class_mean":
         return _class_mean_precision(run, idx, run.class_pos(classes))
     return run.record["recall_hits"][idx].mean(1)
