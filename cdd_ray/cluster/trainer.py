@@ -18,7 +18,7 @@ from typing import Any, Callable
 from cdd_ray import storage as storage_io
 from cdd_ray.cluster.faults import FAULT_ON_LOAD_ENV, KillOnLoad
 from cdd_ray.cluster.placement import cluster_nodes, worker_resources as per_worker
-from cdd_ray.cluster.worker import train_loop_per_worker
+from cdd_ray.cluster.worker import checkpoint_files, train_loop_per_worker
 from cdd_ray.config import Config, ConfigError
 from cdd_ray.console import train_log_level
 
@@ -155,7 +155,7 @@ def fit(trainer):
 def collect_outputs(ckpt, out: Path) -> dict[str, Any]:
     """Copy the final checkpoint's outputs/ and the checkpoint itself into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    with ckpt.as_directory() as d:
+    with checkpoint_files(ckpt) as d:
         for f in Path(d, "outputs").iterdir():
             shutil.copy2(f, out / f.name)
         tmp = out / ".checkpoint.tmp"

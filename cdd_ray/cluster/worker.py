@@ -6,11 +6,13 @@ test hooks that fail a worker on purpose (``fault.*``)."""
 from __future__ import annotations
 
 import logging
+import contextlib
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -96,12 +98,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     reports.final(result, split, resume, time.perf_counter() - t0)
 
 
+@contextlib.contextmanager
+def checkpoint_files(ckpt: Any) -> Iterator[str]:
+    """A Ray checkpoint's files in a local folder this process alone reads: the checkpoint's own folder on a local
+    filesystem, else a private download removed afterwards. Not Ray's ``as_directory()`` for a remote checkpoint:
+    its processes on one node share one download folder, and one that arrives after another's download re-downloads
+    into it, truncating the files the other is reading (two workers of a run resuming from S3 on one machine read
+    an empty ``dual_state.json``)."""
+    import pyarrow.fs
+
+    if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
+        yield ckpt.path
+        return
+    folder = tempfile.mkdtemp(prefix="cdd-ray-checkpoint-")
+    try:
+        yield ckpt.to_directory(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def resume_point(ckpt: Any, run_dir: str | None) -> Snapshot | None:
     """The state a (re)started worker group continues from: Ray's checkpoint (``ckpt``), or a newer complete one in
     ``run_dir``; None for a fresh start."""
     resume = None
     if ckpt is not None:
-        with ckpt.as_directory() as d:
+        with checkpoint_files(ckpt) as d:
             resume = checkpoint.load(d)
     if run_dir:
         # A run aborted by Ctrl-C can hold checkpoints that Ray uploaded but had not yet registered in its
