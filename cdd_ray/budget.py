@@ -13,8 +13,9 @@ that ``Throughput.from_calibration`` estimates what each run costs:
 - the evaluation: per generated sample (sampling, and the quality metrics' share of the pooled generated + reference
   features) and a fixed part (the reference's share).
 
-``plan`` sizes the baseline, the references and the trials together so that they fit ``MARGIN`` of the time left,
-and the plan is printed before the baseline starts. When the requested sweep does not fit it cuts, in this order,
+``plan`` sizes the baseline, the references, the trials and the confirmation runs (``--confirm-seeds K``: K further
+training seeds of both references and of the front's two ends, ``cdd_ray.sweep.confirm``) together so that they fit
+``MARGIN`` of the time left, and the plan is printed before the baseline starts. When the requested sweep does not fit it cuts, in this order,
 each only as far as needed and never below its floor:
 
 1. the primal steps of the baseline and of the trials (and references) by the same share, down to
@@ -148,14 +149,18 @@ class Shape:
     trial: int  # the costliest trial's (objective batch + every constraint's)
     references: int  # reference runs trained at the trials' steps
     parallel: int = 1  # trials whose costs overlap (one GPU each); 1 on CPU
+    confirm_references: int = 0  # --confirm-seeds: the references' further seeds (runs at the trials' steps)
+    confirm_points: int = 0  # and the front's two ends' (trial-shaped runs)
 
 
 def sweep_cost(tp: Throughput, shape: Shape, s: Sizes, baseline_done: bool = False) -> float:
     """Seconds the runs of ``s`` cost: the baseline (unless done), the references, the trials in waves of
-    ``shape.parallel``."""
+    ``shape.parallel``, the confirmation runs one after another."""
     base = 0.0 if baseline_done else tp.run_s(s.baseline_steps, shape.baseline, s.samples)
-    return (base + shape.references * tp.run_s(s.trial_steps, shape.reference, s.samples)
-            + math.ceil(s.trials / shape.parallel) * tp.run_s(s.trial_steps, shape.trial, s.samples))
+    reference = tp.run_s(s.trial_steps, shape.reference, s.samples)
+    trial = tp.run_s(s.trial_steps, shape.trial, s.samples)
+    return (base + (shape.references + shape.confirm_references) * reference
+            + (math.ceil(s.trials / shape.parallel) + shape.confirm_points) * trial)
 
 
 @dataclass
@@ -187,8 +192,10 @@ class Plan:
         s, tp, end = self.sizes, self.throughput, self.used_s + self.estimate_s
         runs = (f"baseline {s.baseline_steps} steps, " if self.stage == "before training" else "")
         per_run = Throughput(**tp).eval_s(s.samples)
+        confirm = self.shape.confirm_references + self.shape.confirm_points
+        trials = f"{s.trials} trials" + (f" and {confirm} confirmation runs" if confirm else "")
         return (f"time budget {self.budget_s / 60:.0f} min, plan {self.stage} ({self.used_s / 60:.1f} min used): "
-                f"{runs}{self.shape.references} reference run(s) and {s.trials} trials of {s.trial_steps} steps, "
+                f"{runs}{self.shape.references} reference run(s) and {trials} of {s.trial_steps} steps, "
                 f"{s.samples} evaluation samples each; estimated {self.estimate_s / 60:.1f} min more (ends by "
                 f"~{end / 60:.0f} min; {1 / tp['s_per_image']:.0f} training images/s, {per_run:.0f} s per "
                 f"evaluation, {tp['startup_s']:.0f} s per run to start; {self.shape.parallel} trial(s) at a time "

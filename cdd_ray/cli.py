@@ -122,6 +122,17 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
                    help=f"end the sweep within this wall time, e.g. 45m, 1h30m, 2700 (seconds) or off: the baseline "
                         f"measures the machine and the trials' steps and count are sized to fit (default "
                         f"{DEFAULT_CPU_BUDGET} on CPU, off with GPUs or --smoke)")
+    p.add_argument("--confirm-seeds", type=int, default=None, metavar="K",
+                   help="after the trials, re-train both references and the front with K further training seeds and "
+                        "judge each point against each reference over the seeds (better / worse / not "
+                        "distinguishable; front/verdict.csv). Under a time budget the plan holds the references' and "
+                        "the front's two ends' runs, the rest of the front as time allows (default 1; 0 with "
+                        "--smoke; 0: none)")
+
+
+def confirm_seeds(args: argparse.Namespace) -> int:
+    """--confirm-seeds: 1 unless given, 0 for --smoke (a check of the machinery)."""
+    return args.confirm_seeds if args.confirm_seeds is not None else 0 if args.smoke else 1
 
 
 def time_budget(args: argparse.Namespace, on_cpu: bool) -> float | None:
@@ -290,7 +301,7 @@ def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
         cfg = name_run(cfg, args, "sweep" if task == "mnist" else f"{task}-sweep")
         check_this_machine(cfg, sweep=True)  # in seconds: before the sweep's code is imported and a Ray started
         check_request((args.quality, args.fairness), sweep_limits(args), args.overfitting, cfg.eval.n_samples,
-                      len(cfg.data.classes))
+                      len(cfg.data.classes), confirm_seeds(args))
         preflight.check_storage(preflight.resolve_storage(cfg.ray.storage))
         preflight.check_tracking(tracking_uri())
         from cdd_ray.sweep import load_space, report, run_sweep  # torch, Ray Tune, Optuna: after the checks
@@ -303,7 +314,8 @@ def tune_task_job(task: str, doc: str, argv: list[str] | None = None) -> None:
         guard.resume_name = cfg.name
         res = run_sweep(cfg, space, args.num_samples, resume=args.resume, seed=args.seed, warm_start_steps=warm,
                         objectives=(args.quality, args.fairness), limits=sweep_limits(args), sampler=args.sampler,
-                        time_budget_s=budget, started=started, verbose=args.verbose, overfitting=args.overfitting)
+                        time_budget_s=budget, started=started, verbose=args.verbose, overfitting=args.overfitting,
+                        confirm_seeds=confirm_seeds(args))
     print()
     print(report(res))
     print(ui_hint(tracking_uri(), res.parent_run_id))

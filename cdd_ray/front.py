@@ -23,10 +23,14 @@ from cdd_ray.config import ConfigError
 from cdd_ray.evaluation.fairness import FLOORS, samples_needed
 from cdd_ray.metrics import FAIRNESS_METRICS, OBJECTIVE_METRICS, OVERFITTING_METRICS, sign
 
+MAX_CONFIRM_SEEDS = 16  # further training seeds a sweep may confirm with; each costs a run per confirmed point
+
+
 def check_request(objectives: tuple[str, str], limits: dict[str, float], overfitting: str, n_samples: int,
-                  n_classes: int) -> None:
+                  n_classes: int, confirm_seeds: int = 0) -> None:
     """What a sweep's front is asked for, refused before any work (a job checks it before it imports the sweep's
-    code): two different objectives, fairness targets its evaluation can show met, a known over-fitting measure."""
+    code): two different objectives, fairness targets its evaluation can show met, a known over-fitting measure,
+    a count of further training seeds (--confirm-seeds) from 0 to MAX_CONFIRM_SEEDS."""
     bad = [o for o in objectives if o not in OBJECTIVE_METRICS]
     if bad or len(objectives) != 2 or objectives[0] == objectives[1]:
         raise ConfigError(f"objectives: {list(objectives)} must be two different metrics from: "
@@ -34,6 +38,9 @@ def check_request(objectives: tuple[str, str], limits: dict[str, float], overfit
     check_limits(limits, n_samples, n_classes)
     if overfitting not in OVERFITTING_METRICS:
         raise ConfigError(f"--overfitting: {overfitting!r} not allowed; allowed: {', '.join(OVERFITTING_METRICS)}")
+    if not isinstance(confirm_seeds, int) or not 0 <= confirm_seeds <= MAX_CONFIRM_SEEDS:
+        raise ConfigError(f"--confirm-seeds: {confirm_seeds!r} not allowed; allowed: an integer from 0 (none) to "
+                          f"{MAX_CONFIRM_SEEDS}")
 
 
 def check_limits(limits: dict[str, float], n_samples: int, n_classes: int) -> None:
@@ -159,7 +166,7 @@ def name_of(r: dict[str, Any]) -> str:
     return (f"t{r['number']:02d} " if r.get("number") else "") + str(r.get("trial_id"))
 
 
-def _columns(rows: list[dict[str, Any]], objectives: tuple[str, ...], metrics: tuple[str, ...]) -> list[str]:
+def table_columns(rows: list[dict[str, Any]], objectives: tuple[str, ...], metrics: tuple[str, ...]) -> list[str]:
     cols = ["role", "trial_id"]
     for m in (*objectives, *(m for m in metrics if m not in objectives)):
         if any(r.get(m) is not None for r in rows):
@@ -176,6 +183,17 @@ def _cell(r: dict[str, Any], c: str) -> Any:
     return r.get(c, r.get("params", {}).get(c, ""))
 
 
+def write_table(path: Path, rows: list[dict[str, Any]], cols: list[str]) -> Path:
+    """A CSV of ``rows`` with the columns ``cols`` (``table_columns``): an interval as ``<metric>_ci_lo`` and
+    ``_ci_hi``, a trial's params by their keys."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([_cell(r, c) for c in cols])
+    return path
+
+
 def write_front(out: Path, rows: list[dict[str, Any]], front: list[dict[str, Any]], references: list[dict[str, Any]],
                 objectives: tuple[str, str], metrics: tuple[str, ...], overfitting: str | None = None
                 ) -> dict[str, Path]:
@@ -183,13 +201,9 @@ def write_front(out: Path, rows: list[dict[str, Any]], front: list[dict[str, Any
     point minus each reference, with the 95% interval of the difference), tradeoff.png (with its over-fitting
     panel: ``plot_front``) and best_configs.json in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    cols = _columns([*references, *rows], objectives, metrics)
-    for name, data in (("pareto.csv", [*references, *front]), ("trials.csv", [*references, *rows])):
-        with open(out / name, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(cols)
-            for r in data:
-                w.writerow([_cell(r, c) for c in cols])
+    cols = table_columns([*references, *rows], objectives, metrics)
+    write_table(out / "pareto.csv", [*references, *front], cols)
+    write_table(out / "trials.csv", [*references, *rows], cols)
     with open(out / "differences.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["point", "reference", "metric", "difference", "ci_lo", "ci_hi", "verdict"])
@@ -259,7 +273,7 @@ def _error_bars(ax: Any, rs: list[dict[str, Any]], x_metric: str, y_metric: str,
                 capsize=2, elinewidth=0.8, **kw)
 
 
-def _digits(metric: str) -> int:
+def digits(metric: str) -> int:
     """Decimals a metric is printed with: FIDs are tens, a generalization gap of losses about 1e-3."""
     return 2 if metric.startswith("fid") else 4 if metric == "generalization_gap" else 3
 
@@ -272,11 +286,11 @@ def format_front(front: list[dict[str, Any]], references: list[dict[str, Any]], 
         r.get(m) is not None for r in shown)]
 
     def cell(r: dict[str, Any], c: str) -> str:
-        digits = _digits(c)
+        k = digits(c)
         ci = r.get(f"{c}_ci")
         if not isinstance(r.get(c), (int, float)):
             return str(r.get(c) or "-")
-        return _num(r.get(c), digits) + (f" [{_num(ci[0], digits)}, {_num(ci[1], digits)}]" if ci else "")
+        return _num(r.get(c), k) + (f" [{_num(ci[0], k)}, {_num(ci[1], k)}]" if ci else "")
 
     lines = ["| " + " | ".join(["point", *cols, "params"]) + " |", "|" + " --- |" * (len(cols) + 2)]
     for r in shown:
@@ -296,9 +310,9 @@ def format_differences(front: list[dict[str, Any]], references: list[dict[str, A
         cells = []
         for role, o in pairs:
             d = r.get("differences", {}).get(role, {}).get(o)
-            digits = _digits(o)
+            k = digits(o)
             v = verdict(o, d) if d else ""
-            cells.append(f"{d[0]:+.{digits}f} [{d[1]:+.{digits}f}, {d[2]:+.{digits}f}]"
+            cells.append(f"{d[0]:+.{k}f} [{d[1]:+.{k}f}, {d[2]:+.{k}f}]"
                          + (f" {v}" if v != "no difference shown" else "") if d else "-")
         lines.append("| " + " | ".join([name_of(r), *cells]) + " |")
     return "\n".join(lines)

@@ -104,6 +104,8 @@ def run_job(job: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
                                             "uniform generator scores tv_to_uniform 0.053 at eval.n_samples=500 (10 "
                                             "classes); a target of 0.03 needs eval.n_samples >= 1590"),
     ("tune_mnist.py", ["--max-fd", "0.03"], "needs eval.n_samples >= 1001, or a target above 0.042"),
+    ("tune_mnist.py", ["--smoke", "--confirm-seeds", "-1"], "error: --confirm-seeds: -1 not allowed; allowed: an "
+                                                            "integer from 0 (none) to 16"),
 ])
 def test_jobs_refuse_unwritable_paths_and_unshowable_targets_before_any_work(tmp_path, job, args, message):
     base = ["--preset", "smoke"] if job == "train_mnist.py" else []

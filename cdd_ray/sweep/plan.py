@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from cdd_ray import storage as storage_io
-from cdd_ray.budget import (MIN_STEP_SHARE, Plan, Shape, Sizes, Throughput, min_eval_samples, min_trials, plan,
+from cdd_ray.budget import (MARGIN, MIN_STEP_SHARE, Plan, Shape, Sizes, Throughput, min_eval_samples, min_trials, plan,
                             replan)
 from cdd_ray.cluster.probe import calibrate_on_a_worker
 from cdd_ray.cluster.trainer import worker_resources
@@ -34,9 +34,10 @@ def floors(base: Config, requested: Sizes, limits: dict[str, float]) -> Sizes:
 
 def first_plan(base: Config, space: SearchSpace, store: str, budget_s: float, started: float, num_samples: int,
                warm_start_steps: int, baseline_overrides: dict[str, Any] | None, limits: dict[str, float],
-               parallel: int, resume: bool) -> dict[str, Any]:
+               parallel: int, resume: bool, confirm_seeds: int = 0) -> dict[str, Any]:
     """The plan made before anything trains, from a calibration on a worker of the runs' size; refused (a
-    ``ConfigError`` naming --time-budget) when even the smallest sweep cannot fit. A resumed sweep keeps its plan."""
+    ``ConfigError`` naming --time-budget) when even the smallest sweep cannot fit. A resumed sweep keeps its plan.
+    ``confirm_seeds``: the plan holds that many further seeds of the references and of the front's two ends."""
     plan_file = storage_io.join(store, "plan.json")
     saved = storage_io.read_text(plan_file) if resume else None
     if saved:
@@ -54,7 +55,8 @@ def first_plan(base: Config, space: SearchSpace, store: str, budget_s: float, st
                       samples=base.eval.n_samples)
     shape = Shape(baseline=cal["images_per_step"]["baseline"], reference=base.optim.batch_size,
                   trial=cal["images_per_step"]["trial"],
-                  references=int(warm_start_steps > 0) + int(not base.is_finetune), parallel=parallel)
+                  references=int(warm_start_steps > 0) + int(not base.is_finetune), parallel=parallel,
+                  confirm_references=confirm_seeds * (1 + int(not base.is_finetune)), confirm_points=2 * confirm_seeds)
     p = plan(budget_s, time.time() - started, Throughput.from_calibration(cal), shape, requested,
              floors(base, requested, limits))
     if not p.fits:
@@ -87,3 +89,13 @@ def recheck(sweep_plan: dict[str, Any], store: str, baseline: dict[str, Any], dr
     d = p.to_dict() | {"calibration": sweep_plan["calibration"], "before_training": before}
     storage_io.write_text(storage_io.join(store, "plan.json"), json.dumps(d, indent=2))
     return d
+
+
+def time_left(sweep_plan: dict[str, Any], started: float) -> tuple[float, float] | None:
+    """(seconds one confirmation run costs, seconds of the budget left for them, with the plan's margin) by the
+    plan's re-checked throughput; None without a plan."""
+    if not sweep_plan or "sizes" not in sweep_plan:
+        return None
+    sizes, shape = sweep_plan["sizes"], sweep_plan["shape"]
+    run_s = Throughput(**sweep_plan["throughput"]).run_s(sizes["trial_steps"], shape["trial"], sizes["samples"])
+    return run_s, (sweep_plan["budget_s"] - (time.time() - started)) * MARGIN

@@ -1,12 +1,13 @@
-"""The sweep's reference runs: unconstrained fits (the baseline, the baseline continued for the trials' budget, the
-rebalanced baseline) as children of the sweep's MLflow run, reused when a sweep resumes; and the baseline's live
-per-class losses that relative thresholds (``dual.b_rel``) are taken from."""
+"""The sweep's runs besides its trials: the references, unconstrained fits (the baseline, the baseline continued for the
+trials' budget, the rebalanced baseline), and any other child run on Ray Train (``run_child``: the confirmations),
+reused when a sweep resumes; and the baseline's live per-class losses that relative thresholds (``dual.b_rel``) are
+taken from."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cdd_ray import storage as storage_io, tracking
 from cdd_ray.cluster.trainer import make_trainer, worker_resources
@@ -20,13 +21,24 @@ def run_unconstrained(base: Config, storage: str, out: Path, uri: str, parent_ru
     """An unconstrained reference run (a child of the sweep, MLflow tag ``role``), its outputs in ``out`` and, when
     ``store`` (a folder of the run storage) is another place, there too; reused from ``store`` when the sweep is
     resumed. ``overrides``: config keys for this run only (e.g. ``optim.balanced`` for the rebalanced one)."""
+    return run_child(lambda: reference_config(base, role, steps, init_from, overrides), storage, out, uri,
+                     parent_run_id, {"sweep": base.name, "role": role}, store, verbose)
+
+
+def run_child(make_config: Callable[[], Config], storage: str, out: Path, uri: str, parent_run_id: str,
+              tags: dict[str, str], store: str | None = None, verbose: bool = False) -> dict[str, Any]:
+    """One run of the sweep besides its trials (a reference, a confirmation) on Ray Train, a child of the sweep's
+    MLflow run with ``tags`` (``role`` among them); its summary (``run_id``, ``role`` added) in ``out`` and, when
+    ``store`` (a folder of the run storage) is another place, there too. Reused from ``store`` when the sweep is
+    resumed: its summary.json, written last, says the run is complete (``make_config`` is then not called)."""
     store = store or str(out)
+    role = tags["role"]
     saved = storage_io.read_text(storage_io.join(store, "summary.json"))
     if saved and json.loads(saved).get("role") == role:  # written last: the run is complete
         return json.loads(saved)
-    cfg = reference_config(base, role, steps, init_from, overrides)
+    cfg = make_config()
     resources = worker_resources(cfg)
-    run_id = tracking.start_run(cfg, uri, parent_run_id=parent_run_id, extra_tags={"sweep": base.name, "role": role})
+    run_id = tracking.start_run(cfg, uri, parent_run_id=parent_run_id, extra_tags=tags)
     summary = fit_tracked(lambda: make_trainer(cfg, storage, cfg.name, resources, verbose=verbose,
                                                mlflow={"uri": uri, "run_id": run_id}), cfg.ray.max_failures,
                           uri, run_id, out)

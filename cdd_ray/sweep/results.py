@@ -1,5 +1,6 @@
 """What a sweep ends with: its rows (references and trials), each point's differences to the references, the front,
-the budget line, what the jobs print and the parent run's MLflow description."""
+with ``--confirm-seeds`` the confirmed points and their verdict, the budget line, what the jobs print and the parent
+run's MLflow description."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from typing import Any
 
 from cdd_ray import compare, tracking
 from cdd_ray import storage as storage_io
-from cdd_ray.front import format_differences, format_feasibility, format_front, name_of, write_front
+from cdd_ray.front import (format_differences, format_feasibility, format_front, name_of, table_columns, write_front,
+                           write_table)
 from cdd_ray.metrics import BUDGET_COLUMNS, OBJECTIVES, OVERFITTING_METRICS, SWEEP_METRICS, direction
+from cdd_ray.verdict import format_verdict, write_verdict
 
 
 @dataclass
@@ -32,6 +35,15 @@ class SweepResult:
     budget_knobs: list[str] = field(default_factory=list)  # searched keys that change compute or optimiser
     study: str = ""  # the Optuna study's storage URL
     study_states: dict[str, int] = field(default_factory=dict)  # Optuna's trial states at the end: count each
+    confirm_seeds: int = 0  # --confirm-seeds: further training seeds of the confirmed points
+    confirmed: list[dict[str, Any]] = field(default_factory=list)  # references, then trials, over their seeds
+    confirmed_front: list[dict[str, Any]] = field(default_factory=list)  # the front among the confirmed trials
+    verdict: list[dict[str, Any]] = field(default_factory=list)  # cdd_ray.verdict.verdict_rows
+
+    @property
+    def verdict_metrics(self) -> tuple[str, ...]:
+        """What the verdict judges: quality, fairness, over-fitting."""
+        return (*self.objectives, self.overfitting)
 
 
 def close_stopped_children(uri: str, parent_run_id: str, status: str = "FAILED") -> None:
@@ -45,22 +57,29 @@ def close_stopped_children(uri: str, parent_run_id: str, status: str = "FAILED")
         tracking.end_run(uri, r.info.run_id, status)
 
 
+def diff_metrics(objectives: tuple[str, str]) -> tuple[str, ...]:
+    """The metrics every point's differences to the references are given for: the objectives, the mix-free quality
+    and fairness measures, the over-fitting measures."""
+    return tuple(dict.fromkeys(m for m in (*objectives, "precision_class_mean", "fid_class_mean", "tv_excess",
+                                           "minority_share", *OVERFITTING_METRICS) if m in compare.DIFF_METRICS))
+
+
 def compare_runs(references: list[dict[str, Any]], rows: list[dict[str, Any]], store: str, outputs: str,
-                 objectives: tuple[str, str]) -> None:
+                 objectives: tuple[str, str], also: list[str] = ()) -> list[str]:
     """Every evaluated run that is not refused, as ``cdd_ray.compare`` reads it: its class-mean quality restated
-    over the classes all of them have (``quality_classes``), and its ``differences`` to each reference (the
-    objectives and the mix-free quality and fairness measures, each with the 95% interval of the difference)."""
+    over the classes all of them (and the runs in the folders ``also``: the confirmations) have
+    (``quality_classes``), and its ``differences`` to each reference (``diff_metrics``, each with the 95% interval
+    of the difference). Returns those classes."""
     folders = [(r, storage_io.join(store, r["role"])) for r in references]
     folders += [(r, storage_io.join(outputs, str(r["trial_id"]))) for r in rows if r["status"] == "done"]
     runs = [(r, e) for r, folder in folders if not r.get("refused") and (e := compare.load(folder)) is not None]
-    classes = compare.common_classes([e for _, e in runs])
+    classes = compare.common_classes([e for _, e in runs] + [e for f in also if (e := compare.load(f)) is not None])
     for r, e in runs:
         compare.restate_class_quality(r, e, classes)
     refs = {r["role"]: e for r, e in runs if r.get("role", "trial") != "trial"}
-    metrics = tuple(dict.fromkeys(m for m in (*objectives, "precision_class_mean", "fid_class_mean", "tv_excess",
-                                              "minority_share", *OVERFITTING_METRICS) if m in compare.DIFF_METRICS))
     for r, e in runs:
-        r["differences"] = compare.differences(e, refs, metrics, classes)
+        r["differences"] = compare.differences(e, refs, diff_metrics(objectives), classes)
+    return classes
 
 
 def budget_line(res: SweepResult) -> str:
@@ -138,6 +157,8 @@ def report(res: SweepResult) -> str:
                   "'better' / 'worse' where it excludes 0, otherwise these samples show no difference; all "
                   "metrics in front/differences.csv):",
                   format_differences(res.front, res.references, (*res.objectives, res.overfitting))]
+    if res.confirmed:
+        lines += confirmation_lines(res)
     floor = next((r.get("tv_floor") for r in res.references if r.get("tv_floor") is not None), None)
     if floor is not None:
         lines.append(f"tv_floor {floor:.3f}: the tv_to_uniform of an exactly uniform generator with this many samples "
@@ -160,10 +181,28 @@ def report(res: SweepResult) -> str:
     if res.plan:
         lines.append(plan_line(res.plan, res.wall_s))
     lines += [f"sweep folder: {res.out}  (front/pareto.csv, front/differences.csv, front/tradeoff.png, "
-              "front/best_configs.json)"
+              "front/best_configs.json" + (", front/confirmed.csv, front/verdict.csv" if res.confirmed else "") + ")"
               + (f"; the sweep's state and outputs: {res.store}" if res.store and res.store != str(res.out) else ""),
               f"MLflow parent run: {res.parent_run_id}"]
     return "\n".join(lines)
+
+
+def confirmation_lines(res: SweepResult) -> list[str]:
+    """The confirmed points over their training seeds, the front among them, and the verdict."""
+    refs = [r for r in res.confirmed if r.get("role", "trial") != "trial"]
+    trials = [r for r in res.confirmed if r.get("role", "trial") == "trial"]
+    off = [name_of(r) for r in trials if not any(r is f for f in res.confirmed_front)]
+    seeds = sorted({r["seeds"] for r in res.confirmed})
+    return [
+        f"Confirmed over {'-'.join(map(str, dict.fromkeys([seeds[0], seeds[-1]])))} training seeds "
+        f"(--confirm-seeds {res.confirm_seeds}: the references, the front's ends and as much of the rest as the "
+        "time held; each value the mean over its seeds, its 95% interval holding the seed-to-seed spread and the "
+        "sampling noise, docs/EVALUATION.md); the front recomputed among the confirmed trials:",
+        format_front(res.confirmed_front, refs, res.objectives, (*SWEEP_METRICS, "quality_classes")),
+        *([f"confirmed but off the front over seeds: {', '.join(off)}"] if off else []),
+        "Verdict over the seeds (point - reference: the per-seed paired differences combined, with their 95% "
+        "interval; 'better' / 'worse' where it excludes 0; all confirmed points in front/verdict.csv):",
+        format_verdict(res.verdict, res.verdict_metrics)]
 
 
 def plan_line(pl: dict[str, Any], wall_s: float) -> str:
@@ -177,25 +216,29 @@ def plan_line(pl: dict[str, Any], wall_s: float) -> str:
             f"{asked['trial_steps']}); {pl['cut']}")
 
 
-def publish(uri: str, parent: str, sweep_dir: Path, upload_to: str, rows: list[dict[str, Any]],
-            front: list[dict[str, Any]], references: list[dict[str, Any]], objectives: tuple[str, str],
-            sweep_plan: dict[str, Any], limits: dict[str, float], sampler: str, overfitting: str) -> None:
-    """The front's files in ``sweep_dir/front`` (and the plan beside them), uploaded with the study to
-    ``upload_to`` (a URI storage's sweep folder; "" for none), logged to the parent run with the sweep's metrics
-    (each reference's as ``<role>/<metric>``) and tags."""
-    write_front(sweep_dir / "front", rows, front, references, objectives,
-                (*SWEEP_METRICS, "quality_classes", *BUDGET_COLUMNS), overfitting)
-    if sweep_plan:
-        (sweep_dir / "front" / "plan.json").write_text(json.dumps(sweep_plan, indent=2))
+def publish(uri: str, res: SweepResult, upload_to: str, sampler: str) -> None:
+    """The front's files in ``res.out/front`` (and the plan beside them; with a confirmation its points over their
+    seeds in confirmed.csv and the verdict in verdict.csv), uploaded with the study to ``upload_to`` (a URI storage's
+    sweep folder; "" for none), logged to the parent run with the sweep's metrics (each reference's as
+    ``<role>/<metric>``) and tags."""
+    front_dir, metrics = res.out / "front", (*SWEEP_METRICS, "quality_classes", *BUDGET_COLUMNS)
+    write_front(front_dir, res.rows, res.front, res.references, res.objectives, metrics, res.overfitting)
+    if res.plan:
+        (front_dir / "plan.json").write_text(json.dumps(res.plan, indent=2))
+    if res.confirmed:
+        cols = table_columns(res.confirmed, res.objectives, ("seeds", *metrics))
+        write_table(front_dir / "confirmed.csv", res.confirmed, cols)
+        write_verdict(front_dir / "verdict.csv", res.verdict)
     if upload_to:
-        storage_io.upload(sweep_dir / "front", storage_io.join(upload_to, "front"))
-    tracking.log_artifacts(uri, parent, sweep_dir / "front")
-    tracking.log_artifacts(uri, parent, sweep_dir / "study", "study")
+        storage_io.upload(front_dir, storage_io.join(upload_to, "front"))
+    tracking.log_artifacts(uri, res.parent_run_id, front_dir)
+    tracking.log_artifacts(uri, res.parent_run_id, res.out / "study", "study")
     if upload_to:
-        storage_io.upload(sweep_dir / "study", storage_io.join(upload_to, "study"))
-    tracking.log_metrics(uri, parent, {"sweep/trials": len(rows), "sweep/front_size": len(front), **{
-        f"{r['role']}/{k}": r[k] for r in references for k in SWEEP_METRICS  # e.g. baseline-continued/fid
-        if isinstance(r.get(k), (int, float))}}, 0)
-    tracking.set_tags(uri, parent, {"objectives": ",".join(objectives), "overfitting": overfitting,
-                                    "sampler": sampler, **{
-        f"max_{m}": str(x) for m, x in limits.items()}})
+        storage_io.upload(res.out / "study", storage_io.join(upload_to, "study"))
+    tracking.log_metrics(uri, res.parent_run_id, {
+        "sweep/trials": len(res.rows), "sweep/front_size": len(res.front), **{
+            f"{r['role']}/{k}": r[k] for r in res.references for k in SWEEP_METRICS  # e.g. baseline-continued/fid
+            if isinstance(r.get(k), (int, float))}}, 0)
+    tracking.set_tags(uri, res.parent_run_id, {"objectives": ",".join(res.objectives), "overfitting": res.overfitting,
+                                               "sampler": sampler, "confirm_seeds": str(res.confirm_seeds), **{
+        f"max_{m}": str(x) for m, x in res.limits.items()}})

@@ -24,11 +24,13 @@ from cdd_ray.front import check_request as front_request, feasibility, pareto_fr
 from cdd_ray.metrics import OBJECTIVES
 from cdd_ray.runner import mlflow_run_for, tracked
 from cdd_ray.samplers import DEFAULT_SAMPLER, make_sampler
-from cdd_ray.sweep.references import live_class_losses, run_unconstrained
-from cdd_ray.sweep.results import (SweepResult, close_stopped_children, compare_runs, mark_stopped_early, publish,
-                                   sweep_note, trial_rows)
+from cdd_ray.verdict import verdict_rows
+from cdd_ray.sweep import confirm
+from cdd_ray.sweep.references import live_class_losses, run_child, run_unconstrained
+from cdd_ray.sweep.results import (SweepResult, close_stopped_children, compare_runs, diff_metrics, mark_stopped_early,
+                                   publish, sweep_note, trial_rows)
 from cdd_ray.sweep.search import make_tuner, searcher_study, study_states, study_url
-from cdd_ray.sweep.plan import apply_plan, first_plan, recheck
+from cdd_ray.sweep.plan import apply_plan, first_plan, recheck, time_left
 from cdd_ray.sweep.space import SearchSpace, budget_knobs, unequal_budget_note
 
 
@@ -50,10 +52,10 @@ class Place:
 
 
 def check_request(base: Config, objectives: tuple[str, str], limits: dict[str, float], sampler: str, seed: int,
-                  overfitting: str) -> None:
-    """The sweep's own arguments, refused before any work: the front's (``cdd_ray.front.check_request``) and the
-    sampler."""
-    front_request(objectives, limits, overfitting, base.eval.n_samples, len(base.data.classes))
+                  overfitting: str, confirm_seeds: int = 0) -> None:
+    """The sweep's own arguments, refused before any work: the front's (``cdd_ray.front.check_request``, the
+    confirmation's seeds among them) and the sampler."""
+    front_request(objectives, limits, overfitting, base.eval.n_samples, len(base.data.classes), confirm_seeds)
     make_sampler(sampler, seed)  # an unknown sampler fails here
 
 
@@ -107,11 +109,32 @@ def trials_base(base: Config, warm_start_steps: int, store: str) -> Config:
     return trial_base
 
 
+def confirm_front(res: SweepResult, where: Place, uri: str, outputs: str, left: tuple[float, float] | None,
+                  verbose: bool) -> None:
+    """``res.confirm_seeds`` further training seeds of the references and the front (``cdd_ray.sweep.confirm``;
+    ``left``: (seconds per run, seconds left) under a time budget), then the confirmed points, their front and the
+    verdict in ``res``."""
+    seeds = res.confirm_seeds
+    targets = confirm.choose(res.front, [r for r in res.references if not r.get("refused")], seeds,
+                             *(left or (None, None)))
+
+    def run(make_config, out: Path, tags: dict[str, str], store: str) -> dict[str, Any]:
+        return run_child(make_config, where.storage, out, uri, res.parent_run_id, tags, store, verbose)
+
+    confirm.run_confirmations(targets, seeds, where.store, outputs, where.sweep_dir, res.out.name, run)
+    folders = [confirm.confirm_folder(where.store, t, k) for t in targets for k in range(1, seeds + 1)]
+    classes = compare_runs(res.references, res.rows, where.store, outputs, res.objectives, also=folders)
+    runs = confirm.seed_runs(targets, seeds, where.store, outputs)
+    res.confirmed = confirm.restate(targets, runs, classes, diff_metrics(res.objectives))
+    res.confirmed_front = confirm.confirmed_front(res.confirmed, res.objectives)
+    res.verdict = verdict_rows(res.confirmed, res.confirmed_front, res.verdict_metrics)
+
+
 def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool = False, seed: int = 0,
               warm_start_steps: int = 0, objectives: tuple[str, str] = OBJECTIVES,
               limits: dict[str, float] | None = None, sampler: str = DEFAULT_SAMPLER,
               time_budget_s: float | None = None, started: float | None = None, verbose: bool = False,
-              overfitting: str = "copy_rate") -> SweepResult:
+              overfitting: str = "copy_rate", confirm_seeds: int = 0) -> SweepResult:
     """Baseline, then ``num_samples`` Optuna trials on Ray Tune; returns the front. ``base`` is not changed.
 
     ``warm_start_steps`` > 0: the baseline trains ``optim.steps`` unconstrained steps once; every trial
@@ -128,13 +151,16 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     trials' steps, the trials' count and the evaluation's samples (printed before the baseline starts; a budget the
     smallest sweep misses is refused then), re-checked after the baseline; kept in plan.json so that --resume
     keeps it, and reported with the front. ``overfitting`` (OVERFITTING_METRICS): the over-fitting measure shown
-    beside the objectives (the printed differences, tradeoff.png's second panel). The console shows the
+    beside the objectives (the printed differences, tradeoff.png's second panel). ``confirm_seeds`` > 0: the
+    references and the front re-trained with that many further training seeds, restated over their seeds with a
+    verdict against each reference (``cdd_ray.sweep.confirm``; under a time budget the plan holds them). The
+    console shows the
     references' progress bars, then the trials' table (``cdd_ray.sweep.table.SweepTable``); ``verbose``: Ray's and
     Tune's own lines too.
     """
     started = time.time() if started is None else started
     limits = dict(limits or {})
-    check_request(base, objectives, limits, sampler, seed, overfitting)
+    check_request(base, objectives, limits, sampler, seed, overfitting, confirm_seeds)
     quiet_tune(verbose)
     where = place(base, resume)
     base = resolved_base(base, space)
@@ -146,7 +172,7 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
     sweep_plan = {}
     if time_budget_s:  # before anything is written: a budget that cannot fit is refused here
         sweep_plan = first_plan(base, space, where.store, time_budget_s, started, num_samples, warm_start_steps,
-                                monitored, limits, conc if base.ray.gpu else 1, resume)
+                                monitored, limits, conc if base.ray.gpu else 1, resume, confirm_seeds)
         apply_plan(base, sweep_plan)
     parent = mlflow_run_for(storage_io.join(where.store, "mlflow_parent_run_id"), base, uri, resume,
                             tags={"role": "sweep", "sweep": base.name, "search_space": space.path})
@@ -208,13 +234,15 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
         refuse_incomparable(rows, references)
         compare_runs(references, rows, where.store, sweep_cfg["outputs"], objectives)
         front = pareto_front(rows, objectives)
-        feasible = feasibility(rows, limits, objectives[0]) if limits else {}
-        publish(uri, parent, where.sweep_dir, where.store if where.uri_storage else "", rows, front, references,
-                objectives, sweep_plan, limits, sampler, overfitting)
-    res = SweepResult(parent_run_id=parent, rows=rows, front=front, baseline=baseline, out=where.sweep_dir,
-                      objectives=objectives, references=references, overfitting=overfitting, limits=limits, feasible=feasible,
-                      plan=sweep_plan, wall_s=time.time() - started, store=where.store, budget_knobs=unequal,
-                      study=study_url(where.sweep_dir), study_states=states)
+        res = SweepResult(parent_run_id=parent, rows=rows, front=front, baseline=baseline, out=where.sweep_dir,
+                          objectives=objectives, references=references, overfitting=overfitting, limits=limits,
+                          feasible=feasibility(rows, limits, objectives[0]) if limits else {}, plan=sweep_plan,
+                          store=where.store, budget_knobs=unequal, study=study_url(where.sweep_dir),
+                          study_states=states, confirm_seeds=confirm_seeds)
+        if confirm_seeds:
+            confirm_front(res, where, uri, sweep_cfg["outputs"], time_left(sweep_plan, started), verbose)
+        publish(uri, res, where.store if where.uri_storage else "", sampler)
+    res.wall_s = time.time() - started
     budget = (f"every trial and {'both references' if len(references) > 1 else 'the reference'} trained "
               f"{trial_base.optim.steps} primal steps" + (
                   f", warm-started from the unconstrained baseline's {base.optim.steps} steps" if warm_start_steps > 0

