@@ -23,10 +23,13 @@ each only as far as needed and never below its floor:
    train the same steps);
 2. the number of trials, down to ``min_trials`` (half of ``--num-samples``, rounded up);
 3. the evaluation's samples, down to ``min_eval_samples()``: the sample count at which the 95% interval of a
-   difference between two points' precision or tv_to_uniform is at most +-``RESOLUTION`` whatever the models.
+   difference between two points' precision or tv_to_uniform is at most +-``RESOLUTION`` whatever the models;
+4. the confirmation runs, all of them, when even the floors miss the budget with them and fit without.
 
 Steps go first because they cost the most and buy the least at the margin; the evaluation's samples go last because
-every point's interval widens with fewer (and they cost little: about a tenth of a run on CPU). If even the floors
+every point's interval widens with fewer (and they cost little: about a tenth of a run on CPU); the confirmation
+goes after them, since a verdict over seeds is what the sweep is read by, but a sweep without one beats no sweep (a
+machine half as fast as this one's 388 images/s holds the default sweep only without it). If even the floors
 do not fit, the job says so, with the budget that would, before anything trains. After the baseline the plan is
 re-checked with what the baseline measured (``Throughput.from_baseline``) and the trials' steps and count adjusted
 (the evaluation's samples stay: every point must be evaluated alike). A budget left over at full size buys more
@@ -38,7 +41,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 from cdd_ray.config import ConfigError
@@ -225,6 +228,24 @@ def largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int | None:
 
 def plan(budget_s: float, used_s: float, tp: Throughput, shape: Shape, requested: Sizes, floors: Sizes,
          stage: str = "before training") -> Plan:
+    """``sized``'s plan; when even its floors miss the budget with the confirmation runs but fit without them, the
+    plan without them (its ``cut`` says so and what keeping them would need): the last thing a budget takes away,
+    before it refuses the sweep."""
+    p = sized(budget_s, used_s, tp, shape, requested, floors, stage)
+    if p.fits or not (shape.confirm_references or shape.confirm_points):
+        return p
+    bare = sized(budget_s, used_s, tp, replace(shape, confirm_references=0, confirm_points=0), requested, floors,
+                 stage)
+    if not bare.fits:
+        return p
+    need = used_s + p.estimate_s / MARGIN
+    bare.cut = (f"{bare.cut[:-1]}; no confirmation runs: with them even the smallest sweep needs about "
+                f"{need / 60:.0f} min (--time-budget {math.ceil(need / 60)}m keeps them).")
+    return bare
+
+
+def sized(budget_s: float, used_s: float, tp: Throughput, shape: Shape, requested: Sizes, floors: Sizes,
+          stage: str = "before training") -> Plan:
     """The largest sweep that fits ``MARGIN`` of ``budget_s - used_s``: the evaluation's samples kept first, then the
     trials, then the steps (see the module's docstring). ``floors``: the smallest of each the plan may choose (equal to
     ``requested`` for what must not change); the baseline's steps follow the trials' by the same share. After the

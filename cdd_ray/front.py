@@ -23,6 +23,7 @@ from cdd_ray.config import ConfigError
 from cdd_ray.evaluation.fairness import FLOORS, samples_needed
 from cdd_ray.metrics import FAIRNESS_METRICS, OBJECTIVE_METRICS, OVERFITTING_METRICS, sign
 
+NOT_DISTINGUISHABLE = "not distinguishable"
 MAX_CONFIRM_SEEDS = 16  # further training seeds a sweep may confirm with; each costs a run per confirmed point
 
 
@@ -136,10 +137,10 @@ def interval(r: dict[str, Any], metric: str) -> tuple[float, float]:
 
 def verdict(metric: str, diff: list[float]) -> str:
     """'better' / 'worse' when the interval [lo, hi] of the difference d (point - reference) excludes 0, else
-    'no difference shown'."""
+    'not distinguishable' (these samples show no difference)."""
     _, lo, hi = diff
     if lo <= 0 <= hi:
-        return "no difference shown"
+        return NOT_DISTINGUISHABLE
     return "better" if sign(metric) * (hi if hi < 0 else lo) < 0 else "worse"
 
 
@@ -159,9 +160,14 @@ def feasibility(rows: list[dict[str, Any]], limits: dict[str, float], quality: s
     return {"best": None, "closest": closest, "violation": max(closest[m] - x for m, x in limits.items())}
 
 
+def is_trial(r: dict[str, Any]) -> bool:
+    """A trial's row, not a reference's."""
+    return r.get("role", "trial") == "trial"
+
+
 def name_of(r: dict[str, Any]) -> str:
     """A reference by its role; a trial by its number and Tune id (``t03 08ea3b18``), as the console's table."""
-    if r.get("role", "trial") != "trial":
+    if not is_trial(r):
         return r.get("role")
     return (f"t{r['number']:02d} " if r.get("number") else "") + str(r.get("trial_id"))
 
@@ -313,7 +319,7 @@ def format_differences(front: list[dict[str, Any]], references: list[dict[str, A
             k = digits(o)
             v = verdict(o, d) if d else ""
             cells.append(f"{d[0]:+.{k}f} [{d[1]:+.{k}f}, {d[2]:+.{k}f}]"
-                         + (f" {v}" if v != "no difference shown" else "") if d else "-")
+                         + (f" {v}" if v != NOT_DISTINGUISHABLE else "") if d else "-")
         lines.append("| " + " | ".join([name_of(r), *cells]) + " |")
     return "\n".join(lines)
 

@@ -11,6 +11,10 @@ and a 95% sampling interval ``[lo_k, hi_k]``:
   the runs' mean sampling variance ``mean(s_k^2)`` (what the runs would vary by with no seed effect at all);
 - ``m``'s standard error is ``sqrt(max(S^2, mean(s_k^2)) / n)`` and its interval ``m -+ 1.96 * SE``.
 
+The runs must be replicates: each seed's evaluation samples its own noise (``optim.train_seed`` moves it), so its
+sampling error is independent of the other seeds'; they share the images, the labeller and the reference set (the
+instrument), so the interval is conditional on those. One seed is its own interval, unchanged.
+
 The normal quantile is a choice: with 2 seeds ``S^2`` rests on one difference (a t quantile with one degree of
 freedom would be 12.7, an interval of no use), so the interval is a guide that can be too narrow when the seed
 effect is large and the seeds few; more seeds (``--confirm-seeds``) make it firm. A difference between two points
@@ -36,6 +40,8 @@ def combine(values: Sequence[float], cis: Sequence[Sequence[float] | None]) -> t
     n = len(values)
     if n == 0 or len(cis) != n:
         raise ValueError(f"combine: {n} values and {len(cis)} intervals; need one interval per value, at least one")
+    if n == 1:  # one seed: its own interval, as measured (a bootstrap's may be asymmetric)
+        return float(values[0]), [float(cis[0][0]), float(cis[0][1])] if cis[0] else [float(values[0])] * 2
     mean = sum(values) / n
     spread = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
     sampling = sum(sampling_variance(ci) for ci in cis) / n

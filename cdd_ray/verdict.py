@@ -14,16 +14,9 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from cdd_ray.front import digits, name_of, verdict
+from cdd_ray.front import digits, is_trial, name_of, verdict
 
-NOT_DISTINGUISHABLE = "not distinguishable"
 COLUMNS = ("point", "on_front", "reference", "metric", "seeds", "difference", "ci_lo", "ci_hi", "verdict")
-
-
-def word(metric: str, diff: list[float]) -> str:
-    """better / worse / not distinguishable: the difference ``diff`` [d, lo, hi] (point - reference) judged."""
-    w = verdict(metric, diff)
-    return NOT_DISTINGUISHABLE if w == "no difference shown" else w
 
 
 def verdict_rows(confirmed: list[dict[str, Any]], front: list[dict[str, Any]], metrics: tuple[str, ...]
@@ -31,20 +24,20 @@ def verdict_rows(confirmed: list[dict[str, Any]], front: list[dict[str, Any]], m
     """One row per (confirmed point, reference, metric) with a combined difference: the references (but the first)
     against the others, then the confirmed trials (``confirmed`` holds both, references first, as
     ``cdd_ray.sweep.confirm.restate`` gives them). ``front``: the confirmed front's rows."""
-    references = [r for r in confirmed if r.get("role", "trial") != "trial"]
+    references = [r for r in confirmed if not is_trial(r)]
     seeds = {r["role"]: r["seeds"] for r in references}
     on_front = {id(r) for r in front}
     rows = []
-    for point in [*references[1:], *(r for r in confirmed if r.get("role", "trial") == "trial")]:
+    for point in [*references[1:], *(r for r in confirmed if is_trial(r))]:
         for ref in references:
             for m in metrics:
                 d = point.get("differences", {}).get(ref["role"], {}).get(m)
                 if ref is point or d is None:
                     continue
                 rows.append({"point": name_of(point),
-                             "on_front": "-" if point.get("role", "trial") != "trial" else id(point) in on_front,
+                             "on_front": id(point) in on_front if is_trial(point) else "-",
                              "reference": ref["role"], "metric": m, "seeds": min(point["seeds"], seeds[ref["role"]]),
-                             "difference": d[0], "ci_lo": d[1], "ci_hi": d[2], "verdict": word(m, d)})
+                             "difference": d[0], "ci_lo": d[1], "ci_hi": d[2], "verdict": verdict(m, d)})
     return rows
 
 

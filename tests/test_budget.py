@@ -129,6 +129,25 @@ def test_after_the_baseline_trials_from_scratch_keep_its_steps():
     assert Plan.from_dict(warm.to_dict()) == warm
 
 
+def test_confirmation_runs_are_planned_and_a_refusal_names_them():
+    """--confirm-seeds 1: 2 references' and the front's 2 ends' further runs at the trials' steps (150 and 250 s
+    at full size) join the cost; the steps are cut to hold them; where even the floors miss the budget with them,
+    they are what goes."""
+    confirming = replace(SHAPE, confirm_references=2, confirm_points=2)
+    assert sweep_cost(TP, confirming, ASKED) == pytest.approx(sweep_cost(TP, SHAPE, ASKED) + 2 * 150 + 2 * 250)
+    p = plan(3000, 100, TP, confirming, ASKED, FLOORS)
+    assert p.fits and p.sizes.trial_steps < plan(3000, 100, TP, SHAPE, ASKED, FLOORS).sizes.trial_steps
+    assert "2 reference run(s) and 8 trials and 4 confirmation runs of" in p.describe()
+    # the floors (1,208 s) fit 1,600.8 s left without the runs (+ 2 x 92.5 + 2 x 152.5 at 125 steps, 200
+    # samples: 1,698 s) but not with them: the plan drops them and says what keeping them needs (100 + 1,698 / 0.92)
+    dropped = plan(1840, 100, TP, confirming, ASKED, FLOORS)
+    assert dropped.fits and dropped.shape == SHAPE and dropped.sizes == plan(1840, 100, TP, SHAPE, ASKED, FLOORS).sizes
+    assert dropped.cut.endswith("; no confirmation runs: with them even the smallest sweep needs about 32 min "
+                                "(--time-budget 33m keeps them).")
+    refused = plan(1300, 100, TP, confirming, ASKED, FLOORS)  # not even without them: refused as ever
+    assert not refused.fits and "give --time-budget" in refused.cut
+
+
 def test_gpu_trials_in_parallel_count_once_per_wave():
     # 4 trials at a time: 8 trials are 2 waves of 250 s, after the baseline's 850 s and the references' 2 x 150 s
     four = replace(SHAPE, parallel=4)
@@ -165,7 +184,8 @@ class Machine:
 
 def run_sweep_on(m: Machine, budget: float, shape: Shape, asked: Sizes, used: float, warm: bool = True):
     """The sweep as cdd_ray.sweep.run runs it on ``m``: the plan before training (or its refusal), the baseline, the
-    re-check, the references and trials. Returns the plans and the clock at the end (None when refused)."""
+    re-check, the references and trials, the planned confirmation runs. Returns the plans and the clock at the end
+    (None when refused)."""
     first = plan(budget, used, Throughput.from_calibration(m.calibration(shape)), shape, asked,
                  Sizes(math.ceil(asked.baseline_steps * MIN_STEP_SHARE), math.ceil(asked.trial_steps * MIN_STEP_SHARE),
                        min_trials(asked.trials), min(asked.samples, min_eval_samples())))
@@ -178,6 +198,9 @@ def run_sweep_on(m: Machine, budget: float, shape: Shape, asked: Sizes, used: fl
     s = second.sizes
     clock += shape.references * m.run(s.trial_steps, shape.reference, s.samples)[0]
     clock += math.ceil(s.trials / shape.parallel) * m.run(s.trial_steps, shape.trial, s.samples)[0]
+    kept = second.shape  # the confirmation runs the plan kept (none when the budget took them)
+    clock += kept.confirm_references * m.run(s.trial_steps, shape.reference, s.samples)[0]
+    clock += kept.confirm_points * m.run(s.trial_steps, shape.trial, s.samples)[0]
     return first, second, clock
 
 
@@ -185,7 +208,7 @@ def run_sweep_on(m: Machine, budget: float, shape: Shape, asked: Sizes, used: fl
 # step 388 images/s, the baseline's loop 318 (1.22x), 17 s to start a run, 13.3 s sampling and 5.8 s quality for 500
 # samples
 TODAY = Machine(s_step=1 / 388, loop=1.22, startup_s=17.0, sample_s=13.3 / 500, quality_s=5.8 / 2440)
-DEFAULT_SHAPE = Shape(baseline=176, reference=128, trial=176, references=2)
+DEFAULT_SHAPE = Shape(baseline=176, reference=128, trial=176, references=2, confirm_references=2, confirm_points=2)
 DEFAULT_ASKED = Sizes(baseline_steps=1200, trial_steps=300, trials=8, samples=500)
 
 
@@ -203,23 +226,26 @@ def test_the_default_sweep_on_slower_machines_fits_or_is_refused_before_training
     if clock is None:
         assert factor == 3 and "needs about" in first.cut and "--time-budget" in first.cut
         return
+    if factor == 2:  # the confirmation is what goes, said in the plan before training, kept by the re-check
+        assert "no confirmation runs" in first.cut and first.shape.confirm_points == second.shape.confirm_points == 0
     assert second.fits and clock <= 2700, (first.describe(), second.describe(), clock)
     assert second.sizes.trial_steps >= 150 and second.num_trials >= 4 and second.sizes.samples >= 193
-    if factor == 1:
+    if factor == 1:  # the 4 confirmation runs (--confirm-seeds 1) cost steps, not trials or samples
         assert second.num_trials >= 8 and second.sizes.samples == 500
 
 
 @settings(max_examples=300, deadline=None)
 @given(s_step=st.floats(1e-5, 0.02), loop=st.floats(1.0, LOOP_OVERHEAD), startup=st.floats(0, RUN_STARTUP_S),
        sample_s=st.floats(0, 0.2), budget=st.floats(600, 20000), used=st.floats(0, 300),
-       trials=st.integers(1, 16), steps=st.integers(10, 2000), warm=st.booleans())
+       trials=st.integers(1, 16), steps=st.integers(10, 2000), warm=st.booleans(), confirm=st.integers(0, 2))
 def test_simulated_sweeps_end_within_the_budget_or_are_refused(s_step, loop, startup, sample_s, budget, used, trials,
-                                                                steps, warm):
+                                                                steps, warm, confirm):
     """On a machine whose loop and start-up cost no more than the model assumes, every planned sweep ends within the
     budget (the re-check after the baseline keeps it), or is refused before training; never more than asked."""
     m = Machine(s_step=s_step, loop=loop, startup_s=startup, sample_s=sample_s, quality_s=sample_s / 20)
     asked = Sizes(steps * 4 if warm else steps, steps, trials, 500)
-    shape = Shape(baseline=176, reference=128, trial=224, references=2 if warm else 1)
+    shape = Shape(baseline=176, reference=128, trial=224, references=2 if warm else 1,
+                  confirm_references=confirm * (2 if warm else 1), confirm_points=2 * confirm)
     first, second, clock = run_sweep_on(m, budget, shape, asked, used, warm)
     if clock is None:
         assert not first.fits and used + sweep_cost(Throughput.from_calibration(m.calibration(shape)), shape,

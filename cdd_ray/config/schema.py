@@ -87,9 +87,11 @@ class OptimConfig:
     batch_size: int = 128  # objective batch (per worker)
     constraint_batch_size: int = 16  # batch drawn from each constraint dataset (per worker)
     steps: int = 1500  # primal steps
-    seed: int = 0  # the data split, the evaluation's draws and (unless train_seed) the training's
-    # The training's own draws: batch order, noise and timesteps, a fresh start's weights; -1: seed. A training-
-    # seed confirmation changes it and keeps seed, so its model is evaluated on the same images and draws.
+    seed: int = 0  # the data split, the labeller, the evaluation's resamples and (unless train_seed) the draws below
+    # A replicate's own draws: the training's batch order, noise and timesteps, a fresh start's weights, and the
+    # evaluation's sample noise and generalization-gap draws; -1: seed. A training-seed confirmation changes it and
+    # keeps seed: the same images, labeller and reference, new training and sampling noise (runs with one
+    # train_seed still share their sample noise, so they are compared sample by sample).
     train_seed: int = -1
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
@@ -110,7 +112,7 @@ class OptimConfig:
 
     @property
     def draws_seed(self) -> int:
-        """The seed of the training's own draws (``train_seed``, else ``seed``)."""
+        """The seed of a replicate's own draws (``train_seed``, else ``seed``)."""
         return self.seed if self.train_seed < 0 else self.train_seed
 
 @dataclass

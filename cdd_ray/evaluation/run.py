@@ -53,7 +53,7 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
     t0 = time.perf_counter()
     clf, acc = get_classifier(split, cfg, device)
     t_clf = time.perf_counter() - t0
-    sample_seed = cfg.optim.seed + 1
+    sample_seed = cfg.optim.draws_seed + 1  # a training-seed replicate samples its own noise too
     x = sample(ema_unet, noise_scheduler, e.n_samples, e.sampler_steps, e.batch_size, sample_seed, device)
     if cfg.model.vae:  # latent diffusion: classify and compare decoded images
         x = decode(load_vae(cfg.model.vae, device), x)
@@ -78,7 +78,7 @@ def evaluate(ema_unet: nn.Module, noise_scheduler, split: Split, cfg: Config, la
     overfitting, overfitting_record = ({}, {}) if cfg.model.vae else overfitting_metrics(
         x, gen_f, pos, split.objective, features(split.objective), split.objective_labels.numpy(), split.reference,
         ref_f, split.reference_labels.numpy(), ema_unet, noise_scheduler, split.classes, minority_pos,
-        cfg.optim.seed + 5)
+        cfg.optim.draws_seed + 5)
     t_over = time.perf_counter() - t_over
     lam_by_pos = {split.classes.index(split.constraint_classes[n]): v for n, v in lam.items()
                   if n in split.constraint_classes}

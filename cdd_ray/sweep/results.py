@@ -11,8 +11,8 @@ from typing import Any
 
 from cdd_ray import compare, tracking
 from cdd_ray import storage as storage_io
-from cdd_ray.front import (format_differences, format_feasibility, format_front, name_of, table_columns, write_front,
-                           write_table)
+from cdd_ray.front import (format_differences, format_feasibility, format_front, is_trial, name_of, table_columns,
+                           write_front, write_table)
 from cdd_ray.metrics import BUDGET_COLUMNS, OBJECTIVES, OVERFITTING_METRICS, SWEEP_METRICS, direction
 from cdd_ray.verdict import format_verdict, write_verdict
 
@@ -39,6 +39,8 @@ class SweepResult:
     confirmed: list[dict[str, Any]] = field(default_factory=list)  # references, then trials, over their seeds
     confirmed_front: list[dict[str, Any]] = field(default_factory=list)  # the front among the confirmed trials
     verdict: list[dict[str, Any]] = field(default_factory=list)  # cdd_ray.verdict.verdict_rows
+    confirm_left_out: list[str] = field(default_factory=list)  # references without an evaluation, failed runs
+    confirm_dropped: bool = False  # --confirm-seeds asked, but the time budget could not hold the runs
 
     @property
     def verdict_metrics(self) -> tuple[str, ...]:
@@ -65,21 +67,19 @@ def diff_metrics(objectives: tuple[str, str]) -> tuple[str, ...]:
 
 
 def compare_runs(references: list[dict[str, Any]], rows: list[dict[str, Any]], store: str, outputs: str,
-                 objectives: tuple[str, str], also: list[str] = ()) -> list[str]:
+                 objectives: tuple[str, str]) -> None:
     """Every evaluated run that is not refused, as ``cdd_ray.compare`` reads it: its class-mean quality restated
-    over the classes all of them (and the runs in the folders ``also``: the confirmations) have
-    (``quality_classes``), and its ``differences`` to each reference (``diff_metrics``, each with the 95% interval
-    of the difference). Returns those classes."""
+    over the classes all of them have (``quality_classes``), and its ``differences`` to each reference
+    (``diff_metrics``, each with the 95% interval of the difference)."""
     folders = [(r, storage_io.join(store, r["role"])) for r in references]
     folders += [(r, storage_io.join(outputs, str(r["trial_id"]))) for r in rows if r["status"] == "done"]
     runs = [(r, e) for r, folder in folders if not r.get("refused") and (e := compare.load(folder)) is not None]
-    classes = compare.common_classes([e for _, e in runs] + [e for f in also if (e := compare.load(f)) is not None])
+    classes = compare.common_classes([e for _, e in runs])
     for r, e in runs:
         compare.restate_class_quality(r, e, classes)
     refs = {r["role"]: e for r, e in runs if r.get("role", "trial") != "trial"}
     for r, e in runs:
         r["differences"] = compare.differences(e, refs, diff_metrics(objectives), classes)
-    return classes
 
 
 def budget_line(res: SweepResult) -> str:
@@ -159,6 +159,10 @@ def report(res: SweepResult) -> str:
                   format_differences(res.front, res.references, (*res.objectives, res.overfitting))]
     if res.confirmed:
         lines += confirmation_lines(res)
+    elif res.confirm_dropped:
+        lines.append("NOT CONFIRMED over training seeds: the time budget could not hold the confirmation runs beside "
+                     "the smallest sweep (the plan says what would: front/plan.json); every interval above covers "
+                     "the evaluation's sampling noise only.")
     floor = next((r.get("tv_floor") for r in res.references if r.get("tv_floor") is not None), None)
     if floor is not None:
         lines.append(f"tv_floor {floor:.3f}: the tv_to_uniform of an exactly uniform generator with this many samples "
@@ -189,17 +193,21 @@ def report(res: SweepResult) -> str:
 
 def confirmation_lines(res: SweepResult) -> list[str]:
     """The confirmed points over their training seeds, the front among them, and the verdict."""
-    refs = [r for r in res.confirmed if r.get("role", "trial") != "trial"]
-    trials = [r for r in res.confirmed if r.get("role", "trial") == "trial"]
+    refs = [r for r in res.confirmed if not is_trial(r)]
+    trials = [r for r in res.confirmed if is_trial(r)]
     off = [name_of(r) for r in trials if not any(r is f for f in res.confirmed_front)]
     seeds = sorted({r["seeds"] for r in res.confirmed})
+    which = (f"{len(refs)} reference(s) and {len(trials)} of the front's {len(res.front)} point(s)"
+             + (" (the plan holds the references and the front's two ends; the rest as the time left held)"
+                if res.plan and len(trials) < len(res.front) else ""))
     return [
         f"Confirmed over {'-'.join(map(str, dict.fromkeys([seeds[0], seeds[-1]])))} training seeds "
-        f"(--confirm-seeds {res.confirm_seeds}: the references, the front's ends and as much of the rest as the "
-        "time held; each value the mean over its seeds, its 95% interval holding the seed-to-seed spread and the "
-        "sampling noise, docs/EVALUATION.md); the front recomputed among the confirmed trials:",
+        f"(--confirm-seeds {res.confirm_seeds}): {which}; each value the mean over its seeds, its 95% interval "
+        "holding the seed-to-seed spread and the sampling noise (docs/EVALUATION.md); the front recomputed among "
+        "the confirmed trials:",
         format_front(res.confirmed_front, refs, res.objectives, (*SWEEP_METRICS, "quality_classes")),
         *([f"confirmed but off the front over seeds: {', '.join(off)}"] if off else []),
+        *([f"left out of the confirmation: {'; '.join(res.confirm_left_out)}"] if res.confirm_left_out else []),
         "Verdict over the seeds (point - reference: the per-seed paired differences combined, with their 95% "
         "interval; 'better' / 'worse' where it excludes 0; all confirmed points in front/verdict.csv):",
         format_verdict(res.verdict, res.verdict_metrics)]

@@ -115,17 +115,16 @@ def confirm_front(res: SweepResult, where: Place, uri: str, outputs: str, left: 
     ``left``: (seconds per run, seconds left) under a time budget), then the confirmed points, their front and the
     verdict in ``res``."""
     seeds = res.confirm_seeds
-    targets = confirm.choose(res.front, [r for r in res.references if not r.get("refused")], seeds,
-                             *(left or (None, None)))
+    refs, res.confirm_left_out = confirm.comparable(res.references, where.store, outputs)
+    targets = confirm.choose(res.front, refs, seeds, *(left or (None, None)))
 
     def run(make_config, out: Path, tags: dict[str, str], store: str) -> dict[str, Any]:
         return run_child(make_config, where.storage, out, uri, res.parent_run_id, tags, store, verbose)
 
-    confirm.run_confirmations(targets, seeds, where.store, outputs, where.sweep_dir, res.out.name, run)
-    folders = [confirm.confirm_folder(where.store, t, k) for t in targets for k in range(1, seeds + 1)]
-    classes = compare_runs(res.references, res.rows, where.store, outputs, res.objectives, also=folders)
+    res.confirm_left_out += confirm.run_confirmations(targets, seeds, where.store, outputs, where.sweep_dir,
+                                                      res.out.name, run)
     runs = confirm.seed_runs(targets, seeds, where.store, outputs)
-    res.confirmed = confirm.restate(targets, runs, classes, diff_metrics(res.objectives))
+    res.confirmed = confirm.restate(targets, runs, diff_metrics(res.objectives))
     res.confirmed_front = confirm.confirmed_front(res.confirmed, res.objectives)
     res.verdict = verdict_rows(res.confirmed, res.confirmed_front, res.verdict_metrics)
 
@@ -198,6 +197,8 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
             if warm_start_steps > 0:
                 warm_start_steps = sweep_plan["trial_steps"]
             tracking.set_tags(uri, parent, {"time_budget_s": str(time_budget_s), "budget_cut": sweep_plan["cut"]})
+        dropped = bool(confirm_seeds) and (sweep_plan.get("shape") or {}).get("confirm_points") == 0
+        confirm_seeds = 0 if dropped else confirm_seeds  # the budget took them: said in the plan and the report
         trial_base = trials_base(base, warm_start_steps, where.store)
         baseline = pre
         if warm_start_steps > 0:
@@ -238,10 +239,11 @@ def run_sweep(base: Config, space: SearchSpace, num_samples: int, resume: bool =
                           objectives=objectives, references=references, overfitting=overfitting, limits=limits,
                           feasible=feasibility(rows, limits, objectives[0]) if limits else {}, plan=sweep_plan,
                           store=where.store, budget_knobs=unequal, study=study_url(where.sweep_dir),
-                          study_states=states, confirm_seeds=confirm_seeds)
+                          study_states=states, confirm_seeds=confirm_seeds, confirm_dropped=dropped)
+        publish(uri, res, where.store if where.uri_storage else "", sampler)  # the front, whatever comes next
         if confirm_seeds:
             confirm_front(res, where, uri, sweep_cfg["outputs"], time_left(sweep_plan, started), verbose)
-        publish(uri, res, where.store if where.uri_storage else "", sampler)
+            publish(uri, res, where.store if where.uri_storage else "", sampler)
     res.wall_s = time.time() - started
     budget = (f"every trial and {'both references' if len(references) > 1 else 'the reference'} trained "
               f"{trial_base.optim.steps} primal steps" + (

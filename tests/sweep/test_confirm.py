@@ -11,7 +11,8 @@ import pytest
 from cdd_ray.config import ConfigError, build_config
 from cdd_ray.seeds import combine
 from cdd_ray.sweep import confirm
-from cdd_ray.verdict import format_verdict, verdict_rows, word
+from cdd_ray.front import verdict
+from cdd_ray.verdict import format_verdict, verdict_rows
 
 REFS = [{"role": "baseline-continued"}, {"role": "baseline-rebalanced"}]
 
@@ -59,32 +60,44 @@ def _run(folder, hits, positions, seed=7):
 
 
 def test_points_are_restated_over_their_seeds_with_differences_combined_seed_by_seed(tmp_path):
-    """A trial at precision 0.8 and 0.6 over two seeds, the reference at 0.5 and 0.5 (same samples' noise): the
-    trial's precision is 0.7 over seeds with the combined interval, its difference 0.2 from the per-seed paired
-    differences 0.3 and 0.1; a target whose confirmation left no evaluation keeps its one seed."""
+    """A trial at precision 0.8 and 0.6 over two seeds, the reference at 0.7 and 0.5: a seed effect both share.
+    Paired seed by seed (the same sample noise: seed 0 with seed 0) the differences are 0.1 and 0.1, so the
+    combined interval is the per-seed sampling one; paired across seeds (0.3 and -0.1) it would be about +-0.39.
+    The trial's precision is 0.7 over its seeds with the combined interval; the point's own row is not changed; a
+    target whose seed 1 left no evaluation keeps its one seed (its seed 2 is not used)."""
     store, outputs = tmp_path / "sweep", tmp_path / "sweep" / "trials"
     pos = [0, 1] * 10
     t, ref, lone = trial(1), {"role": "baseline-continued"}, trial(2)
     for row, folder, hits in ((t, outputs / "id1", [1] * 16 + [0] * 4), (t, store / "confirm" / "id1-s1", [1] * 12 + [0] * 8),
-                              (ref, store / "baseline-continued", [1, 0] * 10),
-                              (ref, store / "confirm" / "baseline-continued-s1", [0, 1] * 10),
-                              (lone, outputs / "id2", [1] * 20)):
+                              (ref, store / "baseline-continued", [1] * 14 + [0] * 6),
+                              (ref, store / "confirm" / "baseline-continued-s1", [1] * 10 + [0] * 10),
+                              (lone, outputs / "id2", [1] * 20), (lone, store / "confirm" / "id2-s2", [0] * 20)):
         s = _run(folder, hits, pos)
         if folder.parent.name != "confirm":
             row.update(precision=s["precision"], precision_ci=s["precision_ci"])
     targets = [ref, t, lone]
-    runs = confirm.seed_runs(targets, 1, str(store), str(outputs))
+    before = json.dumps(targets)
+    runs = confirm.seed_runs(targets, 2, str(store), str(outputs))
     assert [len(runs[k]) for k in ("baseline-continued", "id1", "id2")] == [2, 2, 1]
-    rows = confirm.restate(targets, runs, [], ("precision",))
+    rows = confirm.restate(targets, runs, ("precision",))
+    assert json.dumps(targets) == before  # the single-seed rows (pareto.csv, differences.csv) stay as they were
     r_ref, r_t, r_lone = rows
     assert (r_t["seeds"], r_t["precision"], r_t["precision_seeds"]) == (2, pytest.approx(0.7), [0.8, 0.6])
     assert r_t["precision_ci"] == pytest.approx(combine([0.8, 0.6], [[0.75, 0.85], [0.55, 0.65]])[1])
     d = r_t["differences"]["baseline-continued"]["precision"]
-    assert d[0] == pytest.approx(0.2) and d[1] < 0.2 < d[2]
+    assert d[0] == pytest.approx(0.1) and d[1] < 0.1 < d[2] and d[2] - d[1] < 0.3  # across seeds: about 0.78
     assert r_lone["seeds"] == 1 and r_lone["precision"] == 1.0
-    assert r_lone["differences"]["baseline-continued"]["precision"][0] == pytest.approx(0.5)  # seed 0 only
+    assert r_lone["differences"]["baseline-continued"]["precision"][0] == pytest.approx(0.3)  # seed 0 only
     assert "baseline-continued" not in r_ref["differences"]
     assert confirm.confirmed_front(rows, ("precision", "tv_to_uniform")) == []  # no tv: nothing to rank on
+
+
+def test_one_seed_keeps_its_own_interval():
+    """A point with one seed keeps its measured (possibly asymmetric) interval: a difference shown on one seed is
+    not turned into 'not distinguishable' by a symmetric restatement."""
+    from cdd_ray.seeds import combine_differences
+
+    assert combine_differences([[0.02, 0.001, 0.05]]) == [0.02, 0.001, 0.05]
 
 
 def test_the_verdict_words_and_table():
@@ -105,7 +118,7 @@ def test_the_verdict_words_and_table():
         ("t01 id1", "baseline-rebalanced", "precision"): ("better", True, 2),
         ("t01 id1", "baseline-rebalanced", "tv_to_uniform"): ("worse", True, 2),
         ("t02 id2", "baseline-continued", "precision"): ("better", False, 1)}
-    assert word("tv_to_uniform", [0.0, -0.1, 0.1]) == "not distinguishable"
+    assert verdict("tv_to_uniform", [0.0, -0.1, 0.1]) == "not distinguishable"
     table = format_verdict(rows, ("precision", "tv_to_uniform", "copy_rate")).splitlines()
     assert table[0] == ("| point | reference | seeds | precision (point - reference) | tv_to_uniform (point - reference) "
                         "| copy_rate (point - reference) |")
