@@ -96,26 +96,21 @@ def run_confirmations(targets: list[dict[str, Any]], seeds: int, store: str, out
     failed = []
     for k in range(1, seeds + 1):
         for row in targets:
-            folder, where = own_folder(row, store, outputs), seed_folder(row, k)
-            seed = _draws_seed(json.loads(storage_io.read_text(storage_io.join(folder, "config.json")) or "{}")) + k
+            where = seed_folder(row, k)
             done = storage_io.read_text(storage_io.join(store, where, "summary.json")) is not None
-            print(f"confirm: {name_of(row)} with training seed {seed}" + (" (done before)" if done else ""),
-                  flush=True)
             try:
-                run(lambda row=row, k=k, folder=folder: confirm_config(folder, row, sweep, k), sweep_dir / where,
+                cfg = confirm_config(own_folder(row, store, outputs), row, sweep, k)
+                print(f"confirm: {name_of(row)} with training seed {cfg.optim.train_seed}"
+                      + (" (done before)" if done else ""), flush=True)
+                run(lambda cfg=cfg: cfg, sweep_dir / where,
                     {"sweep": sweep, "role": ROLE, "confirms": key_of(row), "confirms_run": str(row.get("run_id")),
-                     "train_seed": str(seed)}, storage_io.join(store, where))
+                     "train_seed": str(cfg.optim.train_seed)}, storage_io.join(store, where))
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as e:  # noqa: BLE001 - one replicate is not worth the sweep's front: said, left out
-                failed.append(f"{name_of(row)} seed {seed}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                failed.append(f"{name_of(row)} seed +{k}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 print(f"confirm: {failed[-1]}; the point keeps the seeds before it", flush=True)
     return failed
-
-
-def _draws_seed(cfg: dict[str, Any]) -> int:
-    optim = cfg.get("optim", {})
-    return int(optim.get("seed", 0)) if int(optim.get("train_seed", -1)) < 0 else int(optim["train_seed"])
 
 
 def seed_runs(targets: list[dict[str, Any]], seeds: int, store: str, outputs: str) -> dict[str, Seeds]:

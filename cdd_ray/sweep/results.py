@@ -77,7 +77,7 @@ def compare_runs(references: list[dict[str, Any]], rows: list[dict[str, Any]], s
     classes = compare.common_classes([e for _, e in runs])
     for r, e in runs:
         compare.restate_class_quality(r, e, classes)
-    refs = {r["role"]: e for r, e in runs if r.get("role", "trial") != "trial"}
+    refs = {r["role"]: e for r, e in runs if not is_trial(r)}
     for r, e in runs:
         r["differences"] = compare.differences(e, refs, diff_metrics(objectives), classes)
 
